@@ -1,0 +1,53 @@
+"""The `tensord` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from .config import ConfigError, DaemonConfig, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tensord", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    serve = sub.add_parser("serve", help="run the daemon")
+    serve.add_argument("--socket", help="Unix socket path (default: $TENSORD_SOCKET, "
+                       "/run/tensord/tensord.sock or /tmp/tensord.sock)")
+    serve.add_argument("--config", help="TOML config file")
+    serve.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="tensord %(levelname)s %(name)s: %(message)s")
+    if args.cmd == "serve":
+        return _serve(args)
+    return 2
+
+
+def _serve(args) -> int:
+    from .models.builtin import builtin_models
+    from .models.loader import load_model
+    from .models.registry import Registry
+    from .sdnotify import notify
+    from .server import AddressInUse, Server
+
+    try:
+        cfg = load_config(args.config) if args.config else DaemonConfig()
+        if args.socket:
+            cfg.socket = args.socket
+        registry = Registry(builtin_models() if cfg.builtin_models else [])
+        for mc in cfg.models:
+            registry.add(load_model(mc))
+        server = Server(cfg, registry)
+        server.listen()
+    except (ConfigError, AddressInUse) as e:
+        logging.getLogger("tensord").error("%s", e)
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
+    signal.signal(signal.SIGINT, lambda *_: server.shutdown())
+    notify("READY=1")
+    server.serve_forever()
+    notify("STOPPING=1")
+    return 0

@@ -1,0 +1,279 @@
+"""Python reference client: the same protocol the Go client speaks, for tests and Python users.
+
+    with Client() as c:
+        out = c.infer("identity", {"x": torch.arange(4.0)})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from .config import default_socket_path
+from .contract.descriptors import (
+    RequestDescriptor,
+    TensorRef,
+    check_refs,
+    decode_response,
+    encode_descriptor,
+)
+from .contract.dtypes import ByteStrings, decode_byte_strings, from_torch, lookup
+from .contract.errors import (
+    ConnectionClosedError,
+    DeadlineError,
+    ProtocolError,
+    TooLargeError,
+    error_from_code,
+)
+from .contract.frames import PeerClosed, encode_frame, read_frame
+from .contract.layout import KIND_REQUEST, RECORD_HEADER_SIZE
+from .contract.messages import (
+    PROTOCOL_VERSION,
+    Attached,
+    Error,
+    Goodbye,
+    Hello,
+    ModelInfo,
+    ModelList,
+    Models,
+    Ping,
+    Pong,
+    Ready,
+    Welcome,
+)
+from .transport import records
+from .transport.ring import Record
+from .transport.segment import (
+    SEM_REQ_DATA,
+    SEM_REQ_SPACE,
+    SEM_RESP_DATA,
+    SEM_RESP_SPACE,
+    Segment,
+    SessionNames,
+)
+from .transport.waiting import Notifier, Waiter
+
+Value = torch.Tensor | ByteStrings
+
+
+class Client:
+    def __init__(self, path: str | None = None, *, request_ring: int = 0, response_ring: int = 0,
+                 spin: float = 0.0, name: str = "tensord-python", timeout: float = 10.0):
+        self.path = path or default_socket_path()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            self.sock.close()
+            raise ConnectionClosedError(
+                f"no tensord daemon at {self.path} ({e.strerror}): start it with "
+                "`tensord serve`, or point TENSORD_SOCKET at its socket") from None
+        self._send(Hello(min_version=PROTOCOL_VERSION, max_version=PROTOCOL_VERSION,
+                         client=name, request_ring=request_ring, response_ring=response_ring))
+        welcome = self._expect(Welcome)
+        self.welcome = welcome
+        names = SessionNames(welcome.session, welcome.shm, tuple(welcome.semaphores))
+        self.seg = Segment.attach(names, welcome.segment_size)
+        self._send(Attached())
+        self._expect(Ready)
+        self.sock.settimeout(None)
+        seg = self.seg
+        req, resp = seg.req_ctl, seg.resp_ctl
+        self._req_space = Waiter(seg.sems[SEM_REQ_SPACE], req, req.producer_waiting, spin)
+        self._req_data = Notifier(seg.sems[SEM_REQ_DATA], req, req.consumer_waiting)
+        self._resp_data = Waiter(seg.sems[SEM_RESP_DATA], resp, resp.consumer_waiting, spin)
+        self._resp_space = Notifier(seg.sems[SEM_RESP_SPACE], resp, resp.producer_waiting)
+        self._ids = itertools.count(1)
+        self._infer_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._replies: dict[int, list] = {}
+        self._replies_cv = threading.Condition()
+        self._closed_reason: str | None = None
+        self._reader = threading.Thread(target=self._read_control, daemon=True,
+                                        name="tensord-control")
+        self._reader.start()
+
+    # -- control channel -------------------------------------------------------------------
+
+    def _send(self, msg) -> None:
+        data = encode_frame(msg)
+        with getattr(self, "_send_lock", contextlib.nullcontext()):
+            self.sock.sendall(data)
+
+    def _expect(self, cls):
+        msg = read_frame(self.sock)
+        if isinstance(msg, Error):
+            raise error_from_code(msg.code, msg.message, fatal=msg.fatal)
+        if not isinstance(msg, cls):
+            raise ProtocolError(f"expected {cls.TYPE}, daemon sent {type(msg).TYPE}", fatal=True)
+        return msg
+
+    def _read_control(self) -> None:
+        reason = "the daemon closed the connection"
+        try:
+            while True:
+                msg = read_frame(self.sock)
+                if isinstance(msg, Error) and msg.fatal:
+                    reason = f"the daemon ended the session: {msg.name}: {msg.message}"
+                    break
+                if isinstance(msg, Goodbye):
+                    reason = f"the daemon said goodbye: {msg.reason}"
+                    break
+                rid = getattr(msg, "id", 0)
+                with self._replies_cv:
+                    self._replies[rid] = [msg]
+                    self._replies_cv.notify_all()
+        except (PeerClosed, OSError, ProtocolError) as e:
+            if not isinstance(e, PeerClosed):
+                reason = f"control connection failed: {e}"
+        with self._replies_cv:
+            self._closed_reason = reason
+            self._replies_cv.notify_all()
+
+    def _call(self, msg, timeout: float = 10.0):
+        self._check_open()
+        self._send(msg)
+        deadline = time.monotonic() + timeout
+        with self._replies_cv:
+            while msg.id not in self._replies:
+                if self._closed_reason:
+                    raise ConnectionClosedError(self._closed_reason)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlineError(f"no reply to {msg.TYPE} within {timeout} s")
+                self._replies_cv.wait(left)
+            (reply,) = self._replies.pop(msg.id)
+        if isinstance(reply, Error):
+            raise error_from_code(reply.code, reply.message)
+        return reply
+
+    def _check_open(self) -> None:
+        if self._closed_reason:
+            raise ConnectionClosedError(self._closed_reason)
+
+    def models(self) -> list[ModelInfo]:
+        reply = self._call(Models(id=next(self._ids)))
+        assert isinstance(reply, ModelList)
+        return reply.models
+
+    def ping(self) -> None:
+        assert isinstance(self._call(Ping(id=next(self._ids))), Pong)
+
+    # -- inference -------------------------------------------------------------------------
+
+    def infer(self, model: str, inputs: Mapping[str, Value | np.ndarray],
+              timeout: float | None = None) -> dict[str, Value]:
+        """Run `model`; returns its outputs by name, copied out of shared memory."""
+        values = {k: _as_value(v) for k, v in inputs.items()}
+        names = list(values)
+        sizes = [records.nbytes(v) for v in values.values()]
+        dtypes = [("bytes" if isinstance(v, ByteStrings) else from_torch(v.dtype).name)
+                  for v in values.values()]
+        timeout_us = int(timeout * 1e6) if timeout else 0
+
+        def encode(offsets: list[int]) -> bytes:
+            return encode_descriptor(RequestDescriptor(model=model, timeout_us=timeout_us,
+                inputs=[TensorRef(n, d, list(v.shape), o, s) for n, d, v, o, s
+                        in zip(names, dtypes, values.values(), offsets, sizes)]))
+
+        record_len, desc, offsets = records.plan(sizes, encode)
+        ring = self.seg.requests
+        if record_len > ring.capacity:
+            raise TooLargeError(
+                f"the request needs a {record_len}-byte record but the request ring holds "
+                f"{ring.capacity} bytes: connect with a larger request_ring")
+        deadline = time.monotonic() + timeout if timeout else None
+        with self._infer_lock:
+            self._check_open()
+            rid = next(self._ids)
+            while (off := ring.try_reserve(record_len)) is None:
+                if not self._req_space.wait(lambda: ring.fits(record_len), self._stopped,
+                                            deadline):
+                    self._check_open()
+                    raise DeadlineError("timed out waiting for request ring space")
+            records.write(self.seg.buf, off, KIND_REQUEST, rid, record_len, desc,
+                          list(zip(offsets, sizes, values.values())))
+            ring.publish()
+            self._req_data.notify()
+            return self._await(rid, deadline)
+
+    def _stopped(self) -> bool:
+        return self._closed_reason is not None
+
+    def _await(self, rid: int, deadline: float | None) -> dict[str, Value]:
+        ring = self.seg.responses
+        while True:
+            if not self._resp_data.wait(ring.published, self._stopped, deadline):
+                self._check_open()
+                raise DeadlineError(f"no response to request {rid} before the deadline")
+            result = None
+            for rec in ring.poll():
+                try:
+                    if rec.header.request_id == rid:
+                        result = self._read_response(rec)
+                finally:
+                    if ring.release(rec):
+                        self._resp_space.notify()
+            if result is not None:
+                return result
+
+    def _read_response(self, rec: Record) -> dict[str, Value]:
+        buf = self.seg.buf
+        d0 = rec.offset + RECORD_HEADER_SIZE
+        desc = decode_response(bytes(buf[d0:d0 + rec.header.desc_len]))
+        if desc.error is not None:
+            raise error_from_code(desc.error.code, desc.error.message)
+        check_refs(desc.outputs, rec.data_start, rec.header.record_len, "output")
+        out: dict[str, Value] = {}
+        for ref in desc.outputs:
+            off = rec.offset + ref.offset
+            dt = lookup(ref.dtype)
+            shape = tuple(ref.shape)
+            if dt.torch_dtype is None:
+                out[ref.name] = decode_byte_strings(buf[off:off + ref.nbytes], shape, ref.name)
+            else:
+                view = records.read_tensor(buf, off, dt.torch_dtype, dt.itemsize, ref.nbytes,
+                                           shape)
+                out[ref.name] = view.clone()
+                del view
+        return out
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.sock.fileno() < 0:
+            return
+        with contextlib.suppress(OSError):
+            self._send(Goodbye(reason="client closed"))
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self._reader.join(timeout=5)
+        self.sock.close()
+        with self._infer_lock:
+            self.seg.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _as_value(v) -> Value:
+    if isinstance(v, ByteStrings):
+        return v
+    if isinstance(v, np.ndarray):
+        v = torch.from_numpy(np.ascontiguousarray(v))
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"inputs must be tensors, arrays or ByteStrings, not {type(v).__name__}")
+    return v.detach().cpu().contiguous()
+
+
+__all__ = ["Client", "ByteStrings"]

@@ -1,0 +1,94 @@
+"""Daemon configuration: defaults, the TOML file (`--config`), and the socket path rule."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def default_socket_path() -> str:
+    """SPEC §2.1: TENSORD_SOCKET, else /run/tensord/tensord.sock when /run/tensord exists,
+    else /tmp/tensord.sock. Clients compute the same path."""
+    env = os.environ.get("TENSORD_SOCKET")
+    if env:
+        return env
+    if os.path.isdir("/run/tensord"):
+        return "/run/tensord/tensord.sock"
+    return "/tmp/tensord.sock"
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    source: str  # "torchscript"
+    path: str = ""
+    device: str = "cpu"
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class DaemonConfig:
+    socket: str = ""
+    socket_mode: int = 0o660
+    default_ring: int = 16 * MiB
+    max_ring: int = 1 * GiB
+    max_sessions: int = 64
+    spin_us: int = 0
+    admin_uids: list[int] = field(default_factory=lambda: [os.getuid()])
+    builtin_models: bool = True
+    models: list[ModelConfig] = field(default_factory=list)
+
+    def socket_path(self) -> str:
+        return self.socket or default_socket_path()
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_DAEMON_KEYS = {"socket", "socket_mode", "default_ring", "max_ring", "max_sessions", "spin_us",
+                "admin_uids", "builtin_models"}
+_MODEL_KEYS = {"name", "source", "path", "device", "inputs", "outputs"}
+
+
+def load_config(path: str) -> DaemonConfig:
+    """Read a TOML config; every unknown key or wrong type is an error naming the key."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    base = os.path.dirname(os.path.abspath(path))
+    cfg = DaemonConfig()
+    daemon = raw.pop("daemon", {})
+    for k, v in daemon.items():
+        if k not in _DAEMON_KEYS:
+            raise ConfigError(f"{path}: unknown key [daemon].{k}; known: {sorted(_DAEMON_KEYS)}")
+        want = type(getattr(cfg, k))
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise ConfigError(f"{path}: [daemon].{k} must be a {want.__name__}")
+        setattr(cfg, k, v)
+    for i, m in enumerate(raw.pop("models", [])):
+        unknown = set(m) - _MODEL_KEYS
+        if unknown:
+            raise ConfigError(f"{path}: models[{i}] has unknown keys {sorted(unknown)}")
+        for k in ("name", "source"):
+            if not isinstance(m.get(k), str):
+                raise ConfigError(f"{path}: models[{i}].{k} must be a string")
+        mc = ModelConfig(**m)
+        if mc.path and not os.path.isabs(mc.path):
+            mc.path = os.path.join(base, mc.path)
+        cfg.models.append(mc)
+    if raw:
+        raise ConfigError(f"{path}: unknown tables {sorted(raw)}; known: daemon, models")
+    if cfg.default_ring > cfg.max_ring:
+        raise ConfigError(f"{path}: default_ring is larger than max_ring")
+    return cfg

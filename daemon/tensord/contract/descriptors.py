@@ -1,0 +1,114 @@
+"""Request and response descriptors of SPEC §4.4 and their validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .codec import WireTypeError, from_wire, packb, to_wire, unpackb
+from .dtypes import lookup, numel
+from .errors import BadInputError, BadRequestError
+
+MAX_DESCRIPTOR = 65536
+MAX_TENSORS = 64
+MAX_RANK = 16
+MAX_NAME = 256
+ALIGN = 64
+
+
+def align64(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+@dataclass
+class TensorRef:
+    name: str
+    dtype: str
+    shape: list[int]
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class RequestDescriptor:
+    model: str
+    timeout_us: int
+    inputs: list[TensorRef]
+
+
+@dataclass
+class ErrorInfo:
+    code: int
+    name: str
+    message: str
+
+
+@dataclass
+class ResponseDescriptor:
+    outputs: list[TensorRef] | None = field(default=None, metadata={"omit_none": True})
+    error: ErrorInfo | None = field(default=None, metadata={"omit_none": True})
+
+
+def encode_descriptor(desc: RequestDescriptor | ResponseDescriptor) -> bytes:
+    return packb(to_wire(desc))
+
+
+def decode_request(data: bytes) -> RequestDescriptor:
+    """Descriptor bytes -> RequestDescriptor; BAD_REQUEST when it is not one."""
+    if len(data) > MAX_DESCRIPTOR:
+        raise BadRequestError(f"descriptor of {len(data)} bytes exceeds {MAX_DESCRIPTOR}")
+    try:
+        value = unpackb(data)
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise BadRequestError(f"request descriptor is not valid msgpack ({e})") from None
+    try:
+        desc = from_wire(RequestDescriptor, value, "request")
+    except WireTypeError as e:
+        raise BadRequestError(str(e)) from None
+    if len(desc.inputs) > MAX_TENSORS:
+        raise BadRequestError(f"{len(desc.inputs)} inputs; at most {MAX_TENSORS} are allowed")
+    for s in [desc.model] + [t.name for t in desc.inputs]:
+        if len(s.encode()) > MAX_NAME:
+            raise BadRequestError(f"name {s[:40]!r}... is longer than {MAX_NAME} bytes")
+    if desc.timeout_us < 0:
+        raise BadRequestError("timeout_us is negative")
+    return desc
+
+
+def decode_response(data: bytes) -> ResponseDescriptor:
+    try:
+        desc = from_wire(ResponseDescriptor, unpackb(data), "response")
+    except Exception as e:
+        raise BadRequestError(f"response descriptor is invalid ({e})") from None
+    if (desc.outputs is None) == (desc.error is None):
+        raise BadRequestError("response descriptor must have exactly one of outputs, error")
+    return desc
+
+
+def check_refs(refs: list[TensorRef], data_start: int, record_len: int, what: str) -> None:
+    """Check SPEC §4.3/§5 for every tensor ref before any byte of it is touched."""
+    spans = []
+    for t in refs:
+        dt = lookup(t.dtype)
+        if len(t.shape) > MAX_RANK:
+            raise BadInputError(f"{what} {t.name!r}: rank {len(t.shape)} exceeds {MAX_RANK}")
+        if any(d < 0 for d in t.shape):
+            raise BadInputError(f"{what} {t.name!r}: negative dimension in shape {t.shape}")
+        if t.offset % ALIGN:
+            raise BadInputError(f"{what} {t.name!r}: offset {t.offset} is not 64-byte aligned")
+        if t.offset < data_start or t.nbytes < 0 or t.offset + t.nbytes > record_len:
+            raise BadInputError(
+                f"{what} {t.name!r}: bytes [{t.offset}, {t.offset + t.nbytes}) lie outside the "
+                f"record's data area [{data_start}, {record_len})"
+            )
+        if dt.itemsize:
+            want = numel(t.shape) * dt.itemsize
+            if want != t.nbytes:
+                raise BadInputError(
+                    f"{what} {t.name!r}: shape {t.shape} of {t.dtype} needs {want} bytes, "
+                    f"nbytes says {t.nbytes}"
+                )
+        spans.append((t.offset, t.offset + t.nbytes, t.name))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise BadInputError(f"{what}s {a!r} and {b!r} overlap")

@@ -1,0 +1,133 @@
+"""Error codes of SPEC §6 and the exception hierarchy built on them."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ErrorCode(IntEnum):
+    BAD_FRAME = 1
+    VERSION = 2
+    BAD_MESSAGE = 3
+    UNKNOWN_MODEL = 4
+    BAD_INPUT = 5
+    TOO_LARGE = 6
+    RESOURCE = 7
+    PERMISSION = 8
+    MODEL_FAILED = 9
+    BAD_RECORD = 10
+    BAD_REQUEST = 11
+    DEADLINE = 12
+    OVERLOADED = 13
+    SHUTTING_DOWN = 14
+    UNSUPPORTED = 15
+    INTERNAL = 16
+
+
+class TensordError(Exception):
+    """An error with a protocol code. `fatal` means the connection ends with it."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None, fatal: bool = False):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.message = message
+        self.fatal = fatal
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+class ProtocolError(TensordError):
+    """The peer broke the wire contract (BAD_FRAME, BAD_MESSAGE, BAD_RECORD)."""
+
+    code = ErrorCode.BAD_MESSAGE
+
+
+class VersionError(TensordError):
+    code = ErrorCode.VERSION
+
+
+class UnknownModelError(TensordError):
+    code = ErrorCode.UNKNOWN_MODEL
+
+
+class BadInputError(TensordError):
+    code = ErrorCode.BAD_INPUT
+
+
+class TooLargeError(TensordError):
+    code = ErrorCode.TOO_LARGE
+
+
+class ResourceError(TensordError):
+    code = ErrorCode.RESOURCE
+
+
+class PermissionDeniedError(TensordError):
+    code = ErrorCode.PERMISSION
+
+
+class ModelFailedError(TensordError):
+    code = ErrorCode.MODEL_FAILED
+
+
+class BadRequestError(TensordError):
+    code = ErrorCode.BAD_REQUEST
+
+
+class DeadlineError(TensordError):
+    code = ErrorCode.DEADLINE
+
+
+class OverloadedError(TensordError):
+    code = ErrorCode.OVERLOADED
+
+
+class ShuttingDownError(TensordError):
+    code = ErrorCode.SHUTTING_DOWN
+
+
+class UnsupportedError(TensordError):
+    code = ErrorCode.UNSUPPORTED
+
+
+class InternalError(TensordError):
+    code = ErrorCode.INTERNAL
+
+
+class ConnectionClosedError(TensordError):
+    """Client side: the daemon closed the connection or died."""
+
+    code = ErrorCode.SHUTTING_DOWN
+
+
+_BY_CODE: dict[ErrorCode, type[TensordError]] = {
+    ErrorCode.BAD_FRAME: ProtocolError,
+    ErrorCode.BAD_MESSAGE: ProtocolError,
+    ErrorCode.BAD_RECORD: ProtocolError,
+    ErrorCode.VERSION: VersionError,
+    ErrorCode.UNKNOWN_MODEL: UnknownModelError,
+    ErrorCode.BAD_INPUT: BadInputError,
+    ErrorCode.TOO_LARGE: TooLargeError,
+    ErrorCode.RESOURCE: ResourceError,
+    ErrorCode.PERMISSION: PermissionDeniedError,
+    ErrorCode.MODEL_FAILED: ModelFailedError,
+    ErrorCode.BAD_REQUEST: BadRequestError,
+    ErrorCode.DEADLINE: DeadlineError,
+    ErrorCode.OVERLOADED: OverloadedError,
+    ErrorCode.SHUTTING_DOWN: ShuttingDownError,
+    ErrorCode.UNSUPPORTED: UnsupportedError,
+    ErrorCode.INTERNAL: InternalError,
+}
+
+
+def error_from_code(code: int, message: str, *, fatal: bool = False) -> TensordError:
+    """Build the exception a peer's error code stands for (unknown codes become INTERNAL)."""
+    try:
+        ec = ErrorCode(code)
+    except ValueError:
+        return InternalError(f"unknown error code {code}: {message}", fatal=fatal)
+    return _BY_CODE[ec](message, code=ec, fatal=fatal)

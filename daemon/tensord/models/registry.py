@@ -1,0 +1,48 @@
+"""The set of models the daemon serves, looked up by name from any session thread."""
+
+from __future__ import annotations
+
+import threading
+
+from ..contract.errors import UnknownModelError
+from ..contract.messages import ModelInfo
+from .base import Model
+
+
+class Registry:
+    def __init__(self, models: list[Model] | None = None):
+        self._lock = threading.Lock()
+        self._models: dict[str, Model] = {}
+        for m in models or []:
+            self.add(m)
+
+    def add(self, model: Model) -> None:
+        with self._lock:
+            old = self._models.get(model.name)
+            if old is not None:
+                model.version = old.version + 1
+            self._models[model.name] = model
+
+    def remove(self, name: str) -> Model:
+        with self._lock:
+            try:
+                return self._models.pop(name)
+            except KeyError:
+                raise self._unknown(name) from None
+
+    def get(self, name: str) -> Model:
+        # A plain dict read is atomic under the GIL; the lock only orders writers.
+        m = self._models.get(name)
+        if m is None:
+            raise self._unknown(name)
+        return m
+
+    def infos(self) -> list[ModelInfo]:
+        with self._lock:
+            return [self._models[n].info() for n in sorted(self._models)]
+
+    def _unknown(self, name: str) -> UnknownModelError:
+        return UnknownModelError(
+            f"no model named {name!r}; this daemon serves {sorted(self._models)} "
+            "(list them with Models())"
+        )

@@ -1,0 +1,201 @@
+"""A client's session on the daemon side: reads its request ring, runs models, answers in
+its response ring. One thread per session; sessions never share rings or locks."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from .contract.descriptors import (
+    ErrorInfo,
+    ResponseDescriptor,
+    TensorRef,
+    align64,
+    check_refs,
+    decode_request,
+    encode_descriptor,
+)
+from .contract.dtypes import decode_byte_strings, lookup
+from .contract.errors import (
+    BadInputError,
+    DeadlineError,
+    InternalError,
+    TensordError,
+    TooLargeError,
+)
+from .contract.layout import KIND_RESPONSE, RECORD_HEADER_SIZE
+from .executor import Executor
+from .models.registry import Registry
+from .models.signature import Value
+from .transport import records
+from .transport.ring import Record
+from .transport.segment import (
+    SEM_REQ_DATA,
+    SEM_REQ_SPACE,
+    SEM_RESP_DATA,
+    SEM_RESP_SPACE,
+    Segment,
+)
+from .transport.waiting import Notifier, Waiter
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_MESSAGE = 4000
+
+
+class _Stopped(Exception):
+    pass
+
+
+class Session:
+    def __init__(self, session_id: str, segment: Segment, registry: Registry, executor: Executor,
+                 on_fatal: Callable[[TensordError], None], spin: float = 0.0):
+        self.id = session_id
+        self.seg = segment
+        self.buf = segment.buf
+        self.registry = registry
+        self.executor = executor
+        self.on_fatal = on_fatal
+        req, resp = segment.req_ctl, segment.resp_ctl
+        self.requests_ready = Waiter(segment.sems[SEM_REQ_DATA], req, req.consumer_waiting, spin)
+        self.requests_freed = Notifier(segment.sems[SEM_REQ_SPACE], req, req.producer_waiting)
+        self.responses_ready = Notifier(segment.sems[SEM_RESP_DATA], resp, resp.consumer_waiting)
+        self.responses_freed = Waiter(segment.sems[SEM_RESP_SPACE], resp, resp.producer_waiting,
+                                      spin)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"session-{session_id[:8]}",
+                                        daemon=True)
+        self.served = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop reading, let a running request finish, drop the mapping."""
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join()
+        if not self.seg.close():
+            log.warning("session %s: tensors still view its memory; it is freed when they go",
+                        self.id[:8])
+
+    # -- the request loop -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        ring = self.seg.requests
+        try:
+            while not self._stop.is_set():
+                if not self.requests_ready.wait(ring.published, self._stop.is_set):
+                    continue
+                records = ring.poll()
+                read_at = time.monotonic()
+                for rec in records:
+                    self._serve(rec, read_at)
+                    if self._stop.is_set():
+                        return
+        except _Stopped:
+            return
+        except TensordError as e:
+            log.warning("session %s: %s", self.id[:8], e)
+            self.on_fatal(e)
+        except Exception as e:
+            log.exception("session %s failed", self.id[:8])
+            self.on_fatal(InternalError(f"session failed: {type(e).__name__}: {e}", fatal=True))
+
+    def _serve(self, rec: Record, read_at: float) -> None:
+        rid = rec.header.request_id
+        inputs: list[Value] = []
+        try:
+            start = rec.offset + RECORD_HEADER_SIZE
+            desc = decode_request(bytes(self.buf[start:start + rec.header.desc_len]))
+            check_refs(desc.inputs, rec.data_start, rec.header.record_len, "input")
+            model = self.registry.get(desc.model)
+            order = model.signature.order_inputs(model.name, desc.inputs)
+            inputs = [self._input(rec, desc.inputs[i]) for i in order]
+            if desc.timeout_us and time.monotonic() > read_at + desc.timeout_us / 1e6:
+                raise DeadlineError(
+                    f"request {rid} waited past its {desc.timeout_us} µs budget before "
+                    f"model {model.name!r} could run; give it a longer deadline"
+                )
+            outputs, dtypes = self.executor.run(model, inputs)
+            names = [s.name for s in model.signature.outputs]
+            self._respond(rid, names, outputs, dtypes)
+            self.served += 1
+        except TensordError as e:
+            if e.fatal:
+                raise
+            self._respond_error(rid, e)
+        finally:
+            inputs.clear()  # drop views of the request record before releasing it
+            if self.seg.requests.release(rec):
+                self.requests_freed.notify()
+
+    def _input(self, rec: Record, ref: TensorRef) -> Value:
+        off = rec.offset + ref.offset
+        dt = lookup(ref.dtype)
+        shape = tuple(ref.shape)
+        what = f"input {ref.name!r}"
+        if dt.torch_dtype is None:
+            return decode_byte_strings(self.buf[off:off + ref.nbytes], shape, what)
+        t = records.read_tensor(self.buf, off, dt.torch_dtype, dt.itemsize, ref.nbytes, shape)
+        if dt.name == "bool" and int(t.view(torch.uint8).max()) > 1:
+            raise BadInputError(f"{what}: bool tensor holds bytes other than 0 and 1")
+        return t
+
+    # -- responses ------------------------------------------------------------------------
+
+    def _respond(self, rid: int, names: list[str], outputs: list[Value], dtypes: list[str]):
+        sizes = [records.nbytes(v) for v in outputs]
+
+        def encode(offsets: list[int]) -> bytes:
+            return encode_descriptor(ResponseDescriptor(outputs=[
+                TensorRef(name, dtype, list(v.shape), o, n)
+                for name, dtype, v, o, n in zip(names, dtypes, outputs, offsets, sizes)]))
+
+        record_len, desc, offsets = records.plan(sizes, encode)
+        cap = self.seg.responses.capacity
+        if record_len > cap:
+            raise TooLargeError(
+                f"the outputs need a {record_len}-byte response record but this session's "
+                f"response ring holds {cap} bytes: connect with a response ring of at least "
+                f"{_pow2(record_len)} bytes (Go: WithRingSize)"
+            )
+        off = self._reserve(record_len)
+        records.write(self.buf, off, KIND_RESPONSE, rid, record_len, desc,
+                      list(zip(offsets, sizes, outputs)))
+        self._publish()
+
+    def _respond_error(self, rid: int, err: TensordError) -> None:
+        msg = err.message[:MAX_ERROR_MESSAGE]
+        desc = encode_descriptor(ResponseDescriptor(
+            error=ErrorInfo(int(err.code), err.code.name, msg)))
+        record_len = align64(RECORD_HEADER_SIZE + len(desc))
+        off = self._reserve(record_len)
+        records.write(self.buf, off, KIND_RESPONSE, rid, record_len, desc, [])
+        self._publish()
+
+    def _reserve(self, record_len: int) -> int:
+        ring = self.seg.responses
+        while True:
+            off = ring.try_reserve(record_len)
+            if off is not None:
+                return off
+            # The client still holds earlier responses; only this session waits for it.
+            if not self.responses_freed.wait(lambda: ring.fits(record_len), self._stop.is_set):
+                if self._stop.is_set():
+                    raise _Stopped
+
+    def _publish(self) -> None:
+        self.seg.responses.publish()
+        self.responses_ready.notify()
+
+
+def _pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p <<= 1
+    return p

@@ -1,0 +1,59 @@
+"""Laying out and filling one record: header, descriptor, 64-byte aligned tensor bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..contract.descriptors import align64
+from ..contract.dtypes import ByteStrings
+from ..contract.layout import RECORD_HEADER_SIZE, RecordHeader
+
+
+def plan(sizes: list[int], encode: Callable[[list[int]], bytes]) -> tuple[int, bytes, list[int]]:
+    """Choose tensor offsets for payloads of `sizes` bytes.
+
+    `encode(offsets)` returns the descriptor naming those offsets. Its length depends on the
+    offsets (msgpack writes small numbers shorter), so the data area start moves up until the
+    descriptor fits in front of it. Returns (record_len, descriptor, offsets)."""
+    start = align64(RECORD_HEADER_SIZE + 32 * len(sizes) + 16)
+    while True:
+        offsets, cur = [], start
+        for n in sizes:
+            offsets.append(cur)
+            cur = align64(cur + n)
+        desc = encode(offsets)
+        if RECORD_HEADER_SIZE + len(desc) <= start:
+            return max(cur, align64(RECORD_HEADER_SIZE + len(desc))), desc, offsets
+        start = align64(RECORD_HEADER_SIZE + len(desc))
+
+
+def write(buf: memoryview, off: int, kind: int, request_id: int, record_len: int, desc: bytes,
+          payloads: list[tuple[int, int, torch.Tensor | ByteStrings]]) -> None:
+    """Fill the record at segment offset `off`; payloads are (offset, nbytes, value)."""
+    RecordHeader(record_len, kind, request_id, len(desc)).pack_into(buf, off)
+    d0 = off + RECORD_HEADER_SIZE
+    buf[d0:d0 + len(desc)] = desc
+    for rel, n, v in payloads:
+        if n == 0:
+            continue
+        o = off + rel
+        if isinstance(v, ByteStrings):
+            v.encode_into(buf[o:o + n])
+        else:
+            dst = torch.frombuffer(buf, dtype=torch.uint8, count=n, offset=o)
+            dst.copy_(v.reshape(-1).view(torch.uint8))
+            del dst
+
+
+def nbytes(v: torch.Tensor | ByteStrings) -> int:
+    return v.encoded_size() if isinstance(v, ByteStrings) else v.numel() * v.element_size()
+
+
+def read_tensor(buf: memoryview, off: int, dtype: torch.dtype, itemsize: int, n: int,
+                shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor viewing `n` bytes of shared memory at `off` (no copy)."""
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype, count=n // itemsize, offset=off).view(shape)

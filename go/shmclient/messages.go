@@ -1,0 +1,283 @@
+package shmclient
+
+import (
+	"bytes"
+	"fmt"
+	"sync"
+
+	"github.com/vmihailenco/msgpack/v5"
+)
+
+// Wire structs mirror SPEC §2.4 and §4.4 field for field. vmihailenco encodes struct
+// fields in declaration order, so the declaration order below IS the canonical key order
+// of SPEC §2.3; do not reorder fields. Only keys the SPEC calls optional carry omitempty.
+
+const protocolVersion = 1
+
+// Limits of SPEC §7 that the client checks before sending.
+const (
+	maxFrame      = 1 << 20
+	maxDescriptor = 65536
+	maxTensors    = 64
+	maxRank       = 16
+	maxNameLen    = 256
+	minRing       = 65536
+)
+
+type helloMsg struct {
+	Type         string `msgpack:"type"`
+	MinVersion   uint64 `msgpack:"min_version"`
+	MaxVersion   uint64 `msgpack:"max_version"`
+	Client       string `msgpack:"client"`
+	RequestRing  uint64 `msgpack:"request_ring"`
+	ResponseRing uint64 `msgpack:"response_ring"`
+}
+
+type welcomeMsg struct {
+	Type         string   `msgpack:"type"`
+	Version      uint64   `msgpack:"version"`
+	Session      string   `msgpack:"session"`
+	Shm          string   `msgpack:"shm"`
+	Semaphores   []string `msgpack:"semaphores"`
+	SegmentSize  uint64   `msgpack:"segment_size"`
+	RequestRing  uint64   `msgpack:"request_ring"`
+	ResponseRing uint64   `msgpack:"response_ring"`
+	MaxFrame     uint64   `msgpack:"max_frame"`
+	Daemon       string   `msgpack:"daemon"`
+}
+
+// typeOnlyMsg covers attached and ready.
+type typeOnlyMsg struct {
+	Type string `msgpack:"type"`
+}
+
+// idMsg covers models, ping, pong and ok.
+type idMsg struct {
+	Type string `msgpack:"type"`
+	ID   uint64 `msgpack:"id"`
+}
+
+type wireSpec struct {
+	Name  string  `msgpack:"name"`
+	DType string  `msgpack:"dtype"`
+	Shape []int64 `msgpack:"shape"` // nil = any rank; must stay without omitempty
+}
+
+type wireModel struct {
+	Name    string     `msgpack:"name"`
+	Version uint64     `msgpack:"version"`
+	Device  string     `msgpack:"device"`
+	Inputs  []wireSpec `msgpack:"inputs"`
+	Outputs []wireSpec `msgpack:"outputs"`
+}
+
+type modelListMsg struct {
+	Type   string      `msgpack:"type"`
+	ID     uint64      `msgpack:"id"`
+	Models []wireModel `msgpack:"models"`
+}
+
+type loadMsg struct {
+	Type   string `msgpack:"type"`
+	ID     uint64 `msgpack:"id"`
+	Name   string `msgpack:"name"`
+	Config mpMap  `msgpack:"config"`
+}
+
+// nameMsg covers unload and reload.
+type nameMsg struct {
+	Type string `msgpack:"type"`
+	ID   uint64 `msgpack:"id"`
+	Name string `msgpack:"name"`
+}
+
+type errorMsg struct {
+	Type    string `msgpack:"type"`
+	ID      uint64 `msgpack:"id"`
+	Code    uint64 `msgpack:"code"`
+	Name    string `msgpack:"name"`
+	Message string `msgpack:"message"`
+	Fatal   bool   `msgpack:"fatal"`
+}
+
+type goodbyeMsg struct {
+	Type   string `msgpack:"type"`
+	Reason string `msgpack:"reason"`
+}
+
+type tensorRef struct {
+	Name   string   `msgpack:"name"`
+	DType  string   `msgpack:"dtype"`
+	Shape  []uint64 `msgpack:"shape"`
+	Offset uint64   `msgpack:"offset"`
+	NBytes uint64   `msgpack:"nbytes"`
+}
+
+type requestDesc struct {
+	Model     string      `msgpack:"model"`
+	TimeoutUS uint64      `msgpack:"timeout_us"`
+	Inputs    []tensorRef `msgpack:"inputs"`
+}
+
+type descError struct {
+	Code    uint64 `msgpack:"code"`
+	Name    string `msgpack:"name"`
+	Message string `msgpack:"message"`
+}
+
+// responseDesc has exactly one of its keys on the wire (SPEC §4.4); which one is decided
+// by Error, not by emptiness, so a model with zero outputs still sends "outputs": [].
+type responseDesc struct {
+	Outputs []tensorRef `msgpack:"outputs,omitempty"`
+	Error   *descError  `msgpack:"error,omitempty"`
+}
+
+func (r *responseDesc) EncodeMsgpack(enc *msgpack.Encoder) error {
+	if err := enc.EncodeMapLen(1); err != nil {
+		return err
+	}
+	if r.Error != nil {
+		if err := enc.EncodeString("error"); err != nil {
+			return err
+		}
+		return enc.Encode(r.Error)
+	}
+	if err := enc.EncodeString("outputs"); err != nil {
+		return err
+	}
+	outs := r.Outputs
+	if outs == nil {
+		outs = []tensorRef{}
+	}
+	return enc.Encode(outs)
+}
+
+// EncodeMsgpack keeps the decoded key order, which for an arbitrary map (load's config)
+// is the only order there is.
+func (m mpMap) EncodeMsgpack(enc *msgpack.Encoder) error {
+	if m == nil {
+		return enc.EncodeNil()
+	}
+	if err := enc.EncodeMapLen(len(m)); err != nil {
+		return err
+	}
+	for _, kv := range m {
+		if err := enc.EncodeString(kv.Key); err != nil {
+			return err
+		}
+		if err := enc.Encode(kv.Value); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// encoders are pooled: building one per message would dominate the cost of a small
+// request descriptor.
+type encoder struct {
+	buf bytes.Buffer
+	enc *msgpack.Encoder
+}
+
+var encoderPool = sync.Pool{New: func() any {
+	e := &encoder{}
+	e.enc = msgpack.NewEncoder(&e.buf)
+	e.enc.UseCompactInts(true)
+	return e
+}}
+
+// marshal appends the canonical encoding of v to dst.
+func marshal(dst []byte, v any) ([]byte, error) {
+	e := encoderPool.Get().(*encoder)
+	defer encoderPool.Put(e)
+	e.buf.Reset()
+	if err := e.enc.Encode(v); err != nil {
+		return dst, fmt.Errorf("shmclient: encoding %T: %w", v, err)
+	}
+	return append(dst, e.buf.Bytes()...), nil
+}
+
+// messageFor returns an empty wire struct for a message type, for decoding.
+func messageFor(typ string) (any, bool) {
+	switch typ {
+	case "hello":
+		return &helloMsg{}, true
+	case "welcome":
+		return &welcomeMsg{}, true
+	case "attached", "ready":
+		return &typeOnlyMsg{}, true
+	case "models", "ping", "pong", "ok":
+		return &idMsg{}, true
+	case "model_list":
+		return &modelListMsg{}, true
+	case "load":
+		return &loadMsg{}, true
+	case "unload", "reload":
+		return &nameMsg{}, true
+	case "error":
+		return &errorMsg{}, true
+	case "goodbye":
+		return &goodbyeMsg{}, true
+	}
+	return nil, false
+}
+
+// decodeMessage decodes a frame body (SPEC §2.2): ErrProtocol for a body that is not a
+// msgpack map with string keys, has no string type, an unknown type or mistyped fields.
+func decodeMessage(body []byte) (string, any, error) {
+	tree, err := decodeMsgpack(body)
+	if err != nil {
+		return "", nil, protocolErrorf("bad frame body: %v", err)
+	}
+	m, ok := tree.(mpMap)
+	if !ok {
+		return "", nil, protocolErrorf("frame body is a msgpack %s, not a map", typeName(tree))
+	}
+	tv, _ := m.get("type")
+	typ, ok := tv.(string)
+	if !ok {
+		return "", nil, protocolErrorf("message without a string \"type\"")
+	}
+	msg, ok := messageFor(typ)
+	if !ok {
+		return typ, nil, protocolErrorf("unknown message type %q", typ)
+	}
+	if err := fromTree(m, msg, typ); err != nil {
+		return typ, nil, protocolErrorf("bad %s message: %v", typ, err)
+	}
+	return typ, msg, nil
+}
+
+func decodeResponseDesc(b []byte) (*responseDesc, error) {
+	tree, err := decodeMsgpack(b)
+	if err != nil {
+		return nil, err
+	}
+	m, ok := tree.(mpMap)
+	if !ok || len(m) != 1 {
+		return nil, fmt.Errorf("response descriptor must be a map with exactly one key")
+	}
+	var d responseDesc
+	if err := fromTree(m, &d, "response"); err != nil {
+		return nil, err
+	}
+	if m[0].Key != "outputs" && m[0].Key != "error" {
+		return nil, fmt.Errorf("response descriptor has key %q, want outputs or error", m[0].Key)
+	}
+	if m[0].Key == "outputs" && d.Outputs == nil {
+		d.Outputs = []tensorRef{}
+	}
+	return &d, nil
+}
+
+func decodeRequestDesc(b []byte) (*requestDesc, error) {
+	tree, err := decodeMsgpack(b)
+	if err != nil {
+		return nil, err
+	}
+	var d requestDesc
+	if err := fromTree(tree, &d, "request"); err != nil {
+		return nil, err
+	}
+	return &d, nil
+}

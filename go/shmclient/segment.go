@@ -1,0 +1,165 @@
+package shmclient
+
+import (
+	"encoding/binary"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Segment header layout (SPEC §4.1).
+const (
+	headerSize          = 4096
+	layoutVersion       = 1
+	offLayoutVersion    = 8
+	offHeaderSize       = 12
+	offSegmentSize      = 16
+	offReqRingOffset    = 24
+	offReqRingCapacity  = 32
+	offRespRingOffset   = 40
+	offRespRingCapacity = 48
+	offReqControl       = 128
+	offRespControl      = 256
+)
+
+var segmentMagic = [8]byte{'T', 'E', 'N', 'S', 'O', 'R', 'D', 0}
+
+// Semaphore indexes of SPEC §4.5.
+const (
+	semReqData = iota
+	semReqSpace
+	semRespData
+	semRespSpace
+)
+
+// segment is the session's mapping plus its semaphores. Both live until the last
+// reference is dropped: the client holds one until the session ends, and every
+// reservation, response view and running ring goroutine holds one, so nothing unmaps
+// memory a caller still reads or posts a closed semaphore.
+type segment struct {
+	mem  []byte
+	sems [4]*semaphore
+
+	mu   sync.Mutex
+	refs int
+}
+
+// shmPath maps a shm_open name to its file: glibc's shm_open is open(2) under /dev/shm.
+func shmPath(name string) string {
+	return "/dev/shm/" + strings.TrimPrefix(name, "/")
+}
+
+// mapSegment maps an existing shared-memory object read-write.
+func mapSegment(name string, size uint64) (*segment, error) {
+	f, err := os.OpenFile(shmPath(name), os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening shared memory %s: %w", name, err)
+	}
+	defer f.Close() // the mapping keeps the object alive
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if uint64(st.Size()) != size {
+		return nil, protocolErrorf("shared memory %s is %d bytes, welcome says %d", name, st.Size(), size)
+	}
+	if size < headerSize || size > 1<<40 {
+		return nil, protocolErrorf("segment size %d out of range", size)
+	}
+	mem, err := unix.Mmap(int(f.Fd()), 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("mmap %s: %w", name, err)
+	}
+	return &segment{mem: mem, refs: 1}, nil
+}
+
+func (s *segment) u32(off int) uint32 { return binary.LittleEndian.Uint32(s.mem[off:]) }
+func (s *segment) u64(off int) uint64 { return binary.LittleEndian.Uint64(s.mem[off:]) }
+
+// check validates the header against the welcome (SPEC §4.1). layout_version is read
+// atomically because the daemon stores it last to publish the rest of the header.
+func (s *segment) check(w *welcomeMsg) error {
+	if !bytesEqual(s.mem[:8], segmentMagic[:]) {
+		return protocolErrorf("segment magic %q, want %q", s.mem[:8], segmentMagic[:])
+	}
+	if v := atomic.LoadUint32(s.ptr32(offLayoutVersion)); v != layoutVersion {
+		return protocolErrorf("segment layout_version %d, want %d", v, layoutVersion)
+	}
+	type field struct {
+		name      string
+		got, want uint64
+	}
+	for _, f := range []field{
+		{"header_size", uint64(s.u32(offHeaderSize)), headerSize},
+		{"segment_size", s.u64(offSegmentSize), w.SegmentSize},
+		{"segment_size (mapping)", uint64(len(s.mem)), w.SegmentSize},
+		{"segment_size (sum)", headerSize + w.RequestRing + w.ResponseRing, w.SegmentSize},
+		{"request_ring_offset", s.u64(offReqRingOffset), headerSize},
+		{"request_ring_capacity", s.u64(offReqRingCapacity), w.RequestRing},
+		{"response_ring_offset", s.u64(offRespRingOffset), headerSize + w.RequestRing},
+		{"response_ring_capacity", s.u64(offRespRingCapacity), w.ResponseRing},
+	} {
+		if f.got != f.want {
+			return protocolErrorf("segment header %s is %d, expected %d", f.name, f.got, f.want)
+		}
+	}
+	for _, c := range []uint64{w.RequestRing, w.ResponseRing} {
+		if c < minRing || c&(c-1) != 0 || c > 1<<31 {
+			return protocolErrorf("ring capacity %d is not a power of two in [%d, 2^31]", c, minRing)
+		}
+	}
+	return nil
+}
+
+func bytesEqual(a, b []byte) bool { return string(a) == string(b) }
+
+func (s *segment) ptr32(off int) *uint32 { return (*uint32)(unsafe.Pointer(&s.mem[off])) }
+func (s *segment) ptr64(off int) *uint64 { return (*uint64)(unsafe.Pointer(&s.mem[off])) }
+
+// ring returns the ring whose control block is at ctl and whose buffer is at
+// [off, off+capacity); check has validated both.
+func (s *segment) ring(ctl int, off, capacity uint64) ringMem {
+	return ringMem{
+		buf:             s.mem[off : off+capacity : off+capacity],
+		capacity:        capacity,
+		tail:            s.ptr64(ctl + 0),
+		producerWaiting: s.ptr32(ctl + 8),
+		head:            s.ptr64(ctl + 64),
+		consumerWaiting: s.ptr32(ctl + 72),
+	}
+}
+
+// acquire takes a reference; it fails once the mapping is gone.
+func (s *segment) acquire() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.refs == 0 {
+		return false
+	}
+	s.refs++
+	return true
+}
+
+// release drops a reference and unmaps on the last one.
+func (s *segment) release() {
+	s.mu.Lock()
+	s.refs--
+	last := s.refs == 0
+	s.mu.Unlock()
+	if !last {
+		return
+	}
+	for i, sem := range s.sems {
+		sem.close()
+		s.sems[i] = nil
+	}
+	if s.mem != nil {
+		unix.Munmap(s.mem)
+		s.mem = nil
+	}
+}
