@@ -1,0 +1,100 @@
+"""Fixtures that start real daemons and build real Go binaries."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen
+    path: str
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def shm_entries(self) -> list[str]:
+        return shm_entries(self.pid)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def logs(self) -> str:
+        return self.log.read_text()
+
+
+def shm_entries(pid: int) -> list[str]:
+    return [e for e in os.listdir("/dev/shm") if f"tensord-{pid}-" in e]
+
+
+def start_daemon(tmp: Path, *args: str, config: str | None = None) -> Daemon:
+    path = str(tmp / "tensord.sock")
+    log = tmp / "daemon.log"
+    cmd = [sys.executable, "-m", "tensord", "serve", "--socket", path, *args]
+    if config:
+        cfg = tmp / "tensord.toml"
+        cfg.write_text(config)
+        cmd += ["--config", str(cfg)]
+    f = open(log, "w")
+    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(path)
+            return Daemon(proc, path, log)
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"daemon did not start listening:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    d = start_daemon(tmp_path_factory.mktemp("daemon"))
+    yield d
+    rc = d.stop()
+    assert rc == 0, d.logs()
+    assert d.shm_entries() == []
+
+
+@pytest.fixture
+def fresh_daemon(tmp_path):
+    """A daemon of the test's own, for tests that kill or break it."""
+    d = start_daemon(tmp_path)
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="session")
+def go_probe(tmp_path_factory) -> str:
+    """The Go CLI under go/cmd/shmprobe, built for this run."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.fail("the Go toolchain is needed: the end-to-end tests run real Go binaries")
+    out = tmp_path_factory.mktemp("bin") / "shmprobe"
+    subprocess.run([go, "build", "-o", str(out), "./cmd/shmprobe"], cwd=ROOT / "go", check=True)
+    return str(out)
