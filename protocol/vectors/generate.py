@@ -130,10 +130,10 @@ def ring_image():
 
     def put(ring_off, pos, kind, rid, d, tensors):
         dbytes = encode_descriptor(d) if d is not None else b""
-        assert all(r.offset >= 24 + len(dbytes) for r in (getattr(d, "inputs", None) or [])), \
-            "tensor bytes must not overlap the descriptor"
         refs = [] if d is None else (d.inputs if isinstance(d, RequestDescriptor)
                                      else (d.outputs or []))
+        assert all(r.offset >= 24 + len(dbytes) for r in refs), \
+            "tensor bytes must not overlap the descriptor"
         end = max([r.offset + r.nbytes for r in refs] + [24 + len(dbytes)])
         n = (end + 63) & ~63
         at = ring_off + (pos % cap)
@@ -155,7 +155,7 @@ def ring_image():
     recs = []
     pos = start
     n, r = put(req_off, pos, KIND_REQUEST, 7,
-               RequestDescriptor("identity", 0, [TensorRef("x", "f32", [4], 64, 16)]), [x])
+               RequestDescriptor("identity", 0, [TensorRef("x", "f32", [4], 128, 16)]), [x])
     recs.append(r)
     pos += n
     pad = cap - (pos % cap)
@@ -179,7 +179,7 @@ def ring_image():
 
     y = struct.pack("<4f", 1.0, -2.0, 0.5, 3.25)
     n, r = put(resp_off, 0, KIND_RESPONSE, 7,
-               ResponseDescriptor(outputs=[TensorRef("y", "f32", [4], 64, 16)]), [y])
+               ResponseDescriptor(outputs=[TensorRef("y", "f32", [4], 128, 16)]), [y])
     struct.pack_into("<Q", mv, RESP_CONTROL + 0, n)
     struct.pack_into("<I", mv, RESP_CONTROL + 72, 1)  # the client sleeps, waiting for data
     described["response_ring"] = {"head": 0, "tail": n, "consumer_waiting": 1, "records": [r]}
