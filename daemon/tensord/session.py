@@ -129,6 +129,12 @@ class Session:
             if e.fatal:
                 raise
             self._respond_error(rid, e)
+        except _Stopped:
+            raise
+        except Exception as e:  # a daemon bug must cost one request, not the session
+            log.exception("session %s: request %d failed", self.id[:8], rid)
+            self._respond_error(rid, InternalError(
+                f"request {rid} failed inside the daemon: {type(e).__name__}: {e}"))
         finally:
             inputs.clear()  # drop views of the request record before releasing it
             if self.seg.requests.release(rec):
@@ -142,7 +148,7 @@ class Session:
         if dt.torch_dtype is None:
             return decode_byte_strings(self.buf[off:off + ref.nbytes], shape, what)
         t = records.read_tensor(self.buf, off, dt.torch_dtype, dt.itemsize, ref.nbytes, shape)
-        if dt.name == "bool" and int(t.view(torch.uint8).max()) > 1:
+        if dt.name == "bool" and t.numel() and int(t.view(torch.uint8).max()) > 1:
             raise BadInputError(f"{what}: bool tensor holds bytes other than 0 and 1")
         return t
 

@@ -1,0 +1,342 @@
+"""Misbehaving clients, a dying daemon, and bad input: clear errors, nothing lost or leaked."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import msgpack
+import pytest
+import torch
+
+from conftest import shm_entries, start_daemon
+from tensord.client import Client
+from tensord.contract.descriptors import RequestDescriptor, TensorRef, encode_descriptor
+from tensord.contract.dtypes import ByteStrings
+from tensord.contract.errors import (
+    BadInputError,
+    BadRequestError,
+    ConnectionClosedError,
+    ModelFailedError,
+    ResourceError,
+    TooLargeError,
+    UnknownModelError,
+)
+from tensord.contract.frames import encode_frame, read_frame
+from tensord.contract.layout import KIND_REQUEST, REQ_CONTROL
+from tensord.contract.messages import Attached, Error, Hello, Ping, Pong, Ready, Welcome
+from tensord.transport import records
+from tensord.transport.segment import Segment, SessionNames
+
+
+def raw_frame(body: bytes) -> bytes:
+    return struct.pack("<I", len(body)) + body
+
+
+def connect(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(path)
+    return s
+
+
+def handshake(path: str) -> tuple[socket.socket, Segment]:
+    """A client done by hand, so tests can break the protocol at any step."""
+    s = connect(path)
+    s.sendall(encode_frame(Hello(1, 1, "raw", 65536, 65536)))
+    w = read_frame(s)
+    assert isinstance(w, Welcome)
+    seg = Segment.attach(SessionNames(w.session, w.shm, tuple(w.semaphores)), w.segment_size)
+    s.sendall(encode_frame(Attached()))
+    assert isinstance(read_frame(s), Ready)
+    return s, seg
+
+
+def expect_fatal(s: socket.socket, name: str) -> Error:
+    msg = read_frame(s)
+    assert isinstance(msg, Error), msg
+    assert msg.name == name and msg.fatal, msg
+    assert s.recv(1) == b"", "the daemon must close the connection after a fatal error"
+    return msg
+
+
+def send_raw_request(c: Client, desc: bytes, payload: bytes = b"", payload_at: int = 128):
+    """Write a request record with arbitrary descriptor bytes through the client's ring."""
+    n = records.plan([len(payload)], lambda offs: desc)[0]
+    n = max(n, (payload_at + len(payload) + 63) & ~63)
+    ring = c.seg.requests
+    off = ring.try_reserve(n)
+    rid = 1_000_000 + n
+    records.write(c.seg.buf, off, KIND_REQUEST, rid, n, desc, [])
+    c.seg.buf[off + payload_at:off + payload_at + len(payload)] = payload
+    ring.publish()
+    c._req_data.notify()
+    return c._await(rid, time.monotonic() + 10)
+
+
+# -- control channel ------------------------------------------------------------------------
+
+def test_frame_length_over_limit_is_fatal_and_others_keep_working(daemon):
+    with Client(daemon.path) as other:
+        s = connect(daemon.path)
+        s.sendall(struct.pack("<I", 0xFFFFFFFF))
+        err = expect_fatal(s, "BAD_FRAME")
+        assert "outside" in err.message
+        assert torch.equal(other.infer("identity", {"x": torch.ones(3)})["y"], torch.ones(3))
+
+
+@pytest.mark.parametrize("body", [b"\xc1", b"\x93\x01\x02\x03", b"\x81\x01\x02",
+                                  msgpack.packb({"type": "hello"}) + b"\x00"])
+def test_malformed_body_is_fatal(daemon, body):
+    s = connect(daemon.path)
+    s.sendall(raw_frame(body))
+    expect_fatal(s, "BAD_FRAME")
+
+
+def test_first_message_must_be_hello(daemon):
+    s = connect(daemon.path)
+    s.sendall(encode_frame(Ping(1)))
+    expect_fatal(s, "BAD_MESSAGE")
+
+
+def test_version_mismatch_is_fatal_and_says_which(daemon):
+    s = connect(daemon.path)
+    s.sendall(encode_frame(Hello(7, 9, "future", 0, 0)))
+    err = expect_fatal(s, "VERSION")
+    assert "7..9" in err.message and "[1]" in err.message
+
+
+def test_client_gone_during_handshake_leaves_nothing(daemon):
+    s = connect(daemon.path)
+    s.sendall(encode_frame(Hello(1, 1, "quitter", 0, 0)))
+    assert isinstance(read_frame(s), Welcome)
+    assert daemon.shm_entries(), "names exist until the client attaches"
+    s.close()
+    deadline = time.monotonic() + 5
+    while daemon.shm_entries() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert daemon.shm_entries() == []
+
+
+def test_bad_message_after_handshake_is_answered_and_connection_lives(daemon):
+    s, seg = handshake(daemon.path)
+    assert daemon.shm_entries() == [], "names are unlinked once the client attached"
+    s.sendall(raw_frame(msgpack.packb({"type": "bogus", "id": 5})))
+    err = read_frame(s)
+    assert isinstance(err, Error) and err.name == "BAD_MESSAGE" and err.id == 5
+    assert not err.fatal
+    s.sendall(raw_frame(msgpack.packb({"type": "ping", "id": "seven"})))
+    err = read_frame(s)
+    assert isinstance(err, Error) and err.name == "BAD_MESSAGE" and "id" in err.message
+    s.sendall(encode_frame(Ping(6)))
+    assert read_frame(s) == Pong(6)
+    s.close()
+    seg.close()
+
+
+def test_admin_messages_are_refused_politely(daemon):
+    s, seg = handshake(daemon.path)
+    s.sendall(raw_frame(msgpack.packb({"type": "unload", "id": 3, "name": "mlp"})))
+    err = read_frame(s)
+    assert isinstance(err, Error) and err.id == 3 and not err.fatal
+    assert err.name in ("UNSUPPORTED", "PERMISSION")
+    s.close()
+    seg.close()
+
+
+# -- ring records -------------------------------------------------------------------------
+
+def test_corrupt_ring_tail_is_fatal_bad_record_and_others_keep_working(daemon):
+    with Client(daemon.path) as other:
+        s, seg = handshake(daemon.path)
+        struct.pack_into("<Q", seg.buf, REQ_CONTROL, 12345)  # not a multiple of 64
+        seg.sems[0].release()  # wake the daemon's session thread
+        err = expect_fatal(s, "BAD_RECORD")
+        assert "tail" in err.message
+        seg.close()
+        assert torch.equal(other.infer("identity", {"x": torch.ones(2)})["y"], torch.ones(2))
+
+
+def test_bad_descriptors_get_an_error_response_and_the_session_goes_on(daemon):
+    with Client(daemon.path) as c:
+        with pytest.raises(BadRequestError, match="not valid msgpack"):
+            send_raw_request(c, b"\xc1")
+        with pytest.raises(BadRequestError, match="missing field 'inputs'"):
+            send_raw_request(c, msgpack.packb({"model": "identity", "timeout_us": 0}))
+        # the tensor claims bytes beyond its record
+        d = encode_descriptor(RequestDescriptor("identity", 0, [TensorRef("x", "f32", [1 << 20],
+                                                                          128, 4 << 20)]))
+        with pytest.raises(BadInputError, match="outside the record"):
+            send_raw_request(c, d)
+        # nbytes that does not match the shape
+        d = encode_descriptor(RequestDescriptor("identity", 0, [TensorRef("x", "f32", [4], 128,
+                                                                          12)]))
+        with pytest.raises(BadInputError, match="needs 16 bytes"):
+            send_raw_request(c, d, bytes(12))
+        # an unknown dtype
+        d = encode_descriptor(RequestDescriptor("identity", 0, [TensorRef("x", "c64", [1], 128,
+                                                                          8)]))
+        with pytest.raises(BadInputError, match="unknown dtype 'c64'"):
+            send_raw_request(c, d, bytes(8))
+        # a bool byte that is neither 0 nor 1
+        d = encode_descriptor(RequestDescriptor("identity", 0, [TensorRef("x", "bool", [2], 128,
+                                                                          2)]))
+        with pytest.raises(BadInputError, match="bool"):
+            send_raw_request(c, d, b"\x01\x07")
+        # a bytes tensor whose lengths overrun its nbytes
+        d = encode_descriptor(RequestDescriptor("identity", 0, [TensorRef("x", "bytes", [1], 128,
+                                                                          8)]))
+        with pytest.raises(BadInputError, match="lengths add up"):
+            send_raw_request(c, d, struct.pack("<I", 1000) + b"abcd")
+        # a tensor that overlaps the descriptor
+        d = encode_descriptor(RequestDescriptor("identity", 0, [TensorRef("x", "u8", [4], 0, 4)]))
+        with pytest.raises(BadInputError, match="outside the record's data area"):
+            send_raw_request(c, d)
+        assert torch.equal(c.infer("identity", {"x": torch.ones(2)})["y"], torch.ones(2))
+
+
+def test_unknown_model_wrong_dtype_wrong_shape(daemon):
+    with Client(daemon.path) as c:
+        with pytest.raises(UnknownModelError, match="'resnet'.*identity"):
+            c.infer("resnet", {"x": torch.ones(1)})
+        with pytest.raises(BadInputError, match="dtype f64, the model takes f32"):
+            c.infer("mlp", {"x": torch.ones(2, 16, dtype=torch.float64)})
+        with pytest.raises(BadInputError, match=r"shape \[2, 15\]"):
+            c.infer("mlp", {"x": torch.ones(2, 15)})
+        with pytest.raises(BadInputError, match="takes inputs"):
+            c.infer("mlp", {"input": torch.ones(2, 16)})
+        with pytest.raises(BadInputError, match="dtype bytes, the model takes f32"):
+            c.infer("mlp", {"x": ByteStrings([b"a"], (1,))})
+        assert c.infer("mlp", {"x": torch.ones(2, 16)})["y"].shape == (2, 4)
+
+
+def test_tensor_larger_than_the_ring(daemon):
+    with Client(daemon.path, request_ring=65536, response_ring=65536) as c:
+        with pytest.raises(TooLargeError, match="request ring holds 65536"):
+            c.infer("identity", {"x": torch.ones(100_000)})
+    # the request fits, the response does not: the daemon says which size to ask for
+    with Client(daemon.path, request_ring=1 << 20, response_ring=65536) as c:
+        with pytest.raises(TooLargeError, match="at least 262144 bytes"):
+            c.infer("identity", {"x": torch.ones(50_000)})
+        assert torch.equal(c.infer("identity", {"x": torch.ones(5)})["y"], torch.ones(5))
+
+
+def test_ring_above_max_ring_and_dev_shm_too_small(tmp_path):
+    d = start_daemon(tmp_path, config="[daemon]\nmax_ring = 1125899906842624\n")
+    try:
+        st = os.statvfs("/dev/shm")
+        huge = 1 << (st.f_bavail * st.f_frsize).bit_length()
+        with pytest.raises(ResourceError, match="MiB free.*--shm-size"):
+            Client(d.path, request_ring=huge)
+        with pytest.raises(TooLargeError, match="at most"):
+            Client(d.path, request_ring=1 << 51)
+        assert d.shm_entries() == []
+        with Client(d.path) as c:
+            c.ping()
+    finally:
+        assert d.stop() == 0
+
+
+# -- crashes --------------------------------------------------------------------------------
+
+SLOW = """
+import torch
+class Slow(torch.nn.Module):
+    def forward(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        w = torch.ones(256, 256) / 256.0
+        y = x
+        for _ in range(int(n.item())):
+            y = torch.tanh(y @ w)
+        return y
+torch.jit.script(Slow()).save({path!r})
+"""
+
+
+@pytest.fixture
+def slow_daemon(tmp_path):
+    path = str(tmp_path / "slow.pt")
+    script = tmp_path / "make_slow.py"  # TorchScript reads the class's source from a file
+    script.write_text(SLOW.format(path=path))
+    subprocess.run([sys.executable, str(script)], check=True)
+    d = start_daemon(tmp_path, config=f"""
+[[models]]
+name = "slow"
+source = "torchscript"
+path = "{path}"
+inputs = [{{name = "x", dtype = "f32", shape = [-1, 256]}}, {{name = "n", dtype = "i64"}}]
+outputs = [{{name = "y", dtype = "f32", shape = [-1, 256]}}]
+""")
+    yield d
+    d.stop()
+
+
+def test_model_raising_is_a_model_failed_error(slow_daemon):
+    with Client(slow_daemon.path) as c:
+        with pytest.raises(ModelFailedError, match="'slow' raised"):
+            c.infer("slow", {"x": torch.ones(2, 256), "n": torch.tensor([1, 2])})
+        y = c.infer("slow", {"x": torch.ones(2, 256), "n": torch.tensor(3)})["y"]
+        assert y.shape == (2, 256)
+
+
+def test_client_sigkilled_mid_request_leaves_nothing(slow_daemon, go_probe):
+    d = slow_daemon
+    with Client(d.path) as other:
+        for mode in ("hang", "roundtrip"):
+            p = subprocess.Popen([go_probe, "-socket", d.path, "-mode", mode, "-model", "slow",
+                                  "-n", "100000", "-bytes", str(1 << 20)],
+                                 stdout=subprocess.PIPE, text=True)
+            if mode == "hang":
+                assert p.stdout.readline().strip() == "sent"
+            else:
+                time.sleep(1.0)
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            x = torch.randn(4, 256)
+            assert other.infer("slow", {"x": x, "n": torch.tensor(1)})["y"].shape == (4, 256)
+    deadline = time.monotonic() + 10
+    while d.shm_entries() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert d.shm_entries() == []
+    assert "Traceback" not in d.logs()
+
+
+def test_daemon_killed_client_fails_promptly_and_nothing_stays(slow_daemon):
+    d = slow_daemon
+    c = Client(d.path)
+    c.ping()
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionClosedError, match="closed the connection"):
+        c.infer("slow", {"x": torch.ones(1, 256), "n": torch.tensor(1)})
+    assert time.monotonic() - t0 < 30  # the point is that it returns at all, not how fast
+    c.close()
+    assert shm_entries(d.pid) == []
+
+
+def test_daemon_killed_while_request_in_flight(slow_daemon):
+    d = slow_daemon
+    c = Client(d.path)
+    result = {}
+
+    def call():
+        try:
+            c.infer("slow", {"x": torch.ones(64, 256), "n": torch.tensor(100000)})
+        except Exception as e:  # recorded for the assertion below
+            result["err"] = e
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.5)
+    d.proc.send_signal(signal.SIGKILL)
+    t.join(timeout=30)
+    assert not t.is_alive(), "the call must not hang when the daemon dies"
+    assert isinstance(result.get("err"), ConnectionClosedError)
+    c.close()
+    assert shm_entries(d.pid) == []

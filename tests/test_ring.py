@@ -1,0 +1,145 @@
+"""The shared-memory rings over a real /dev/shm segment (both sides in this process)."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from tensord.contract.errors import ProtocolError, ResourceError
+from tensord.contract.layout import KIND_PAD, KIND_REQUEST, REQ_CONTROL, RecordHeader
+from tensord.transport.segment import Segment, SessionNames, sweep_stale
+
+CAP = 65536
+
+
+@pytest.fixture
+def pair():
+    names = SessionNames.new()
+    daemon = Segment.create(names, CAP, CAP)
+    client = Segment.attach(names, daemon.header.segment_size)
+    names.unlink()
+    yield daemon, client
+    client.close()
+    daemon.close()
+    assert not [e for e in os.listdir("/dev/shm") if names.session in e]
+
+
+def put(client: Segment, n: int, rid: int) -> int:
+    off = client.requests.try_reserve(n)
+    assert off is not None
+    RecordHeader(n, KIND_REQUEST, rid, 0).pack_into(client.buf, off)
+    client.requests.publish()
+    return off
+
+
+def test_names_are_unlinked_but_mapping_lives(pair):
+    daemon, client = pair
+    put(client, 128, 1)
+    (rec,) = daemon.requests.poll()
+    assert rec.header.request_id == 1
+    assert not [e for e in os.listdir("/dev/shm") if "tensord-" in e and str(os.getpid()) in e]
+
+
+def test_wrap_writes_a_pad_and_starts_at_zero(pair):
+    daemon, client = pair
+    first = put(client, CAP - 1024, 1)
+    (r1,) = daemon.requests.poll()
+    daemon.requests.release(r1)
+    # 1024 bytes are left before the end: a 2048-byte record must wrap behind a PAD.
+    second = put(client, 2048, 2)
+    assert second == daemon.header.request_ring_offset
+    pad = RecordHeader.unpack_from(client.buf, first + CAP - 1024)
+    assert (pad.kind, pad.record_len) == (KIND_PAD, 1024)
+    (r2,) = daemon.requests.poll()
+    assert r2.header.request_id == 2 and r2.offset == second
+
+
+def test_full_ring_refuses_until_released(pair):
+    daemon, client = pair
+    put(client, CAP // 2, 1)
+    put(client, CAP // 2, 2)
+    assert client.requests.try_reserve(64) is None
+    r1, r2 = daemon.requests.poll()
+    assert daemon.requests.release(r2) is False, "head must not pass the unreleased r1"
+    assert client.requests.try_reserve(64) is None
+    assert daemon.requests.release(r1) is True
+    assert client.requests.try_reserve(CAP) is not None
+
+
+def test_out_of_order_release_moves_head_over_prefix_only(pair):
+    daemon, client = pair
+    for i in range(4):
+        put(client, 1024, i)
+    recs = daemon.requests.poll()
+    head = lambda: struct.unpack_from("<Q", client.buf, REQ_CONTROL + 64)[0]  # noqa: E731
+    daemon.requests.release(recs[2])
+    daemon.requests.release(recs[1])
+    assert head() == 0
+    daemon.requests.release(recs[0])
+    assert head() == 3 * 1024
+    daemon.requests.release(recs[3])
+    assert head() == 4 * 1024
+
+
+@pytest.mark.parametrize("length", [0, 100, 64 * 3000])
+def test_corrupt_record_length_is_rejected(pair, length):
+    daemon, client = pair
+    off = client.requests.try_reserve(128)
+    RecordHeader(length, KIND_REQUEST, 1, 0).pack_into(client.buf, off)
+    client.requests.publish()
+    with pytest.raises(ProtocolError) as e:
+        daemon.requests.poll()
+    assert e.value.fatal and e.value.code.name == "BAD_RECORD"
+
+
+def test_corrupt_tail_is_rejected(pair):
+    daemon, client = pair
+    client.req_ctl.set_tail(CAP * 3)
+    with pytest.raises(ProtocolError, match="tail"):
+        daemon.requests.poll()
+    client.req_ctl.set_tail(65)
+    with pytest.raises(ProtocolError, match="tail"):
+        daemon.requests.poll()
+
+
+def test_unknown_kind_and_oversized_descriptor_are_rejected(pair):
+    daemon, client = pair
+    off = client.requests.try_reserve(128)
+    RecordHeader(128, 9, 1, 0).pack_into(client.buf, off)
+    client.requests.publish()
+    with pytest.raises(ProtocolError, match="kind 9"):
+        daemon.requests.poll()
+
+
+def test_descriptor_longer_than_record_is_rejected(pair):
+    daemon, client = pair
+    off = client.requests.try_reserve(128)
+    RecordHeader(128, KIND_REQUEST, 1, 200).pack_into(client.buf, off)
+    client.requests.publish()
+    with pytest.raises(ProtocolError, match="descriptor length 200"):
+        daemon.requests.poll()
+
+
+def test_segment_bigger_than_dev_shm_fails_up_front():
+    st = os.statvfs("/dev/shm")
+    free = st.f_bavail * st.f_frsize
+    ring = 1 << (free.bit_length() + 1)
+    names = SessionNames.new()
+    with pytest.raises(ResourceError) as e:
+        Segment.create(names, ring, CAP)
+    assert "--shm-size" in e.value.message and "MiB free" in e.value.message
+    assert not [x for x in os.listdir("/dev/shm") if names.session in x]
+
+
+def test_sweep_removes_entries_of_dead_daemons(tmp_path):
+    dead = 2**22 + 12345  # above the default pid_max of 4194304: never a live process
+    live = os.getpid()
+    names = [f"tensord-{dead}-{'a' * 32}", f"sem.tensord-{dead}-{'a' * 32}-rd",
+             f"tensord-{live}-{'b' * 32}", "unrelated"]
+    for n in names:
+        (tmp_path / n).write_text("")
+    removed = sweep_stale(str(tmp_path))
+    assert sorted(removed) == sorted(names[:2])
+    assert sorted(os.listdir(tmp_path)) == sorted(names[2:])
