@@ -14,7 +14,6 @@ import time
 import msgpack
 import pytest
 import torch
-
 from conftest import shm_entries, start_daemon
 from tensord.client import Client
 from tensord.contract.descriptors import RequestDescriptor, TensorRef, encode_descriptor

@@ -11,8 +11,8 @@ import os
 import struct
 
 import msgpack
-
 from tensord.contract import messages as m
+from tensord.contract.codec import to_wire
 from tensord.contract.descriptors import (
     ErrorInfo,
     RequestDescriptor,
@@ -20,7 +20,6 @@ from tensord.contract.descriptors import (
     TensorRef,
     encode_descriptor,
 )
-from tensord.contract.codec import to_wire
 from tensord.contract.frames import encode_frame
 from tensord.contract.layout import (
     HEADER_SIZE,
