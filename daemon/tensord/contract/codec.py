@@ -8,8 +8,10 @@ else looks at it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgpack
@@ -50,51 +52,86 @@ def to_wire(obj: Any) -> Any:
 
 def from_wire(cls: type[T], value: Any, what: str) -> T:
     """Plain decoded map -> dataclass `cls`, checking every field's type."""
-    if not isinstance(value, dict):
-        raise WireTypeError(f"{what}: expected a map, got {type(value).__name__}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in value:
-            kwargs[f.name] = _check(hints[f.name], value[f.name], f"{what}.{f.name}")
-        elif f.default is not dataclasses.MISSING:
-            kwargs[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            kwargs[f.name] = f.default_factory()
-        else:
-            raise WireTypeError(f"{what}: missing field {f.name!r}")
-    return cls(**kwargs)
+    return _checker(cls)(value, what)
 
 
-def _check(tp: Any, v: Any, what: str) -> Any:
+Checker = Callable[[Any, str], Any]
+
+
+@functools.cache
+def _checker(tp: Any) -> Checker:
+    """Build (once per type) a function that type-checks a decoded value. Checking a descriptor
+    is on every request's path, so the typing introspection happens here and not per call."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if v is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check(inner, v, what)
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        check_inner = _checker(inner)
+        return lambda v, what: None if v is None else check_inner(v, what)
     if origin is list:
         (inner,) = typing.get_args(tp)
-        if not isinstance(v, list):
-            raise WireTypeError(f"{what}: expected an array, got {type(v).__name__}")
-        return [_check(inner, x, f"{what}[{i}]") for i, x in enumerate(v)]
+        check_item = _checker(inner)
+
+        def check_list(v: Any, what: str) -> list:
+            if not isinstance(v, list):
+                raise WireTypeError(f"{what}: expected an array, got {type(v).__name__}")
+            return [check_item(x, f"{what}[{i}]") for i, x in enumerate(v)]
+        return check_list
     if origin is dict or tp is dict:
-        if not isinstance(v, dict):
-            raise WireTypeError(f"{what}: expected a map, got {type(v).__name__}")
-        return v
+        return _simple(dict, "a map")
     if tp is bool:
-        if not isinstance(v, bool):
-            raise WireTypeError(f"{what}: expected a bool, got {type(v).__name__}")
-        return v
+        return _simple(bool, "a bool")
     if tp is int:
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise WireTypeError(f"{what}: expected an integer, got {type(v).__name__}")
-        return v
+        def check_int(v: Any, what: str) -> int:
+            # bool is an int subclass in Python, but not an integer on the wire
+            if type(v) is not int:
+                raise WireTypeError(f"{what}: expected an integer, got {type(v).__name__}")
+            return v
+        return check_int
     if tp is str:
-        if not isinstance(v, str):
-            raise WireTypeError(f"{what}: expected a string, got {type(v).__name__}")
-        return v
+        return _simple(str, "a string")
     if dataclasses.is_dataclass(tp):
-        return from_wire(tp, v, what)
+        return _dataclass_checker(tp)
     raise TypeError(f"codec cannot check {tp!r}")  # a bug in the contract module itself
+
+
+def _simple(t: type, name: str) -> Checker:
+    def check(v: Any, what: str) -> Any:
+        if not isinstance(v, t):
+            raise WireTypeError(f"{what}: expected {name}, got {type(v).__name__}")
+        return v
+    return check
+
+
+def _same(v: Any) -> Any:
+    return v
+
+
+def _dataclass_checker(cls: type) -> Checker:
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default: Any = functools.partial(_same, f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory
+        else:
+            default = None
+        fields.append((f.name, default, hints[f.name]))
+    checkers = {name: None for name, _, _ in fields}
+
+    def check(value: Any, what: str) -> Any:
+        if not isinstance(value, dict):
+            raise WireTypeError(f"{what}: expected a map, got {type(value).__name__}")
+        kwargs = {}
+        for name, default, tp in fields:
+            if name in value:
+                c = checkers[name]
+                if c is None:  # resolved lazily: dataclasses may refer to each other
+                    c = checkers[name] = _checker(tp)
+                kwargs[name] = c(value[name], f"{what}.{name}")
+            elif default is not None:
+                kwargs[name] = default()
+            else:
+                raise WireTypeError(f"{what}: missing field {name!r}")
+        return cls(**kwargs)
+    return check

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Every test: lint, pytest (real daemons, real Go binaries, real /dev/shm), go vet, gofmt and
+# `go test -race ./...` (which starts its own real daemon). Sets everything up first.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+TENSORD_EXTRAS=${TENSORD_EXTRAS:-test} bash daemon/setup.sh
+export PATH="$root/.venv/bin:$PATH"
+
+echo "== ruff"
+ruff check daemon tests protocol bench
+echo "== pytest"
+pytest -q tests
+echo "== go vet, gofmt"
+(cd go && go vet ./... && test -z "$(gofmt -l .)" || { gofmt -l .; echo "gofmt: files above need formatting"; exit 1; })
+echo "== go test -race"
+(cd go && TENSORD_PYTHON="$root/.venv/bin/python" go test -race -count=1 ./...)
+echo "== all tests passed"
