@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args) -> int:
     from .models.builtin import builtin_models
-    from .models.loader import load_model
+    from .models.loader import LoadError, load_model
     from .models.registry import Registry
     from .sdnotify import notify
     from .server import AddressInUse, Server
@@ -42,7 +42,7 @@ def _serve(args) -> int:
             registry.add(load_model(mc))
         server = Server(cfg, registry)
         server.listen()
-    except (ConfigError, AddressInUse) as e:
+    except (ConfigError, AddressInUse, LoadError) as e:
         logging.getLogger("tensord").error("%s", e)
         return 1
     signal.signal(signal.SIGTERM, lambda *_: server.shutdown())

@@ -22,14 +22,22 @@ def default_socket_path() -> str:
     return "/tmp/tensord.sock"
 
 
+SOURCES = ("torchscript", "export", "handler")
+PRECISION_NAMES = ("fp32", "fp16", "bf16")
+
+
 @dataclass
 class ModelConfig:
     name: str
-    source: str  # "torchscript"
-    path: str = ""
-    device: str = "cpu"
+    source: str  # one of SOURCES
+    path: str = ""  # torchscript / export file
+    handler: str = ""  # "package.module:Class" for source = "handler"
+    device: str = "auto"  # cpu | cuda:N | auto (the GPU when there is one)
+    precision: str = "fp32"
+    warmup: bool = True
     inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,7 +62,35 @@ class ConfigError(ValueError):
 
 _DAEMON_KEYS = {"socket", "socket_mode", "default_ring", "max_ring", "max_sessions", "spin_us",
                 "admin_uids", "builtin_models"}
-_MODEL_KEYS = {"name", "source", "path", "device", "inputs", "outputs"}
+_MODEL_TYPES = {"name": str, "source": str, "path": str, "handler": str, "device": str,
+                "precision": str, "warmup": bool, "inputs": list, "outputs": list,
+                "options": dict}
+
+
+def model_config(table: dict[str, Any], base_dir: str, what: str) -> ModelConfig:
+    """One model's table (from the TOML file or an admin `load` message) -> ModelConfig."""
+    unknown = set(table) - set(_MODEL_TYPES)
+    if unknown:
+        raise ConfigError(f"{what} has unknown keys {sorted(unknown)}; known: "
+                          f"{sorted(_MODEL_TYPES)}")
+    for k, t in _MODEL_TYPES.items():
+        if k in table and not isinstance(table[k], t):
+            raise ConfigError(f"{what}.{k} must be a {t.__name__}")
+    for k in ("name", "source"):
+        if k not in table:
+            raise ConfigError(f"{what} needs a {k!r}")
+    mc = ModelConfig(**table)
+    if mc.source not in SOURCES:
+        raise ConfigError(f"{what}: unknown source {mc.source!r}; known: {', '.join(SOURCES)}")
+    if mc.precision not in PRECISION_NAMES:
+        raise ConfigError(f"{what}: precision must be one of {', '.join(PRECISION_NAMES)}")
+    if mc.source in ("torchscript", "export") and not mc.path:
+        raise ConfigError(f"{what}: source {mc.source!r} needs a path")
+    if mc.source == "handler" and ":" not in mc.handler:
+        raise ConfigError(f"{what}: source 'handler' needs handler = \"package.module:Class\"")
+    if mc.path and not os.path.isabs(mc.path):
+        mc.path = os.path.join(base_dir, mc.path)
+    return mc
 
 
 def load_config(path: str) -> DaemonConfig:
@@ -77,16 +113,7 @@ def load_config(path: str) -> DaemonConfig:
             raise ConfigError(f"{path}: [daemon].{k} must be a {want.__name__}")
         setattr(cfg, k, v)
     for i, m in enumerate(raw.pop("models", [])):
-        unknown = set(m) - _MODEL_KEYS
-        if unknown:
-            raise ConfigError(f"{path}: models[{i}] has unknown keys {sorted(unknown)}")
-        for k in ("name", "source"):
-            if not isinstance(m.get(k), str):
-                raise ConfigError(f"{path}: models[{i}].{k} must be a string")
-        mc = ModelConfig(**m)
-        if mc.path and not os.path.isabs(mc.path):
-            mc.path = os.path.join(base, mc.path)
-        cfg.models.append(mc)
+        cfg.models.append(model_config(m, base, f"{path}: models[{i}]"))
     if raw:
         raise ConfigError(f"{path}: unknown tables {sorted(raw)}; known: daemon, models")
     if cfg.default_ring > cfg.max_ring:

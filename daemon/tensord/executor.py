@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 class Executor:
     def run(self, model: Model, inputs: Sequence[Value]) -> tuple[list[Value], list[str]]:
-        """Returns the outputs (contiguous, on the CPU) and their wire dtypes."""
+        """Returns the outputs (contiguous, still on the model's device: the session copies them
+        straight into its response ring) and their wire dtypes."""
         with torch.inference_mode():
             try:
                 outputs = model.forward(inputs)
@@ -32,10 +33,8 @@ class Executor:
                 outputs = [outputs]
             outputs = list(outputs)
             dtypes = model.signature.check_outputs(model.name, outputs)
-            return [_to_host(o) for o in outputs], dtypes
+            return [_contiguous(o) for o in outputs], dtypes
 
 
-def _to_host(v: Value) -> Value:
-    if isinstance(v, torch.Tensor):
-        return v.detach().to("cpu").contiguous()
-    return v
+def _contiguous(v: Value) -> Value:
+    return v.detach().contiguous() if isinstance(v, torch.Tensor) else v

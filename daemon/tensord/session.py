@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import cuda
 from .contract.descriptors import (
     ErrorInfo,
     ResponseDescriptor,
@@ -66,6 +67,8 @@ class Session:
         self.responses_ready = Notifier(segment.sems[SEM_RESP_DATA], resp, resp.consumer_waiting)
         self.responses_freed = Waiter(segment.sems[SEM_RESP_SPACE], resp, resp.producer_waiting,
                                       spin)
+        self._pinned: cuda.HostRegistration | None = None
+        self._streams: dict[str, cuda.SideStream] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"session-{session_id[:8]}",
                                         daemon=True)
@@ -79,6 +82,8 @@ class Session:
         self._stop.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join()
+        if self._pinned is not None:
+            self._pinned.release()  # before unmapping: CUDA must not keep a dangling range
         if not self.seg.close():
             log.warning("session %s: tensors still view its memory; it is freed when they go",
                         self.id[:8])
@@ -91,9 +96,9 @@ class Session:
             while not self._stop.is_set():
                 if not self.requests_ready.wait(ring.published, self._stop.is_set):
                     continue
-                records = ring.poll()
+                batch = ring.poll()
                 read_at = time.monotonic()
-                for rec in records:
+                for rec in batch:
                     self._serve(rec, read_at)
                     if self._stop.is_set():
                         return
@@ -109,6 +114,7 @@ class Session:
     def _serve(self, rec: Record, read_at: float) -> None:
         rid = rec.header.request_id
         inputs: list[Value] = []
+        stream: cuda.SideStream | None = None
         try:
             start = rec.offset + RECORD_HEADER_SIZE
             desc = decode_request(bytes(self.buf[start:start + rec.header.desc_len]))
@@ -121,9 +127,15 @@ class Session:
                     f"request {rid} waited past its {desc.timeout_us} µs budget before "
                     f"model {model.name!r} could run; give it a longer deadline"
                 )
-            outputs, dtypes = self.executor.run(model, inputs)
             names = [s.name for s in model.signature.outputs]
-            self._respond(rid, names, outputs, dtypes)
+            if model.device.startswith("cuda"):
+                stream = self._stream_for(model.device)
+                with stream:
+                    outputs, dtypes = self.executor.run(model, inputs)
+                    self._respond(rid, names, outputs, dtypes, stream.synchronize)
+            else:
+                outputs, dtypes = self.executor.run(model, inputs)
+                self._respond(rid, names, outputs, dtypes)
             self.served += 1
         except TensordError as e:
             if e.fatal:
@@ -136,9 +148,19 @@ class Session:
             self._respond_error(rid, InternalError(
                 f"request {rid} failed inside the daemon: {type(e).__name__}: {e}"))
         finally:
+            if stream is not None:
+                stream.synchronize()  # no H2D copy may still read the record we release
             inputs.clear()  # drop views of the request record before releasing it
             if self.seg.requests.release(rec):
                 self.requests_freed.notify()
+
+    def _stream_for(self, device: str) -> cuda.SideStream:
+        if self._pinned is None:
+            self._pinned = cuda.HostRegistration(self.seg.address(), self.seg.header.segment_size)
+        st = self._streams.get(device)
+        if st is None:
+            st = self._streams[device] = cuda.SideStream(torch.device(device))
+        return st
 
     def _input(self, rec: Record, ref: TensorRef) -> Value:
         off = rec.offset + ref.offset
@@ -154,7 +176,8 @@ class Session:
 
     # -- responses ------------------------------------------------------------------------
 
-    def _respond(self, rid: int, names: list[str], outputs: list[Value], dtypes: list[str]):
+    def _respond(self, rid: int, names: list[str], outputs: list[Value], dtypes: list[str],
+                 sync: Callable[[], None] | None = None):
         sizes = [records.nbytes(v) for v in outputs]
 
         def encode(offsets: list[int]) -> bytes:
@@ -171,8 +194,11 @@ class Session:
                 f"{_pow2(record_len)} bytes (Go: WithRingSize)"
             )
         off = self._reserve(record_len)
+        # Device outputs are copied straight into the (page-locked) ring, asynchronously...
         records.write(self.buf, off, KIND_RESPONSE, rid, record_len, desc,
                       list(zip(offsets, sizes, outputs)))
+        if sync is not None:
+            sync()  # ...so wait for those copies before the client may read them.
         self._publish()
 
     def _respond_error(self, rid: int, err: TensordError) -> None:

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from .base import Model
+from .modules import ModuleModel
 from .signature import Signature, Spec, Value
-from .torchscript import TorchScriptModel
 
 
 class Identity(Model):
@@ -53,4 +53,4 @@ def build_mlp() -> torch.jit.ScriptModule:
 
 
 def builtin_models() -> list[Model]:
-    return [Identity(), TorchScriptModel("mlp", build_mlp(), MLP_SIGNATURE)]
+    return [Identity(), ModuleModel("mlp", build_mlp(), MLP_SIGNATURE, kind="torchscript")]

@@ -1,31 +1,120 @@
-"""Build served models from config entries."""
+"""Build served models from config entries: load, place on the device, warm up."""
 
 from __future__ import annotations
 
+import importlib
+import logging
+
+import torch
+
 from ..config import ConfigError, ModelConfig
+from ..contract.dtypes import DTYPES
 from .base import Model
+from .handler import Handler, HandlerModel, LoadContext
+from .modules import PRECISIONS, ModuleModel, load_exported, load_torchscript
 from .signature import Signature, Spec
-from .torchscript import TorchScriptModel
+
+log = logging.getLogger(__name__)
 
 
-def signature_from_config(mc: ModelConfig) -> Signature:
+class LoadError(Exception):
+    """A model could not be loaded; the message says which and why."""
+
+
+def resolve_device(spec: str, model: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
     try:
-        return Signature(
-            inputs=tuple(Spec.parse(d, f"model {mc.name!r} input") for d in mc.inputs),
-            outputs=tuple(Spec.parse(d, f"model {mc.name!r} output") for d in mc.outputs),
-        )
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"model {model!r}: device {spec!r} is not cpu, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"model {model!r} asks for {spec}, but CUDA is not available on "
+                              "this host: use device = \"auto\" (GPU when present) or \"cpu\"")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"model {model!r} asks for {spec}; this host has "
+                              f"{torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise ConfigError(f"model {model!r}: device type {dev.type!r} is not supported")
+    return dev
+
+
+def _specs(items, what: str) -> tuple[Spec, ...]:
+    try:
+        return tuple(Spec.parse(d, what) for d in items)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
 
 def load_model(mc: ModelConfig) -> Model:
-    sig = signature_from_config(mc)
-    if not sig.inputs or not sig.outputs:
-        raise ConfigError(f"model {mc.name!r}: declare its inputs and outputs")
+    """Load, place and warm up one model. Raises LoadError with the reason."""
+    try:
+        model = _build(mc)
+        if mc.warmup:
+            warm_up(model)
+        return model
+    except (ConfigError, LoadError) as e:
+        raise LoadError(str(e)) from None
+    except Exception as e:  # torch loaders and user handlers raise anything
+        raise LoadError(f"model {mc.name!r} ({mc.source}) failed to load: "
+                        f"{type(e).__name__}: {e}") from None
+
+
+def _build(mc: ModelConfig) -> Model:
+    device = resolve_device(mc.device, mc.name)
+    precision = PRECISIONS[mc.precision]
+    inputs = _specs(mc.inputs, f"model {mc.name!r} input")
+    outputs = _specs(mc.outputs, f"model {mc.name!r} output")
+    if mc.source == "handler":
+        handler = _import_handler(mc)
+        sig = Signature(inputs or tuple(handler.inputs), outputs or tuple(handler.outputs))
+        if not sig.inputs or not sig.outputs:
+            raise ConfigError(f"model {mc.name!r}: handler {mc.handler} declares no signature; "
+                              "give inputs and outputs in the config")
+        handler.load(LoadContext(device, precision, dict(mc.options)))
+        return HandlerModel(mc.name, handler, sig, str(device))
+    if not inputs or not outputs:
+        raise ConfigError(f"model {mc.name!r}: declare its inputs and outputs in the config")
+    sig = Signature(inputs, outputs)
     if mc.source == "torchscript":
-        try:
-            return TorchScriptModel.load(mc.name, mc.path, sig, mc.device)
-        except Exception as e:  # torch.jit.load raises RuntimeError, ValueError, OSError...
-            raise ConfigError(f"model {mc.name!r}: cannot load TorchScript file {mc.path}: "
-                              f"{type(e).__name__}: {e}") from None
-    raise ConfigError(f"model {mc.name!r}: unknown source {mc.source!r} (known: torchscript)")
+        module = load_torchscript(mc.path, device)
+    else:
+        module = load_exported(mc.path)
+    return ModuleModel(mc.name, module, sig, device, precision, kind=mc.source)
+
+
+def _import_handler(mc: ModelConfig) -> Handler:
+    mod_name, _, cls_name = mc.handler.partition(":")
+    try:
+        cls = getattr(importlib.import_module(mod_name), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"model {mc.name!r}: cannot import handler {mc.handler}: {e}") from None
+    handler = cls()
+    if not isinstance(handler, Handler):
+        raise ConfigError(f"model {mc.name!r}: {mc.handler} is not a tensord Handler subclass")
+    return handler
+
+
+def warm_up(model: Model) -> None:
+    """Run the model once before it serves: first-call costs (lazy init, kernel selection)
+    are paid here, and a model whose outputs break its declared signature fails its load
+    instead of its first caller."""
+    example = getattr(getattr(model, "handler", None), "example_inputs", None)
+    if example is not None:
+        inputs = example()
+    else:
+        inputs = []
+        for s in model.signature.inputs:
+            if s.shape is None or s.dtype in ("any", "bytes"):
+                log.info("model %s: no warm-up (input %s has no fixed form)", model.name, s.name)
+                return
+            shape = tuple(1 if d < 0 else d for d in s.shape)
+            inputs.append(torch.zeros(shape, dtype=DTYPES[s.dtype].torch_dtype))
+    with torch.inference_mode():
+        outputs = model.forward(inputs)
+        if isinstance(outputs, torch.Tensor):
+            outputs = [outputs]
+        model.signature.check_outputs(model.name, list(outputs))
+    if model.device.startswith("cuda"):
+        torch.cuda.synchronize()

@@ -43,7 +43,8 @@ def write(buf: memoryview, off: int, kind: int, request_id: int, record_len: int
             v.encode_into(buf[o:o + n])
         else:
             dst = torch.frombuffer(buf, dtype=torch.uint8, count=n, offset=o)
-            dst.copy_(v.reshape(-1).view(torch.uint8))
+            # A CUDA source makes this an async D2H copy: the caller synchronizes before publishing.
+            dst.copy_(v.reshape(-1).view(torch.uint8), non_blocking=v.is_cuda)
             del dst
 
 

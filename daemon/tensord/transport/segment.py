@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import mmap
 import os
@@ -134,6 +135,14 @@ class Segment:
             raise ProtocolError(f"segment header does not match: {h}", fatal=True)
         sems = [posix_ipc.Semaphore(n) for n in names.semaphores]
         return cls(mm, sems, "client")
+
+    def address(self) -> int:
+        """The mapping's virtual address (for cudaHostRegister)."""
+        anchor = ctypes.c_char.from_buffer(self.mm)
+        try:
+            return ctypes.addressof(anchor)
+        finally:
+            del anchor  # from_buffer holds an export of the mmap; drop it at once
 
     def close(self) -> bool:
         """Close semaphores and unmap. Returns False when tensors still view the mapping (the
