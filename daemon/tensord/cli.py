@@ -39,7 +39,7 @@ def _serve(args) -> int:
             cfg.socket = args.socket
         registry = Registry(builtin_models() if cfg.builtin_models else [])
         for mc in cfg.models:
-            registry.add(load_model(mc))
+            registry.add(load_model(mc), mc)
         server = Server(cfg, registry)
         server.listen()
     except (ConfigError, AddressInUse, LoadError) as e:

@@ -40,12 +40,15 @@ from .contract.messages import (
     Error,
     Goodbye,
     Hello,
+    Load,
     ModelInfo,
     ModelList,
     Models,
     Ping,
     Pong,
     Ready,
+    Reload,
+    Unload,
     Welcome,
 )
 from .transport import records
@@ -166,6 +169,18 @@ class Client:
 
     def ping(self) -> None:
         assert isinstance(self._call(Ping(id=next(self._ids))), Pong)
+
+    # Admin messages: the daemon checks the caller's uid against its admin_uids.
+
+    def load(self, name: str, config: Mapping[str, object], timeout: float = 300.0) -> None:
+        """Load a model from a config table like the TOML file's [[models]] entries."""
+        self._call(Load(id=next(self._ids), name=name, config=dict(config)), timeout)
+
+    def reload(self, name: str, timeout: float = 300.0) -> None:
+        self._call(Reload(id=next(self._ids), name=name), timeout)
+
+    def unload(self, name: str, timeout: float = 60.0) -> None:
+        self._call(Unload(id=next(self._ids), name=name), timeout)
 
     # -- inference -------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass
 
 from . import __version__
+from .admin import ModelControl
 from .config import DaemonConfig
 from .contract.errors import (
     ErrorCode,
@@ -19,7 +20,6 @@ from .contract.errors import (
     ResourceError,
     TensordError,
     TooLargeError,
-    UnsupportedError,
     VersionError,
 )
 from .contract.frames import MAX_FRAME, PeerClosed, encode_frame, read_frame
@@ -32,6 +32,7 @@ from .contract.messages import (
     Load,
     ModelList,
     Models,
+    Ok,
     Ping,
     Pong,
     Ready,
@@ -64,12 +65,13 @@ def peer_credentials(sock: socket.socket) -> Peer:
 
 class Connection:
     def __init__(self, sock: socket.socket, config: DaemonConfig, registry: Registry,
-                 executor: Executor, sessions: SessionCounter):
+                 executor: Executor, sessions: SessionCounter, control: ModelControl):
         self.sock = sock
         self.config = config
         self.registry = registry
         self.executor = executor
         self.sessions = sessions
+        self.control = control
         self.peer = peer_credentials(sock)
         self.session: Session | None = None
         self._send_lock = threading.Lock()
@@ -157,17 +159,29 @@ class Connection:
             elif isinstance(msg, Goodbye):
                 return
             elif isinstance(msg, (Load, Unload, Reload)):
-                if self.peer.uid not in self.config.admin_uids:
-                    err = PermissionDeniedError(
-                        f"{msg.TYPE} is an admin message; uid {self.peer.uid} is not in the "
-                        "daemon's admin_uids")
-                else:
-                    err = UnsupportedError(f"{msg.TYPE} is not implemented by this daemon yet")
-                self.send(error_message(err, msg.id))
+                self._admin(msg)
             else:
                 self.send(error_message(ProtocolError(
                     f"{type(msg).TYPE} is not a message a client sends after the handshake",
                     code=ErrorCode.BAD_MESSAGE), getattr(msg, "id", 0)))
+
+    def _admin(self, msg) -> None:
+        if self.peer.uid not in self.config.admin_uids:
+            self.send(error_message(PermissionDeniedError(
+                f"{msg.TYPE} is an admin message; uid {self.peer.uid} is not in the daemon's "
+                "admin_uids (set [daemon] admin_uids in its config)"), msg.id))
+            return
+        try:
+            if isinstance(msg, Load):
+                self.control.load(msg.name, msg.config)
+            elif isinstance(msg, Reload):
+                self.control.reload(msg.name)
+            else:
+                self.control.unload(msg.name)
+        except TensordError as e:
+            self.send(error_message(e, msg.id))
+            return
+        self.send(Ok(id=msg.id))
 
     def _fatal(self, err: TensordError) -> None:
         """Called from the session thread: tell the client why, then end the connection."""

@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 
+from .admin import ModelControl
 from .config import DaemonConfig
 from .connection import Connection, SessionCounter
 from .executor import Executor
@@ -26,6 +27,7 @@ class Server:
         self.config = config
         self.registry = registry
         self.executor = Executor()
+        self.control = ModelControl(registry)
         self.path = config.socket_path()
         self.sessions = SessionCounter(config.max_sessions)
         self._conns: set[Connection] = set()
@@ -61,7 +63,8 @@ class Server:
                 raise
             sock.settimeout(None)
             try:
-                conn = Connection(sock, self.config, self.registry, self.executor, self.sessions)
+                conn = Connection(sock, self.config, self.registry, self.executor, self.sessions,
+                                  self.control)
             except OSError as e:
                 log.warning("dropping a connection: %s", e)
                 sock.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+from ..config import ModelConfig
 from ..contract.errors import UnknownModelError
 from ..contract.messages import ModelInfo
 from .base import Model
@@ -13,19 +14,35 @@ class Registry:
     def __init__(self, models: list[Model] | None = None):
         self._lock = threading.Lock()
         self._models: dict[str, Model] = {}
+        self._configs: dict[str, ModelConfig] = {}
         for m in models or []:
             self.add(m)
 
-    def add(self, model: Model) -> None:
+    def add(self, model: Model, config: ModelConfig | None = None) -> None:
+        """Serve `model`, replacing one of the same name in a single step: requests that already
+        hold the old object finish on it, new ones get the new one."""
         with self._lock:
             old = self._models.get(model.name)
             if old is not None:
                 model.version = old.version + 1
             self._models[model.name] = model
+            if config is not None:
+                self._configs[model.name] = config
+            else:
+                self._configs.pop(model.name, None)
+
+    def config(self, name: str) -> ModelConfig | None:
+        """The config a model was loaded from (None for built-in models)."""
+        self.get(name)
+        return self._configs.get(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._models
 
     def remove(self, name: str) -> Model:
         with self._lock:
             try:
+                self._configs.pop(name, None)
                 return self._models.pop(name)
             except KeyError:
                 raise self._unknown(name) from None
