@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -38,8 +39,8 @@ SIGNATURE = {
 }
 
 
-def make_model(tmp_path, add: float) -> str:
-    path = str(tmp_path / "add.pt")
+def make_model(tmp_path, add: float, name: str = "add.pt") -> str:
+    path = str(tmp_path / name)
     script = tmp_path / f"make_{int(add)}.py"
     script.write_text(MAKE.format(add=add, path=path))
     subprocess.run([sys.executable, str(script)], check=True)
@@ -116,11 +117,15 @@ def test_in_flight_request_finishes_on_the_version_it_started(daemon, tmp_path):
     path = make_model(tmp_path, 1.0)
     with Client(daemon.path) as admin, Client(daemon.path) as user:
         admin.load("add", {"source": "torchscript", "path": path, **SIGNATURE})
+        v2 = make_model(tmp_path, 2.0, "add2.pt")
+        t0 = time.monotonic()
+        call(user, n=200)
+        n = int(200 * 3.0 / max(time.monotonic() - t0, 1e-3))  # about 3 s of work
         result = {}
-        t = threading.Thread(target=lambda: result.setdefault("y", call(user, n=3000)))
+        t = threading.Thread(target=lambda: result.setdefault("y", call(user, n=n)))
         t.start()
         time.sleep(0.3)
-        make_model(tmp_path, 2.0)
+        os.replace(v2, path)
         admin.reload("add")
         assert t.is_alive(), "the request must still run when the reload lands"
         t.join()
