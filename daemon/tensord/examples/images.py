@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..contract.errors import BadInputError
 
@@ -18,12 +18,15 @@ DEFAULT_MAX_PIXELS = 64_000_000
 def decode_center_crop(
     data: bytes, size: int, crop_padding: int, index: int, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> torch.Tensor:
-    """Decode `data` into a uint8 [3, size, size] tensor the way TensorFlow's EfficientNet
+    """Decode `data` into a uint8 [size, size, 3] (HWC) tensor the way TensorFlow's EfficientNet
     evaluation does: a centred square crop of size/(size+crop_padding) of the shorter side,
     resized with bicubic filtering. `index` names the item in errors."""
     try:
         im = Image.open(io.BytesIO(data))
-    except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError...
+    except UnidentifiedImageError:
+        raise BadInputError(f"image {index} ({len(data)} bytes, starting {data[:8]!r}): not "
+                            "an image format this model decodes (JPEG, PNG, WebP, ...)") from None
+    except Exception as e:  # a recognised format with a broken header: OSError, SyntaxError...
         raise BadInputError(f"image {index} ({len(data)} bytes): not a decodable image: "
                             f"{_reason(e)}") from None
     with im:
@@ -44,7 +47,7 @@ def decode_center_crop(
     left, top = (w - crop + 1) // 2, (h - crop + 1) // 2
     out = rgb.resize((size, size), Image.Resampling.BICUBIC,
                      box=(left, top, left + crop, top + crop))
-    return torch.from_numpy(np.array(out)).permute(2, 0, 1)
+    return torch.from_numpy(np.array(out))
 
 
 def _reason(e: Exception) -> str:

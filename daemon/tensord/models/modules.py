@@ -26,7 +26,7 @@ class ModuleModel(Model):
         self.torch_device = device
         self.device = str(device)
         self.precision = precision
-        if hasattr(module, "eval"):
+        if kind != "export":  # exported programs are inference graphs already and refuse eval()
             module = module.eval()
         if device.type != "cpu":
             module = module.to(device)

