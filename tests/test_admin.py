@@ -10,7 +10,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import start_daemon
 from tensord.client import Client
 from tensord.contract.errors import (
@@ -143,3 +142,16 @@ def test_non_admin_is_refused(tmp_path):
             assert "mlp" in [m.name for m in c.models()]
     finally:
         d.stop()
+
+
+def test_cuda_device_without_a_gpu_is_a_clear_load_error(daemon, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU; the error is for hosts without one")
+    path = make_model(tmp_path, 1.0)
+    with Client(daemon.path) as c:
+        with pytest.raises(ModelFailedError, match="CUDA is not available.*auto"):
+            c.load("gpu", {"source": "torchscript", "path": path, "device": "cuda:0",
+                           **SIGNATURE})
+        c.load("auto", {"source": "torchscript", "path": path, "device": "auto", **SIGNATURE})
+        assert {m.name: m.device for m in c.models()}["auto"] == "cpu"
+        c.unload("auto")

@@ -95,17 +95,15 @@ def test_batch_matches_single(classifier, chelsea):
     assert torch.allclose(single[0], batched[1], atol=1e-4)
 
 
-@pytest.mark.parametrize("bad, why", [
-    (b"", "not an image format"),
-    (b"GIF89a? no, just text", "not an image format"),
-    (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "not a decodable image"),
-])
-def test_not_an_image_is_bad_input(classifier, chelsea, bad, why):
-    with pytest.raises(BadInputError, match=rf"image 1 .*{why}"):
+@pytest.mark.parametrize("bad", [b"", b"GIF89a? no, just text", b"\x89PNG\r\n\x1a\n" + b"\0" * 40])
+def test_not_an_image_is_bad_input(classifier, chelsea, bad):
+    with pytest.raises(BadInputError, match=r"image 1 \(\d+ bytes.*unrecognised or corrupt"):
         run(classifier, strings(chelsea, bad))
 
 
-def test_truncated_jpeg_is_bad_input(classifier):
+def test_truncated_images_are_bad_input(classifier, chelsea):
+    with pytest.raises(BadInputError, match=r"image 0 \(2000 bytes\): not a decodable image"):
+        run(classifier, strings(chelsea[:2000]))
     jpeg = (DATA / "chelsea.jpg").read_bytes()
     with pytest.raises(BadInputError, match=r"image 0 \(JPEG 451x300\): cannot decode"):
         run(classifier, strings(jpeg[: len(jpeg) // 3]))

@@ -283,17 +283,35 @@ def test_model_raising_is_a_model_failed_error(slow_daemon):
         assert y.shape == (2, 256)
 
 
-def test_client_sigkilled_mid_request_leaves_nothing(slow_daemon, go_probe):
+PY_CLIENT = """
+import sys, torch
+from tensord.client import Client
+c = Client(sys.argv[1])
+print("sent", flush=True)
+c.infer("slow", {"x": torch.ones(64, 256), "n": torch.tensor(1000000)})
+"""
+
+
+def test_client_sigkilled_mid_request_leaves_nothing(slow_daemon, go_probe, tmp_path):
     d = slow_daemon
+    script = tmp_path / "client.py"
+    script.write_text(PY_CLIENT)
+    victims = [
+        # Go: a published request whose response is never read
+        ([go_probe, "-socket", d.path, "-mode", "hang", "-model", "slow"], "sent"),
+        # Go: killed while streaming 1 MiB requests through identity
+        ([go_probe, "-socket", d.path, "-mode", "roundtrip", "-n", "100000",
+          "-bytes", str(1 << 20)], None),
+        # Python: killed while the daemon is computing its request
+        ([sys.executable, str(script), d.path], "sent"),
+    ]
     with Client(d.path) as other:
-        for mode in ("hang", "roundtrip"):
-            p = subprocess.Popen([go_probe, "-socket", d.path, "-mode", mode, "-model", "slow",
-                                  "-n", "100000", "-bytes", str(1 << 20)],
-                                 stdout=subprocess.PIPE, text=True)
-            if mode == "hang":
-                assert p.stdout.readline().strip() == "sent"
-            else:
-                time.sleep(1.0)
+        for cmd, ready in victims:
+            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            if ready:
+                assert p.stdout.readline().strip() == ready
+            time.sleep(0.7)
+            assert p.poll() is None, f"{cmd[0]} ended before it could be killed"
             p.send_signal(signal.SIGKILL)
             p.wait()
             x = torch.randn(4, 256)

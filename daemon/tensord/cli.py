@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args) -> int:
     from .models.builtin import builtin_models
-    from .models.loader import LoadError, load_model
+    from .models.loader import LoadError, load_model, warm_up
     from .models.registry import Registry
     from .sdnotify import notify
     from .server import AddressInUse, Server
@@ -41,7 +41,10 @@ def _serve(args) -> int:
         cfg = load_config(args.config) if args.config else DaemonConfig()
         if args.socket:
             cfg.socket = args.socket
-        registry = Registry(builtin_models() if cfg.builtin_models else [])
+        builtins = builtin_models() if cfg.builtin_models else []
+        for m in builtins:
+            warm_up(m)
+        registry = Registry(builtins)
         for mc in cfg.models:
             registry.add(load_model(mc), mc)
         server = Server(cfg, registry)

@@ -24,8 +24,9 @@ def decode_center_crop(
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise BadInputError(f"image {index} ({len(data)} bytes, starting {data[:8]!r}): not "
-                            "an image format this model decodes (JPEG, PNG, WebP, ...)") from None
+        raise BadInputError(f"image {index} ({len(data)} bytes, starting {data[:8]!r}): "
+                            "unrecognised or corrupt image data (this model decodes JPEG, "
+                            "PNG, WebP, GIF, BMP, TIFF)") from None
     except Exception as e:  # a recognised format with a broken header: OSError, SyntaxError...
         raise BadInputError(f"image {index} ({len(data)} bytes): not a decodable image: "
                             f"{_reason(e)}") from None
