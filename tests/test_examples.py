@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import start_daemon
 from tensord.contract.dtypes import ByteStrings
 from tensord.contract.errors import BadInputError
 from tensord.models.handler import Handler, HandlerModel, LoadContext
@@ -21,7 +25,8 @@ from PIL import Image  # noqa: E402
 from tensord.examples.efficientnet import Classifier, load_labels  # noqa: E402
 from tensord.examples.minilm import Embedder  # noqa: E402
 
-DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 CPU_F32 = LoadContext(torch.device("cpu"), torch.float32, {})
 
@@ -216,3 +221,54 @@ def test_minilm_bf16_close_to_f32(embedder):
     low = embed(serve(h, "minilm"), *texts)
     assert low.dtype == torch.float32
     assert torch.all((low * embed(embedder, *texts)).sum(dim=1) > 0.99)
+
+
+# ---- through the daemon, from the Go examples --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def examples_daemon(tmp_path_factory):
+    config = (ROOT / "daemon/tensord/examples/models.toml").read_text()
+    d = start_daemon(tmp_path_factory.mktemp("examples"), config=config)
+    yield d
+    assert d.stop() == 0, d.logs()
+
+
+def go_example(name: str, tmp_path_factory) -> str:
+    go = shutil.which("go")
+    if go is None:
+        pytest.fail("the Go toolchain is needed to build the Go examples")
+    out = tmp_path_factory.mktemp("bin") / name
+    subprocess.run([go, "build", "-o", str(out), f"./examples/{name}"], cwd=ROOT / "go",
+                   check=True)
+    return str(out)
+
+
+def test_go_classify(examples_daemon, tmp_path_factory):
+    exe = go_example("classify", tmp_path_factory)
+    r = subprocess.run([exe, "-socket", examples_daemon.path, str(DATA / "chelsea.jpg")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 5
+    probs = [float(line.split("  ", 1)[0]) for line in lines]
+    assert probs == sorted(probs, reverse=True)
+    assert lines[0].split("  ", 1)[1] in {"tiger cat", "Egyptian cat", "tabby, tabby cat"}
+
+    r = subprocess.run([exe, str(DATA / "LICENSE-chelsea.txt")], capture_output=True,
+                       text=True, timeout=120, env={**os.environ,
+                                                    "TENSORD_SOCKET": examples_daemon.path})
+    assert r.returncode == 1 and "BAD_INPUT" in r.stderr and "image 0" in r.stderr
+
+
+def test_go_embed(examples_daemon, tmp_path_factory):
+    exe = go_example("embed", tmp_path_factory)
+    r = subprocess.run([exe, "-socket", examples_daemon.path, "-query", "A man plays guitar.",
+                        "The stock market fell sharply today.",
+                        "Someone is strumming an acoustic guitar."],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "query: A man plays guitar."
+    assert lines[1].endswith("Someone is strumming an acoustic guitar.")
+    assert lines[2].endswith("The stock market fell sharply today.")

@@ -139,12 +139,14 @@ def test_bad_message_after_handshake_is_answered_and_connection_lives(daemon):
     seg.close()
 
 
-def test_admin_messages_are_refused_politely(daemon):
+def test_failed_admin_message_is_answered_and_connection_lives(daemon):
     s, seg = handshake(daemon.path)
-    s.sendall(raw_frame(msgpack.packb({"type": "unload", "id": 3, "name": "mlp"})))
+    s.sendall(raw_frame(msgpack.packb({"type": "unload", "id": 3, "name": "nope"})))
     err = read_frame(s)
     assert isinstance(err, Error) and err.id == 3 and not err.fatal
-    assert err.name in ("UNSUPPORTED", "PERMISSION")
+    assert err.name == "UNKNOWN_MODEL"
+    s.sendall(encode_frame(Ping(4)))
+    assert read_frame(s) == Pong(4)
     s.close()
     seg.close()
 

@@ -15,6 +15,7 @@ from .admin import ModelControl
 from .config import DaemonConfig
 from .contract.errors import (
     ErrorCode,
+    InternalError,
     PermissionDeniedError,
     ProtocolError,
     ResourceError,
@@ -131,6 +132,12 @@ class Connection:
             log.info("closing connection of pid %d: %s", self.peer.pid, e)
             with contextlib.suppress(OSError):
                 self.send(error_message(e))
+        except Exception as e:  # a daemon bug ends this connection only, with a reason
+            log.exception("connection of pid %d failed", self.peer.pid)
+            with contextlib.suppress(OSError):
+                self.send(error_message(InternalError(
+                    f"the daemon failed serving this connection: {type(e).__name__}: {e}",
+                    fatal=True)))
         finally:
             if names is not None:
                 names.unlink()
