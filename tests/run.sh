@@ -4,7 +4,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-TENSORD_EXTRAS=${TENSORD_EXTRAS:-test} bash daemon/setup.sh
+TENSORD_EXTRAS=${TENSORD_EXTRAS:-test,examples} bash daemon/setup.sh
 export PATH="$root/.venv/bin:$PATH"
 
 echo "== ruff"

@@ -1,4 +1,5 @@
-"""The example handler models with their real weights, run in-process as the daemon runs them."""
+"""The example handler models with their real weights: in-process as the daemon runs them,
+then served by a real daemon to the Go examples."""
 
 from __future__ import annotations
 
