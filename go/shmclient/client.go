@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -124,17 +125,31 @@ func Dial(ctx context.Context, socketPath string, opts ...Option) (*Client, erro
 }
 
 func (c *Client) handshake(ctx context.Context) error {
-	// Deadlines on the socket make the blocking reads below honour ctx.
-	if dl, ok := ctx.Deadline(); ok {
-		c.conn.SetDeadline(dl)
-	}
-	stop := context.AfterFunc(ctx, func() { c.conn.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
+	// Deadlines on the socket make the blocking reads below honour ctx. The cancel hook
+	// is fenced by a flag so that a cancel racing with success cannot poison the socket
+	// for the session that follows.
+	dl, _ := ctx.Deadline()
+	c.conn.SetReadDeadline(dl)
+	var hookMu sync.Mutex
+	finished := false
+	stop := context.AfterFunc(ctx, func() {
+		hookMu.Lock()
+		defer hookMu.Unlock()
+		if !finished {
+			c.conn.SetReadDeadline(time.Unix(1, 0))
+		}
+	})
+	defer func() {
+		stop()
+		hookMu.Lock()
+		finished = true
+		hookMu.Unlock()
+	}()
 
-	err := c.writeMsg(&helloMsg{
+	err := c.writeMsgBy(&helloMsg{
 		Type: "hello", MinVersion: protocolVersion, MaxVersion: protocolVersion,
 		Client: c.opts.name, RequestRing: c.opts.requestRing, ResponseRing: c.opts.responseRing,
-	})
+	}, dl)
 	if err != nil {
 		return err
 	}
@@ -149,6 +164,12 @@ func (c *Client) handshake(ctx context.Context) error {
 	}
 	if len(w.Semaphores) != 4 {
 		return protocolErrorf("welcome lists %d semaphores, want 4", len(w.Semaphores))
+	}
+	// Names become paths under /dev/shm: refuse anything that could point elsewhere.
+	for _, name := range append([]string{w.Shm}, w.Semaphores...) {
+		if len(name) < 2 || name[0] != '/' || strings.ContainsAny(name[1:], "/\x00") || len(name) > 250 {
+			return protocolErrorf("welcome names the shared-memory object %q, which is not a valid POSIX name", name)
+		}
 	}
 	seg, err := mapSegment(w.Shm, w.SegmentSize)
 	if err != nil {
@@ -177,7 +198,7 @@ func (c *Client) handshake(ctx context.Context) error {
 		spaceSem: seg.sems[semRespSpace],
 		spin:     c.opts.spin,
 	}
-	if err := c.writeMsg(&typeOnlyMsg{Type: "attached"}); err != nil {
+	if err := c.writeMsgBy(&typeOnlyMsg{Type: "attached"}, dl); err != nil {
 		return err
 	}
 	if _, err := c.readHandshakeMsg("ready"); err != nil {
@@ -188,7 +209,13 @@ func (c *Client) handshake(ctx context.Context) error {
 	c.req.reserved, c.req.published = t, t
 	h := loadU64(c.resp.r.head)
 	c.resp.head, c.resp.readPos, c.resp.lastTail = h, h, h
-	return c.conn.SetDeadline(time.Time{})
+	hookMu.Lock()
+	defer hookMu.Unlock()
+	finished = true
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return c.conn.SetReadDeadline(time.Time{})
 }
 
 func loadU64(p *uint64) uint64 { return atomic.LoadUint64(p) }
@@ -217,13 +244,17 @@ func (c *Client) readHandshakeMsg(want string) (any, error) {
 	return msg, nil
 }
 
-func (c *Client) writeMsg(msg any) error {
+func (c *Client) writeMsg(msg any) error { return c.writeMsgBy(msg, time.Time{}) }
+
+// writeMsgBy writes one frame, giving up at deadline (zero: never).
+func (c *Client) writeMsgBy(msg any, deadline time.Time) error {
 	frame, err := appendFrame(nil, msg)
 	if err != nil {
 		return err
 	}
 	c.writeMu.Lock()
 	defer c.writeMu.Unlock()
+	c.conn.SetWriteDeadline(deadline)
 	_, err = c.conn.Write(frame)
 	return err
 }
@@ -277,7 +308,7 @@ func (c *Client) readControl() {
 				return
 			}
 		case *goodbyeMsg:
-			c.shutdown(&closedError{msg: "shmclient: the daemon is shutting down (" + m.Reason + "); Dial again once it is back", cause: ErrShuttingDown})
+			c.shutdown(&closedError{msg: "shmclient: the daemon ended the session (goodbye: " + m.Reason + "); Dial again once it is running", cause: ErrShuttingDown})
 			return
 		case *idMsg:
 			c.deliverCtl(m.ID, ctlResult{msg: m})
@@ -345,8 +376,7 @@ func (c *Client) Close() error {
 	c.closing = true
 	c.mu.Unlock()
 	if !already {
-		c.conn.SetWriteDeadline(time.Now().Add(time.Second))
-		c.writeMsg(&goodbyeMsg{Type: "goodbye", Reason: "client closed"})
+		c.writeMsgBy(&goodbyeMsg{Type: "goodbye", Reason: "client closed"}, time.Now().Add(time.Second))
 		c.shutdown(nil)
 	}
 	c.wg.Wait()
@@ -364,15 +394,14 @@ func (c *Client) call(ctx context.Context, id uint64, msg any) (any, error) {
 	}
 	c.pendingCtl[id] = ch
 	c.mu.Unlock()
-	if err := c.writeMsg(msg); err != nil {
+	dl, _ := ctx.Deadline() // zero (no deadline) when ctx has none
+	if err := c.writeMsgBy(msg, dl); err != nil {
+		// A failed write may have sent part of a frame: the stream cannot be trusted.
+		c.shutdown(&closedError{msg: "shmclient: writing to the daemon failed, session closed", cause: err})
 		c.mu.Lock()
-		delete(c.pendingCtl, id)
 		closeErr := c.closeErr
 		c.mu.Unlock()
-		if closeErr != nil {
-			return nil, closeErr
-		}
-		return nil, fmt.Errorf("%w: writing to the daemon: %v", ErrClosed, err)
+		return nil, closeErr
 	}
 	select {
 	case r := <-ch:

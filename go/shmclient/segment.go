@@ -7,9 +7,8 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"unsafe"
-
-	"golang.org/x/sys/unix"
 )
 
 // Segment header layout (SPEC §4.1).
@@ -71,7 +70,7 @@ func mapSegment(name string, size uint64) (*segment, error) {
 	if size < headerSize || size > 1<<40 {
 		return nil, protocolErrorf("segment size %d out of range", size)
 	}
-	mem, err := unix.Mmap(int(f.Fd()), 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	mem, err := syscall.Mmap(int(f.Fd()), 0, int(size), syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED)
 	if err != nil {
 		return nil, fmt.Errorf("mmap %s: %w", name, err)
 	}
@@ -109,8 +108,8 @@ func (s *segment) check(w *welcomeMsg) error {
 		}
 	}
 	for _, c := range []uint64{w.RequestRing, w.ResponseRing} {
-		if c < minRing || c&(c-1) != 0 || c > 1<<31 {
-			return protocolErrorf("ring capacity %d is not a power of two in [%d, 2^31]", c, minRing)
+		if c < minRing || c&(c-1) != 0 {
+			return protocolErrorf("ring capacity %d is not a power of two of at least %d", c, minRing)
 		}
 	}
 	return nil
@@ -159,7 +158,7 @@ func (s *segment) release() {
 		s.sems[i] = nil
 	}
 	if s.mem != nil {
-		unix.Munmap(s.mem)
+		syscall.Munmap(s.mem)
 		s.mem = nil
 	}
 }

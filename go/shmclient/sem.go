@@ -2,6 +2,7 @@ package shmclient
 
 /*
 #cgo linux LDFLAGS: -lpthread
+#define _GNU_SOURCE // sem_clockwait
 #include <errno.h>
 #include <fcntl.h>
 #include <semaphore.h>
@@ -18,16 +19,23 @@ static sem_t *td_sem_open(const char *name, int *err) {
 }
 
 // Returns 0 when the semaphore was taken, else errno (ETIMEDOUT, EINTR, ...).
+// The monotonic clock keeps a wall-clock step from turning a 10 ms wait into hours.
 static int td_sem_timedwait(sem_t *s, long long ns) {
 	struct timespec ts;
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 30))
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+#define TD_WAIT(s, ts) sem_clockwait(s, CLOCK_MONOTONIC, ts)
+#else
 	clock_gettime(CLOCK_REALTIME, &ts);
+#define TD_WAIT(s, ts) sem_timedwait(s, ts)
+#endif
 	ts.tv_sec += ns / 1000000000LL;
 	ts.tv_nsec += ns % 1000000000LL;
 	if (ts.tv_nsec >= 1000000000L) {
 		ts.tv_sec++;
 		ts.tv_nsec -= 1000000000L;
 	}
-	if (sem_timedwait(s, &ts) == 0) {
+	if (TD_WAIT(s, &ts) == 0) {
 		return 0;
 	}
 	return errno;

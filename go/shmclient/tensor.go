@@ -300,3 +300,18 @@ func alignedCopy(b []byte) []byte {
 	copy(out, b)
 	return out
 }
+
+// String describes the spec as the daemon's messages do: "x f32[?,16]", with ? for a
+// dimension of any size and [*] for any rank.
+func (s TensorSpec) String() string {
+	return s.Name + " " + s.DType.String() + shapeString(s.Shape)
+}
+
+// String describes the tensor without its data: "y f32[2,3] (24 bytes)".
+func (t Tensor) String() string {
+	shape := t.Shape
+	if shape == nil {
+		shape = []int64{}
+	}
+	return fmt.Sprintf("%s %v%s (%d bytes)", t.Name, t.DType, shapeString(shape), len(t.Data))
+}

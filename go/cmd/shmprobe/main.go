@@ -1,0 +1,201 @@
+// Command shmprobe drives a tensord daemon from Go for the Python end-to-end tests.
+//
+//	shmprobe -mode roundtrip -n 100 -bytes 65536   # N identity requests, verified; prints "ok N"
+//	shmprobe -mode hang -model mlp                 # publish one request, print "sent", sleep forever
+//	shmprobe -mode latency -n 2000                 # 4 KiB identity round trips; prints p50/p99 µs as JSON
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"sort"
+	"time"
+
+	"github.com/tensord/tensord/go/shmclient"
+)
+
+func main() {
+	socket := flag.String("socket", "", "daemon socket (default: $TENSORD_SOCKET or the SPEC default)")
+	model := flag.String("model", "identity", "model to call")
+	mode := flag.String("mode", "roundtrip", "roundtrip | hang | latency")
+	n := flag.Int("n", 100, "number of requests (roundtrip, latency)")
+	size := flag.Int("bytes", 4096, "payload bytes per request (roundtrip; latency uses 4096)")
+	timeout := flag.Duration("timeout", 60*time.Second, "overall time limit (not for hang)")
+	spin := flag.Duration("spin", 0, "spin budget of the wait protocol (0: always block)")
+	flag.Parse()
+
+	ctx := context.Background()
+	if *mode != "hang" {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, *timeout)
+		defer cancel()
+	}
+	c, err := shmclient.Dial(ctx, *socket, shmclient.WithName("shmprobe "+*mode), shmclient.WithSpin(*spin))
+	if err != nil {
+		fail(err)
+	}
+	defer c.Close()
+
+	switch *mode {
+	case "roundtrip":
+		roundtrip(ctx, c, *model, *n, *size)
+	case "hang":
+		hang(ctx, c, *model, *size)
+	case "latency":
+		latency(ctx, c, *n)
+	default:
+		fail(fmt.Errorf("unknown -mode %q (want roundtrip, hang or latency)", *mode))
+	}
+}
+
+func fail(err error) {
+	fmt.Fprintln(os.Stderr, "shmprobe:", err)
+	os.Exit(1)
+}
+
+func roundtrip(ctx context.Context, c *shmclient.Client, model string, n, size int) {
+	for i := 0; i < n; i++ {
+		data := make([]byte, size)
+		for j := range data {
+			data[j] = byte(i*31 + j)
+		}
+		out, err := c.Infer(ctx, model, shmclient.FromUint8("x", []int64{int64(size)}, data))
+		if err != nil {
+			fail(fmt.Errorf("request %d: %w", i, err))
+		}
+		if len(out) != 1 || out[0].DType != shmclient.U8 || !bytes.Equal(out[0].Data, data) {
+			fail(fmt.Errorf("request %d: response does not match the request", i))
+		}
+	}
+	fmt.Printf("ok %d\n", n)
+}
+
+// hang publishes one request and then never reads its response, so a test can kill this
+// process while the daemon holds the request.
+func hang(ctx context.Context, c *shmclient.Client, model string, size int) {
+	specs, err := inputSpecs(ctx, c, model, size)
+	if err != nil {
+		fail(err)
+	}
+	req, err := c.NewRequest(ctx, model, specs...)
+	if err != nil {
+		fail(err)
+	}
+	// A reservation holds whatever the ring held before: give every input ones (empty
+	// strings for bytes) so the model runs instead of failing on garbage.
+	for i := 0; i < req.NumInputs(); i++ {
+		fillOnes(req.Input(i))
+	}
+	if err := req.Send(ctx); err != nil {
+		fail(err)
+	}
+	fmt.Println("sent")
+	select {}
+}
+
+// inputSpecs builds inputs for model from its metadata: "any" dtypes become f32 of
+// size/4 elements, any-rank shapes of a concrete dtype become scalars, and -1 dimensions
+// become 1.
+func inputSpecs(ctx context.Context, c *shmclient.Client, model string, size int) ([]shmclient.TensorSpec, error) {
+	models, err := c.Models(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range models {
+		if m.Name != model {
+			continue
+		}
+		specs := make([]shmclient.TensorSpec, len(m.Inputs))
+		for i, in := range m.Inputs {
+			s := shmclient.TensorSpec{Name: in.Name, DType: in.DType, Shape: []int64{}}
+			switch {
+			case in.DType == shmclient.AnyDType || in.DType == shmclient.InvalidDType:
+				s.DType = shmclient.F32
+				s.Shape = []int64{int64(max(size/4, 1))}
+			case in.Shape != nil:
+				for _, d := range in.Shape {
+					s.Shape = append(s.Shape, max(d, 1))
+				}
+			}
+			if s.DType == shmclient.Bytes {
+				n := int64(1)
+				for _, d := range s.Shape {
+					n *= d
+				}
+				s.NBytes = 4 * n // empty strings: just their lengths
+			}
+			specs[i] = s
+		}
+		return specs, nil
+	}
+	// Unknown to the daemon: send something anyway, the daemon answers UNKNOWN_MODEL.
+	return []shmclient.TensorSpec{{Name: "x", DType: shmclient.F32, Shape: []int64{int64(max(size/4, 1))}}}, nil
+}
+
+func fillOnes(t shmclient.Tensor) {
+	switch t.DType {
+	case shmclient.F32:
+		fill(t.Float32s(), 1)
+	case shmclient.F64:
+		fill(t.Float64s(), 1)
+	case shmclient.F16:
+		fill(t.Uint16s(), shmclient.Float32ToFloat16(1))
+	case shmclient.BF16:
+		fill(t.Uint16s(), shmclient.Float32ToBFloat16(1))
+	case shmclient.I64:
+		fill(t.Int64s(), 1)
+	case shmclient.I32:
+		fill(t.Int32s(), 1)
+	case shmclient.I16:
+		fill(t.Int16s(), 1)
+	case shmclient.I8:
+		fill(t.Int8s(), 1)
+	case shmclient.U8, shmclient.Bool:
+		fill(t.Data, 1)
+	case shmclient.Bytes:
+		fill(t.Data, 0)
+	}
+}
+
+func fill[E any](s []E, v E) {
+	for i := range s {
+		s[i] = v
+	}
+}
+
+func latency(ctx context.Context, c *shmclient.Client, n int) {
+	const size = 4096
+	x := shmclient.FromUint8("x", []int64{size}, make([]byte, size))
+	for i := 0; i < min(n/10+10, 200); i++ { // warm up both processes
+		if _, err := c.Infer(ctx, "identity", x); err != nil {
+			fail(err)
+		}
+	}
+	samples := make([]time.Duration, n)
+	start := time.Now()
+	for i := range samples {
+		t0 := time.Now()
+		if _, err := c.Infer(ctx, "identity", x); err != nil {
+			fail(err)
+		}
+		samples[i] = time.Since(t0)
+	}
+	total := time.Since(start)
+	sort.Slice(samples, func(i, j int) bool { return samples[i] < samples[j] })
+	pct := func(p float64) float64 {
+		return float64(samples[min(int(p*float64(n)), n-1)].Nanoseconds()) / 1e3
+	}
+	json.NewEncoder(os.Stdout).Encode(map[string]any{
+		"n":       n,
+		"bytes":   size,
+		"p50_us":  pct(0.50),
+		"p99_us":  pct(0.99),
+		"min_us":  float64(samples[0].Nanoseconds()) / 1e3,
+		"max_us":  float64(samples[n-1].Nanoseconds()) / 1e3,
+		"mean_us": float64(total.Nanoseconds()) / 1e3 / float64(n),
+	})
+}

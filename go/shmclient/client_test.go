@@ -1,0 +1,183 @@
+package shmclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// The integration tests run against a real daemon started by TestMain. There is no
+// skip switch: without a daemon they fail, with the reason.
+
+var (
+	daemonSocket string
+	daemonErr    error
+)
+
+func pythonPath() string {
+	if p := os.Getenv("TENSORD_PYTHON"); p != "" {
+		return p
+	}
+	p, _ := filepath.Abs("../../.venv/bin/python")
+	return p
+}
+
+type daemonProc struct {
+	cmd    *exec.Cmd
+	socket string
+	log    string
+	exited chan struct{}
+}
+
+// startDaemon starts `python -m tensord serve --socket dir/d.sock` and waits until the
+// socket accepts connections.
+func startDaemon(dir string) (*daemonProc, error) {
+	py := pythonPath()
+	if _, err := os.Stat(py); err != nil {
+		return nil, fmt.Errorf("no python for the daemon at %s (create the venv at the repository root, or set TENSORD_PYTHON): %v", py, err)
+	}
+	sock := filepath.Join(dir, "d.sock")
+	logPath := filepath.Join(dir, "daemon.log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	cmd := exec.Command(py, "-m", "tensord", "serve", "--socket", sock)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	d := &daemonProc{cmd: cmd, socket: sock, log: logPath, exited: make(chan struct{})}
+	started := make(chan error)
+	go func() {
+		// Pdeathsig fires when the forking thread exits, not the process: pin this
+		// goroutine to its thread for the daemon's lifetime so that only the test
+		// binary's death (or ours, after the daemon's) kills it.
+		runtime.LockOSThread()
+		err := cmd.Start()
+		started <- err
+		if err == nil {
+			cmd.Wait()
+			close(d.exited)
+		}
+	}()
+	if err := <-started; err != nil {
+		return nil, fmt.Errorf("starting %s -m tensord serve: %v", py, err)
+	}
+	deadline := time.Now().Add(90 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case <-d.exited:
+			out, _ := os.ReadFile(logPath)
+			return nil, fmt.Errorf("the daemon exited during start-up (%v); its log:\n%s", cmd.ProcessState, out)
+		default:
+		}
+		if conn, err := net.Dial("unix", sock); err == nil {
+			conn.Close()
+			return d, nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	d.kill(syscall.SIGKILL)
+	return nil, fmt.Errorf("the daemon did not accept on %s within 90s", sock)
+}
+
+func (d *daemonProc) kill(sig syscall.Signal) {
+	d.cmd.Process.Signal(sig)
+	select {
+	case <-d.exited:
+	case <-time.After(10 * time.Second):
+		d.cmd.Process.Kill()
+		<-d.exited
+	}
+}
+
+func TestMain(m *testing.M) {
+	os.Exit(runMain(m))
+}
+
+func runMain(m *testing.M) int {
+	dir, err := os.MkdirTemp("", "shmclient-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	d, err := startDaemon(dir)
+	if err != nil {
+		daemonErr = err
+		// Unit tests still run; integration tests and examples fail with this reason.
+		fmt.Fprintf(os.Stderr, "shmclient tests: no daemon: %v\n", err)
+		os.Setenv("TENSORD_SOCKET", filepath.Join(dir, "no-daemon.sock"))
+	} else {
+		defer d.kill(syscall.SIGTERM)
+		daemonSocket = d.socket
+		os.Setenv("TENSORD_SOCKET", d.socket)
+	}
+	return m.Run()
+}
+
+func needDaemon(t *testing.T) {
+	t.Helper()
+	if daemonErr != nil {
+		t.Fatalf("integration test needs the tensord daemon: %v", daemonErr)
+	}
+}
+
+func testCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func dialTest(t *testing.T, opts ...Option) *Client {
+	t.Helper()
+	needDaemon(t)
+	c, err := Dial(testCtx(t), "", opts...)
+	if err != nil {
+		t.Fatalf("Dial: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func TestDialPingModels(t *testing.T) {
+	c := dialTest(t)
+	ctx := testCtx(t)
+	if err := c.Ping(ctx); err != nil {
+		t.Fatal(err)
+	}
+	models, err := c.Models(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	byName := map[string]ModelInfo{}
+	for _, m := range models {
+		byName[m.Name] = m
+	}
+	id, ok := byName["identity"]
+	if !ok || len(id.Inputs) != 1 || id.Inputs[0].Name != "x" || id.Inputs[0].DType != AnyDType || id.Inputs[0].Shape != nil {
+		t.Fatalf("identity metadata %+v", id)
+	}
+	mlp, ok := byName["mlp"]
+	if !ok || mlp.Inputs[0].DType != F32 || fmt.Sprint(mlp.Inputs[0].Shape) != "[-1 16]" || fmt.Sprint(mlp.Outputs[0].Shape) != "[-1 4]" {
+		t.Fatalf("mlp metadata %+v", mlp)
+	}
+	if c.Session() == "" || c.Daemon() == "" {
+		t.Fatal("no session or daemon name")
+	}
+}
+
+func TestDialNoDaemon(t *testing.T) {
+	_, err := Dial(testCtx(t), filepath.Join(t.TempDir(), "nobody.sock"))
+	if !errors.Is(err, ErrClosed) {
+		t.Fatalf("got %v, want ErrClosed", err)
+	}
+}

@@ -1,0 +1,90 @@
+package shmclient_test
+
+import (
+	"context"
+	"fmt"
+	"log"
+	"time"
+
+	"github.com/tensord/tensord/go/shmclient"
+)
+
+func ExampleDial() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// "" dials $TENSORD_SOCKET, else the default socket of the SPEC.
+	c, err := shmclient.Dial(ctx, "")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close()
+	models, err := c.Models(ctx)
+	if err != nil {
+		log.Fatal(err)
+	}
+	for _, m := range models {
+		if m.Name == "identity" || m.Name == "mlp" {
+			fmt.Printf("%s: %v -> %v\n", m.Name, m.Inputs, m.Outputs)
+		}
+	}
+	// Output:
+	// identity: [x any[*]] -> [y any[*]]
+	// mlp: [x f32[?,16]] -> [y f32[?,4]]
+}
+
+func ExampleClient_Infer() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := shmclient.Dial(ctx, "")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close()
+
+	x := shmclient.FromFloat32("x", []int64{2, 3}, []float32{1, 2, 3, 4, 5, 6})
+	out, err := c.Infer(ctx, "identity", x)
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(out[0].Name, out[0].DType, out[0].Shape, out[0].Float32s())
+
+	batch := make([]float32, 8*16)
+	out, err = c.Infer(ctx, "mlp", shmclient.FromFloat32("x", []int64{8, 16}, batch))
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(out[0].Name, out[0].DType, out[0].Shape)
+	// Output:
+	// y f32 [2 3] [1 2 3 4 5 6]
+	// y f32 [8 4]
+}
+
+func ExampleClient_NewRequest() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := shmclient.Dial(ctx, "")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close()
+
+	// Reserve the record, then write the input straight into shared memory.
+	req, err := c.NewRequest(ctx, "identity", shmclient.TensorSpec{Name: "x", DType: shmclient.I64, Shape: []int64{4}})
+	if err != nil {
+		log.Fatal(err)
+	}
+	x := req.Input(0).Int64s()
+	for i := range x {
+		x[i] = int64(i * i)
+	}
+	resp, err := req.Do(ctx)
+	if err != nil {
+		log.Fatal(err)
+	}
+	// The outputs are views into the response ring until Release.
+	defer resp.Release()
+	y, _ := resp.Output("y")
+	fmt.Println(y.Shape, y.Int64s())
+	// Output:
+	// [4] [0 1 4 9]
+}
