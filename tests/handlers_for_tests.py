@@ -1,6 +1,5 @@
 """Handlers that misbehave on purpose, for tests/test_handlers.py."""
 
-import torch
 
 from tensord.contract.errors import BadInputError
 from tensord.models.handler import Handler

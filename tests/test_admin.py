@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 from conftest import start_daemon
+
 from tensord.client import Client
 from tensord.contract.errors import (
     BadRequestError,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import start_daemon
+
 from tensord.client import Client
 from tensord.cuda import HostRegistration, SideStream
 from tensord.transport import records

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+
 from tensord.client import Client
 from tensord.contract.dtypes import ByteStrings
 from tensord.models.builtin import build_mlp

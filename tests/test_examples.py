@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import start_daemon
+
 from tensord.contract.dtypes import ByteStrings
 from tensord.contract.errors import BadInputError
 from tensord.models.handler import Handler, HandlerModel, LoadContext
@@ -23,6 +24,7 @@ for _module in ("PIL", "tokenizers", "safetensors", "efficientnet_lite_pytorch",
     pytest.importorskip(_module, reason=WHY)
 
 from PIL import Image  # noqa: E402
+
 from tensord.examples.efficientnet import Classifier, load_labels  # noqa: E402
 from tensord.examples.minilm import Embedder  # noqa: E402
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tensord.client import Client
 
 HERE = Path(__file__).resolve().parent

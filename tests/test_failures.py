@@ -15,6 +15,7 @@ import msgpack
 import pytest
 import torch
 from conftest import shm_entries, start_daemon
+
 from tensord.client import Client
 from tensord.contract.descriptors import RequestDescriptor, TensorRef, encode_descriptor
 from tensord.contract.dtypes import ByteStrings

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import start_daemon
+
 from tensord.client import Client
 from tensord.contract.errors import BadInputError, ModelFailedError
 

@@ -6,6 +6,7 @@ import os
 import struct
 
 import pytest
+
 from tensord.contract.errors import ProtocolError, ResourceError
 from tensord.contract.layout import KIND_PAD, KIND_REQUEST, REQ_CONTROL, RecordHeader
 from tensord.transport.segment import Segment, SessionNames, sweep_stale

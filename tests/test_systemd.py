@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import start_daemon
+
 from tensord.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent

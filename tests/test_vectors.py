@@ -8,6 +8,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+
 from tensord.contract.codec import from_wire, to_wire
 from tensord.contract.descriptors import (
     RequestDescriptor,

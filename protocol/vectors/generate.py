@@ -11,6 +11,7 @@ import os
 import struct
 
 import msgpack
+
 from tensord.contract import messages as m
 from tensord.contract.codec import to_wire
 from tensord.contract.descriptors import (

@@ -3,6 +3,8 @@
 //	shmprobe -mode roundtrip -n 100 -bytes 65536   # N identity requests, verified; prints "ok N"
 //	shmprobe -mode hang -model mlp                 # publish one request, print "sent", sleep forever
 //	shmprobe -mode latency -n 2000                 # 4 KiB identity round trips; prints p50/p99 µs as JSON
+//	shmprobe -mode latency -model efficientnet -input image -file cat.jpg -n 50
+//	                                               # the file as a 1-element bytes tensor instead
 package main
 
 import (
@@ -25,6 +27,8 @@ func main() {
 	n := flag.Int("n", 100, "number of requests (roundtrip, latency)")
 	size := flag.Int("bytes", 4096, "payload bytes per request (roundtrip; latency uses 4096)")
 	timeout := flag.Duration("timeout", 60*time.Second, "overall time limit (not for hang)")
+	file := flag.String("file", "", "latency: send this file's bytes as a bytes tensor to -model")
+	input := flag.String("input", "image", "latency: input name for -file")
 	spin := flag.Duration("spin", 0, "spin budget of the wait protocol (0: always block)")
 	flag.Parse()
 
@@ -46,7 +50,16 @@ func main() {
 	case "hang":
 		hang(ctx, c, *model, *size)
 	case "latency":
-		latency(ctx, c, *n)
+		x := shmclient.FromUint8("x", []int64{4096}, make([]byte, 4096))
+		m := "identity"
+		if *file != "" {
+			data, err := os.ReadFile(*file)
+			if err != nil {
+				fail(err)
+			}
+			x, m = shmclient.FromBytes(*input, []int64{1}, [][]byte{data}), *model
+		}
+		latency(ctx, c, m, x, *n)
 	default:
 		fail(fmt.Errorf("unknown -mode %q (want roundtrip, hang or latency)", *mode))
 	}
@@ -167,11 +180,9 @@ func fill[E any](s []E, v E) {
 	}
 }
 
-func latency(ctx context.Context, c *shmclient.Client, n int) {
-	const size = 4096
-	x := shmclient.FromUint8("x", []int64{size}, make([]byte, size))
+func latency(ctx context.Context, c *shmclient.Client, model string, x shmclient.Tensor, n int) {
 	for i := 0; i < min(n/10+10, 200); i++ { // warm up both processes
-		if _, err := c.Infer(ctx, "identity", x); err != nil {
+		if _, err := c.Infer(ctx, model, x); err != nil {
 			fail(err)
 		}
 	}
@@ -179,7 +190,7 @@ func latency(ctx context.Context, c *shmclient.Client, n int) {
 	start := time.Now()
 	for i := range samples {
 		t0 := time.Now()
-		if _, err := c.Infer(ctx, "identity", x); err != nil {
+		if _, err := c.Infer(ctx, model, x); err != nil {
 			fail(err)
 		}
 		samples[i] = time.Since(t0)
@@ -191,7 +202,8 @@ func latency(ctx context.Context, c *shmclient.Client, n int) {
 	}
 	json.NewEncoder(os.Stdout).Encode(map[string]any{
 		"n":       n,
-		"bytes":   size,
+		"model":   model,
+		"bytes":   len(x.Data),
 		"p50_us":  pct(0.50),
 		"p99_us":  pct(0.99),
 		"min_us":  float64(samples[0].Nanoseconds()) / 1e3,
