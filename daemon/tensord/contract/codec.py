@@ -34,20 +34,38 @@ def unpackb(data: bytes) -> Any:
 
 def to_wire(obj: Any) -> Any:
     """Dataclass (recursively) -> plain dict/list in canonical key order."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        out = {}
-        wire_type = getattr(type(obj), "TYPE", None)
-        if wire_type is not None:
-            out["type"] = wire_type
-        for f in dataclasses.fields(obj):
-            v = getattr(obj, f.name)
-            if v is None and f.metadata.get("omit_none"):
-                continue
-            out[f.name] = to_wire(v)
-        return out
+    enc = _ENCODERS.get(type(obj))
+    if enc is not None:
+        return enc(obj)
     if isinstance(obj, (list, tuple)):
         return [to_wire(v) for v in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        enc = _ENCODERS[type(obj)] = _dataclass_encoder(type(obj))
+        return enc(obj)
     return obj
+
+
+_ENCODERS: dict[type, Callable[[Any], dict]] = {}
+
+
+def _dataclass_encoder(cls: type) -> Callable[[Any], dict]:
+    # Built once per class: responses are encoded per request, and dataclasses.fields() plus
+    # is_dataclass checks per value cost more than the msgpack encoding itself.
+    wire_type = getattr(cls, "TYPE", None)
+    fields = [(f.name, bool(f.metadata.get("omit_none"))) for f in dataclasses.fields(cls)]
+
+    def encode(obj: Any) -> dict:
+        out: dict[str, Any] = {} if wire_type is None else {"type": wire_type}
+        for name, omit_none in fields:
+            v = getattr(obj, name)
+            if v is None and omit_none:
+                continue
+            out[name] = v if type(v) in _PLAIN else to_wire(v)
+        return out
+    return encode
+
+
+_PLAIN = frozenset({int, str, bool, float, bytes, type(None)})
 
 
 def from_wire(cls: type[T], value: Any, what: str) -> T:

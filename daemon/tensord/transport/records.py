@@ -41,11 +41,14 @@ def write(buf: memoryview, off: int, kind: int, request_id: int, record_len: int
         o = off + rel
         if isinstance(v, ByteStrings):
             v.encode_into(buf[o:o + n])
-        else:
+        elif v.is_cuda:
             dst = torch.frombuffer(buf, dtype=torch.uint8, count=n, offset=o)
-            # A CUDA source makes this an async D2H copy: the caller synchronizes before publishing.
-            dst.copy_(v.reshape(-1).view(torch.uint8), non_blocking=v.is_cuda)
+            # An async D2H copy straight into the ring: the caller synchronizes before publishing.
+            dst.copy_(v.reshape(-1).view(torch.uint8), non_blocking=True)
             del dst
+        else:
+            # A plain memcpy through the buffer protocol; cheaper than a torch view + copy_.
+            buf[o:o + n] = v.reshape(-1).view(torch.uint8).numpy()
 
 
 def nbytes(v: torch.Tensor | ByteStrings) -> int:
