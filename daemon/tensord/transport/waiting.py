@@ -48,6 +48,9 @@ class Waiter:
             while time.monotonic() < end:
                 if ready():
                     return True
+                # Let go of the GIL between polls: a spinning session must not stall the other
+                # sessions' threads for a whole switch interval (5 ms).
+                time.sleep(0)
         while True:
             self.ctl.set_flag(self.flag, 1)
             full_fence()
