@@ -12,7 +12,7 @@ ruff check daemon tests protocol bench
 echo "== pytest"
 pytest -q tests
 echo "== go vet, gofmt"
-(cd go && go vet ./... && test -z "$(gofmt -l .)" || { gofmt -l .; echo "gofmt: files above need formatting"; exit 1; })
+for m in go bench; do (cd "$m" && go vet ./... && test -z "$(gofmt -l .)") || { echo "go vet / gofmt failed in $m/"; exit 1; }; done
 echo "== go test -race"
 (cd go && TENSORD_PYTHON="$root/.venv/bin/python" go test -race -count=1 ./...)
 echo "== all tests passed"

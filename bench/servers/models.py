@@ -41,7 +41,8 @@ def run(model_name: str, inputs: list[torch.Tensor]) -> list[tuple[str, str, tor
         model = MODELS[model_name]
     except KeyError:
         raise UnknownModel(model_name) from None
-    outputs, dtypes = _executor.run(model, inputs)
+    with torch.inference_mode():  # tensord's session threads run under it too
+        outputs, dtypes = _executor.run(model, inputs)
     names = [s.name for s in model.signature.outputs]
     return list(zip(names, dtypes, outputs))
 

@@ -46,6 +46,7 @@ from .transport.waiting import Notifier, Waiter
 log = logging.getLogger(__name__)
 
 MAX_ERROR_MESSAGE = 4000
+PLAN_CACHE = 256
 
 
 class _Stopped(Exception):
@@ -69,6 +70,9 @@ class Session:
                                       spin)
         self._pinned: cuda.HostRegistration | None = None
         self._streams: dict[str, cuda.SideStream] = {}
+        # Response layouts by output names, dtypes, shapes and sizes: callers repeat the same
+        # shapes, and planning + encoding a descriptor is a large part of a small request.
+        self._plans: dict[tuple, tuple[int, bytes, list[int]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"session-{session_id[:8]}",
                                         daemon=True)
@@ -91,6 +95,10 @@ class Session:
     # -- the request loop -----------------------------------------------------------------
 
     def _run(self) -> None:
+        with torch.inference_mode():  # thread-local; entering it per request costs µs
+            self._loop()
+
+    def _loop(self) -> None:
         ring = self.seg.requests
         try:
             while not self._stop.is_set():
@@ -179,13 +187,19 @@ class Session:
     def _respond(self, rid: int, names: list[str], outputs: list[Value], dtypes: list[str],
                  sync: Callable[[], None] | None = None):
         sizes = [records.nbytes(v) for v in outputs]
+        key = (tuple(names), tuple(dtypes), tuple(tuple(v.shape) for v in outputs), tuple(sizes))
+        planned = self._plans.get(key)
+        if planned is None:
+            def encode(offsets: list[int]) -> bytes:
+                return encode_descriptor(ResponseDescriptor(outputs=[
+                    TensorRef(name, dtype, list(v.shape), o, n)
+                    for name, dtype, v, o, n in zip(names, dtypes, outputs, offsets, sizes)]))
 
-        def encode(offsets: list[int]) -> bytes:
-            return encode_descriptor(ResponseDescriptor(outputs=[
-                TensorRef(name, dtype, list(v.shape), o, n)
-                for name, dtype, v, o, n in zip(names, dtypes, outputs, offsets, sizes)]))
-
-        record_len, desc, offsets = records.plan(sizes, encode)
+            planned = records.plan(sizes, encode)
+            if len(self._plans) >= PLAN_CACHE:
+                self._plans.clear()
+            self._plans[key] = planned
+        record_len, desc, offsets = planned
         cap = self.seg.responses.capacity
         if record_len > cap:
             raise TooLargeError(

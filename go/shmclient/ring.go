@@ -3,6 +3,7 @@ package shmclient
 import (
 	"encoding/binary"
 	"fmt"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -70,8 +71,13 @@ func waitFor(load func() uint64, seen uint64, waiting *uint32, sem *semaphore, s
 				if load() != seen {
 					return nil
 				}
-				if i&63 == 63 && time.Since(start) >= spin {
-					break
+				if i&63 == 63 {
+					if time.Since(start) >= spin {
+						break
+					}
+					// The goroutine this reader would wake may be queued behind it on the
+					// same P: give it the processor now and then.
+					runtime.Gosched()
 				}
 			}
 		}

@@ -6,6 +6,7 @@ The waiter advertises that it sleeps in a `*_waiting` word, so the other side on
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -48,9 +49,11 @@ class Waiter:
             while time.monotonic() < end:
                 if ready():
                     return True
-                # Let go of the GIL between polls: a spinning session must not stall the other
-                # sessions' threads for a whole switch interval (5 ms).
-                time.sleep(0)
+                # Let go of the GIL and of the core between polls: a spinning session must not
+                # stall other sessions' threads for a switch interval (5 ms), and on a small
+                # machine the peer it waits for may need this very core (time.sleep(0) does not
+                # yield the CPU, sched_yield does).
+                os.sched_yield()
         while True:
             self.ctl.set_flag(self.flag, 1)
             full_fence()
