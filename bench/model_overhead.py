@@ -27,22 +27,20 @@ ROOT = Path(__file__).resolve().parent.parent
 def in_process(photo: bytes, n: int) -> dict:
     from tensord.contract.dtypes import ByteStrings
     from tensord.examples.efficientnet import Classifier
-    from tensord.executor import Executor
     from tensord.models.handler import HandlerModel, LoadContext
     from tensord.models.signature import Signature
 
     h = Classifier()
     h.load(LoadContext(torch.device("cpu"), torch.float32, {}))
     model = HandlerModel("efficientnet", h, Signature(h.inputs, h.outputs), "cpu")
-    ex = Executor()
     x = [ByteStrings([photo], (1,))]
     ts = []
-    with torch.inference_mode():  # as in the daemon's session threads
+    with torch.inference_mode():  # what a Python program calling the model itself would do
         for _ in range(5):
-            ex.run(model, x)
+            model.forward(x)
         for _ in range(n):
             t0 = time.perf_counter()
-            ex.run(model, x)
+            model.forward(x)
             ts.append(time.perf_counter() - t0)
     ts.sort()
     return {"p50_ms": round(ts[n // 2] * 1e3, 2), "p99_ms": round(ts[min(n - 1, n * 99 // 100)]

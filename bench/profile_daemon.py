@@ -111,7 +111,7 @@ def main() -> int:
     cfg = load_config(args.config) if args.config else DaemonConfig()
     cfg.socket = args.socket
     patch()
-    server = Server(cfg, Registry(builtin_models()))
+    server = Server(cfg, Registry(builtin_models()), Executor())
     server.listen()
     signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
     signal.signal(signal.SIGINT, lambda *_: server.shutdown())

@@ -13,6 +13,7 @@ from typing import Any
 
 from .config import ConfigError, model_config
 from .contract.errors import BadRequestError, ModelFailedError, UnsupportedError
+from .executor import Executor
 from .models.loader import LoadError, load_model
 from .models.registry import Registry
 
@@ -20,8 +21,9 @@ log = logging.getLogger(__name__)
 
 
 class ModelControl:
-    def __init__(self, registry: Registry, base_dir: str | None = None):
+    def __init__(self, registry: Registry, executor: Executor, base_dir: str | None = None):
         self.registry = registry
+        self.executor = executor
         self.base_dir = base_dir or os.getcwd()
         self._lock = threading.Lock()  # one load at a time: two reloads must not interleave
 
@@ -50,9 +52,9 @@ class ModelControl:
             self.registry.remove(name)
         log.info("unloaded model %s", name)
 
-    @staticmethod
-    def _load(mc, note: str):
+    def _load(self, mc, note: str):
         try:
-            return load_model(mc)
+            # Loading and warming up run torch ops: on a thread of their own (see executor.py).
+            return self.executor.aside(load_model, mc)
         except LoadError as e:
             raise ModelFailedError(f"{e}{note}") from None

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args) -> int:
+    from .executor import Executor
     from .models.builtin import builtin_models
     from .models.loader import LoadError, load_model, warm_up
     from .models.registry import Registry
@@ -41,13 +42,15 @@ def _serve(args) -> int:
         cfg = load_config(args.config) if args.config else DaemonConfig()
         if args.socket:
             cfg.socket = args.socket
-        builtins = builtin_models() if cfg.builtin_models else []
+        executor = Executor()
+        # Loads run aside: this main thread must not keep an OpenMP pool (see executor.py).
+        builtins = executor.aside(builtin_models) if cfg.builtin_models else []
         for m in builtins:
-            warm_up(m)
+            executor.aside(warm_up, m)
         registry = Registry(builtins)
         for mc in cfg.models:
-            registry.add(load_model(mc), mc)
-        server = Server(cfg, registry)
+            registry.add(executor.aside(load_model, mc), mc)
+        server = Server(cfg, registry, executor)
         server.listen()
     except (ConfigError, AddressInUse, LoadError) as e:
         logging.getLogger("tensord").error("%s", e)

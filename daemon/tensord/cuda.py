@@ -48,13 +48,9 @@ class SideStream:
         self.stream = torch.cuda.Stream(device)
         self.done = torch.cuda.Event()
 
-    def __enter__(self):
-        self._ctx = torch.cuda.stream(self.stream)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
+    def context(self):
+        """Make the stream current in the calling thread (streams are per thread)."""
+        return torch.cuda.stream(self.stream)
 
     def synchronize(self) -> None:
         """Block until everything queued on the stream (including D2H copies into the response

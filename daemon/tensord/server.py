@@ -23,11 +23,11 @@ class AddressInUse(RuntimeError):
 
 
 class Server:
-    def __init__(self, config: DaemonConfig, registry: Registry):
+    def __init__(self, config: DaemonConfig, registry: Registry, executor: Executor):
         self.config = config
         self.registry = registry
-        self.executor = Executor()
-        self.control = ModelControl(registry)
+        self.executor = executor
+        self.control = ModelControl(registry, executor)
         self.path = config.socket_path()
         self.sessions = SessionCounter(config.max_sessions)
         self._conns: set[Connection] = set()

@@ -95,10 +95,6 @@ class Session:
     # -- the request loop -----------------------------------------------------------------
 
     def _run(self) -> None:
-        with torch.inference_mode():  # thread-local; entering it per request costs µs
-            self._loop()
-
-    def _loop(self) -> None:
         ring = self.seg.requests
         try:
             while not self._stop.is_set():
@@ -138,8 +134,8 @@ class Session:
             names = [s.name for s in model.signature.outputs]
             if model.device.startswith("cuda"):
                 stream = self._stream_for(model.device)
-                with stream:
-                    outputs, dtypes = self.executor.run(model, inputs)
+                outputs, dtypes = self.executor.run(model, inputs, stream.stream)
+                with stream.context():  # the D2H copies queue behind the compute on the stream
                     self._respond(rid, names, outputs, dtypes, stream.synchronize)
             else:
                 outputs, dtypes = self.executor.run(model, inputs)
@@ -178,7 +174,9 @@ class Session:
         if dt.torch_dtype is None:
             return decode_byte_strings(self.buf[off:off + ref.nbytes], shape, what)
         t = records.read_tensor(self.buf, off, dt.torch_dtype, dt.itemsize, ref.nbytes, shape)
-        if dt.name == "bool" and t.numel() and int(t.view(torch.uint8).max()) > 1:
+        # numpy, not torch: a torch reduction here would start an OpenMP pool in this thread
+        # (see executor.py).
+        if dt.name == "bool" and t.numel() and int(t.view(torch.uint8).numpy().max()) > 1:
             raise BadInputError(f"{what}: bool tensor holds bytes other than 0 and 1")
         return t
 

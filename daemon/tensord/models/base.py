@@ -14,6 +14,8 @@ class Model(ABC):
     signature: Signature
     device: str = "cpu"
     version: int = 1
+    # True for models that do no tensor math: the executor runs them in the caller's thread.
+    inline: bool = False
 
     @abstractmethod
     def forward(self, inputs: Sequence[Value]) -> Sequence[Value]:
