@@ -48,7 +48,8 @@ def shm_entries(pid: int) -> list[str]:
     return [e for e in os.listdir("/dev/shm") if f"tensord-{pid}-" in e]
 
 
-def start_daemon(tmp: Path, *args: str, config: str | None = None) -> Daemon:
+def start_daemon(tmp: Path, *args: str, config: str | None = None,
+                 preexec_fn=None) -> Daemon:
     path = str(tmp / "tensord.sock")
     log = tmp / "daemon.log"
     cmd = [sys.executable, "-m", "tensord", "serve", "--socket", path, *args]
@@ -57,7 +58,7 @@ def start_daemon(tmp: Path, *args: str, config: str | None = None) -> Daemon:
         cfg.write_text(config)
         cmd += ["--config", str(cfg)]
     f = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -34,3 +34,14 @@ class FailsToLoad(Doubler):
 
 class NotAHandler:
     pass
+
+
+class StrNotBytes(Doubler):
+    """Returns str items for a bytes output: the daemon must refuse, not send garbage."""
+
+    outputs = (Spec("y", "bytes", (-1,)),)
+
+    def forward(self, batch):
+        from tensord.contract.dtypes import ByteStrings
+
+        return [ByteStrings(["abc"] * batch[0].shape[0], (batch[0].shape[0],))]

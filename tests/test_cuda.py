@@ -24,7 +24,7 @@ def test_registered_segment_copies_both_ways_without_staging():
         src = records.read_tensor(seg.buf, 4096, torch.float32, 4, 1 << 20, (1 << 18,))
         src.copy_(torch.arange(1 << 18, dtype=torch.float32))
         stream = SideStream(torch.device("cuda:0"))
-        with stream:
+        with stream.context():
             dev = src.to("cuda:0", non_blocking=True) * 2
             dst = records.read_tensor(seg.buf, 4096 + (1 << 20), torch.float32, 4, 1 << 20,
                                       (1 << 18,))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import struct
@@ -23,6 +22,7 @@ from tensord.contract.errors import (
     BadInputError,
     BadRequestError,
     ConnectionClosedError,
+    DeadlineError,
     ModelFailedError,
     ResourceError,
     TooLargeError,
@@ -52,7 +52,8 @@ def handshake(path: str) -> tuple[socket.socket, Segment]:
     s.sendall(encode_frame(Hello(1, 1, "raw", 65536, 65536)))
     w = read_frame(s)
     assert isinstance(w, Welcome)
-    seg = Segment.attach(SessionNames(w.session, w.shm, tuple(w.semaphores)), w.segment_size)
+    seg = Segment.attach(SessionNames(w.session, w.shm, tuple(w.semaphores)), w.segment_size,
+                         w.request_ring, w.response_ring)
     s.sendall(encode_frame(Attached()))
     assert isinstance(read_frame(s), Ready)
     return s, seg
@@ -229,20 +230,99 @@ def test_tensor_larger_than_the_ring(daemon):
         assert torch.equal(c.infer("identity", {"x": torch.ones(5)})["y"], torch.ones(5))
 
 
-def test_ring_above_max_ring_and_dev_shm_too_small(tmp_path):
-    d = start_daemon(tmp_path, config="[daemon]\nmax_ring = 1125899906842624\n")
+def test_ring_above_max_ring_and_too_many_sessions(tmp_path):
+    # (a /dev/shm too small for the rings is tested on Segment.create in test_ring.py)
+    d = start_daemon(tmp_path, config="[daemon]\nmax_ring = 1048576\ndefault_ring = 65536\n"
+                                      "max_sessions = 1\n")
     try:
-        st = os.statvfs("/dev/shm")
-        huge = 1 << (st.f_bavail * st.f_frsize).bit_length()
-        with pytest.raises(ResourceError, match="MiB free.*--shm-size"):
-            Client(d.path, request_ring=huge)
-        with pytest.raises(TooLargeError, match="at most"):
-            Client(d.path, request_ring=1 << 51)
-        assert d.shm_entries() == []
+        with pytest.raises(TooLargeError, match="at most 1048576"):
+            Client(d.path, request_ring=1 << 21)
         with Client(d.path) as c:
+            with pytest.raises(ResourceError, match="max_sessions=1"):
+                Client(d.path)
             c.ping()
+        assert d.shm_entries() == []
+        # the slot is free again once the daemon has seen the first client's EOF
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with Client(d.path) as c:
+                    c.ping()
+                break
+            except ResourceError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
     finally:
         assert d.stop() == 0
+
+
+def test_impossible_shapes_are_bad_input(daemon):
+    with Client(daemon.path) as c:
+        for shape in ([0, 2**64 - 1], [0, 2**62, 4]):
+            d = encode_descriptor(RequestDescriptor("identity", 0, [TensorRef("x", "f32", shape,
+                                                                              128, 0)]))
+            with pytest.raises(BadInputError, match="impossibly large"):
+                send_raw_request(c, d)
+        c.ping()
+
+
+def test_socket_path_that_is_a_regular_file_is_left_alone(tmp_path):
+    victim = tmp_path / "tensord.sock"
+    victim.write_text("precious")
+    with pytest.raises(RuntimeError, match="is not a socket"):
+        start_daemon(tmp_path)
+    assert victim.read_text() == "precious"
+
+
+def test_running_out_of_file_descriptors_does_not_kill_the_daemon(tmp_path):
+    import resource
+
+    d = start_daemon(tmp_path, preexec_fn=lambda: resource.setrlimit(
+        resource.RLIMIT_NOFILE, (64, 64)))
+    try:
+        socks = []
+        for _ in range(100):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(d.path)  # the kernel queues these even while accept() fails
+            socks.append(s)
+        time.sleep(1.0)
+        assert d.proc.poll() is None, d.logs()
+        for s in socks:
+            s.close()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with Client(d.path) as c:
+                    c.ping()
+                break
+            except (ConnectionClosedError, ResourceError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert "Too many open files" in d.logs()
+    finally:
+        assert d.stop() == 0
+
+
+def test_client_that_never_reads_cannot_block_shutdown(tmp_path):
+    d = start_daemon(tmp_path)
+    s, seg = handshake(d.path)
+    s.setblocking(False)
+    sent = 0
+    try:
+        for i in range(200_000):  # pings whose pongs are never read fill both socket buffers
+            s.send(encode_frame(Ping(i + 1)))
+            sent += 1
+    except BlockingIOError:
+        pass
+    assert sent > 100
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    assert d.stop() == 0, d.logs()
+    assert time.monotonic() - t0 < 30, "shutdown waited on a client that does not read"
+    s.close()
+    seg.close()
 
 
 # -- crashes --------------------------------------------------------------------------------
@@ -258,6 +338,15 @@ class Slow(torch.nn.Module):
         return y
 torch.jit.script(Slow()).save({path!r})
 """
+
+
+def work_for(c: Client, seconds: float) -> int:
+    """The `n` that keeps model `slow` busy for about `seconds` (measured warm)."""
+    for _ in range(2):
+        t0 = time.monotonic()
+        c.infer("slow", {"x": torch.ones(64, 256), "n": torch.tensor(1000)})
+        dt = time.monotonic() - t0
+    return int(1000 * seconds / max(dt, 1e-4))
 
 
 @pytest.fixture
@@ -278,6 +367,22 @@ outputs = [{{name = "y", dtype = "f32", shape = [-1, 256]}}]
     d.stop()
 
 
+def test_deadline_is_checked_when_the_model_would_run(slow_daemon):
+    d = slow_daemon
+    with Client(d.path) as a, Client(d.path) as b:
+        n = work_for(a, 3.0)
+        busy = threading.Thread(target=a.infer, args=("slow", {
+            "x": torch.ones(64, 256), "n": torch.tensor(n)}))
+        busy.start()
+        time.sleep(0.3)
+        with pytest.raises(DeadlineError, match="time budget ran out"):
+            b.infer("slow", {"x": torch.ones(1, 256), "n": torch.tensor(1)}, timeout=30,
+                    budget=0.5)
+        busy.join()
+        assert b.infer("slow", {"x": torch.ones(1, 256), "n": torch.tensor(1)},
+                       timeout=30)["y"].shape == (1, 256)
+
+
 def test_model_raising_is_a_model_failed_error(slow_daemon):
     with Client(slow_daemon.path) as c:
         with pytest.raises(ModelFailedError, match="'slow' raised"):
@@ -291,7 +396,7 @@ import sys, torch
 from tensord.client import Client
 c = Client(sys.argv[1])
 print("sent", flush=True)
-c.infer("slow", {"x": torch.ones(64, 256), "n": torch.tensor(1000000)})
+c.infer("slow", {"x": torch.ones(64, 256), "n": torch.tensor(int(sys.argv[2]))})
 """
 
 
@@ -305,10 +410,12 @@ def test_client_sigkilled_mid_request_leaves_nothing(slow_daemon, go_probe, tmp_
         # Go: killed while streaming 1 MiB requests through identity
         ([go_probe, "-socket", d.path, "-mode", "roundtrip", "-n", "100000",
           "-bytes", str(1 << 20)], None),
-        # Python: killed while the daemon is computing its request
-        ([sys.executable, str(script), d.path], "sent"),
     ]
     with Client(d.path) as other:
+        # Python: killed while the daemon is computing its request (about 3 s of work; a
+        # running forward pass cannot be interrupted, so keep it short)
+        n = work_for(other, 3.0)
+        victims.append(([sys.executable, str(script), d.path, str(n)], "sent"))
         for cmd, ready in victims:
             p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
             if ready:

@@ -56,6 +56,17 @@ def test_handler_errors_reach_the_caller_and_the_model_keeps_serving(handler_dae
                            torch.tensor([3.0]))
 
 
+def test_bytes_output_of_str_items_is_refused_not_sent(handler_daemon):
+    with Client(handler_daemon.path) as c:
+        c.load("strs", {"source": "handler", "handler": "handlers_for_tests:StrNotBytes",
+                        "warmup": False})
+        with pytest.raises(ModelFailedError, match="items of type bytes"):
+            c.infer("strs", {"x": torch.tensor([1.0, 2.0])})
+        assert torch.equal(c.infer("triple", {"x": torch.tensor([1.0])})["y"],
+                           torch.tensor([3.0]))
+        c.unload("strs")
+
+
 @pytest.mark.parametrize("handler,msg", [
     ("handlers_for_tests:WrongShape", "does not match its signature"),
     ("handlers_for_tests:FailsToLoad", "FileNotFoundError: weights.bin is missing"),

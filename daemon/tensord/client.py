@@ -84,7 +84,8 @@ class Client:
         welcome = self._expect(Welcome)
         self.welcome = welcome
         names = SessionNames(welcome.session, welcome.shm, tuple(welcome.semaphores))
-        self.seg = Segment.attach(names, welcome.segment_size)
+        self.seg = Segment.attach(names, welcome.segment_size, welcome.request_ring,
+                                  welcome.response_ring)
         self._send(Attached())
         self._expect(Ready)
         self.sock.settimeout(None)
@@ -185,14 +186,18 @@ class Client:
     # -- inference -------------------------------------------------------------------------
 
     def infer(self, model: str, inputs: Mapping[str, Value | np.ndarray],
-              timeout: float | None = None) -> dict[str, Value]:
-        """Run `model`; returns its outputs by name, copied out of shared memory."""
+              timeout: float | None = None, budget: float | None = None) -> dict[str, Value]:
+        """Run `model`; returns its outputs by name, copied out of shared memory. `timeout`
+        bounds the wait here; `budget` (default: `timeout`) is the time the daemon is told it
+        has (SPEC `timeout_us`), after which it answers DEADLINE instead of running the
+        model."""
         values = {k: _as_value(v) for k, v in inputs.items()}
         names = list(values)
         sizes = [records.nbytes(v) for v in values.values()]
         dtypes = [("bytes" if isinstance(v, ByteStrings) else from_torch(v.dtype).name)
                   for v in values.values()]
-        timeout_us = int(timeout * 1e6) if timeout else 0
+        budget = timeout if budget is None else budget
+        timeout_us = int(budget * 1e6) if budget else 0
 
         def encode(offsets: list[int]) -> bytes:
             return encode_descriptor(RequestDescriptor(model=model, timeout_us=timeout_us,

@@ -9,6 +9,7 @@ from typing import Any
 
 MiB = 1 << 20
 GiB = 1 << 30
+MAX_RING = 1 << 31
 
 
 def default_socket_path() -> str:
@@ -118,4 +119,7 @@ def load_config(path: str) -> DaemonConfig:
         raise ConfigError(f"{path}: unknown tables {sorted(raw)}; known: daemon, models")
     if cfg.default_ring > cfg.max_ring:
         raise ConfigError(f"{path}: default_ring is larger than max_ring")
+    if not 65536 <= cfg.max_ring <= MAX_RING:
+        # record_len is a u32 on the wire (SPEC §4.3): a ring cannot hold a larger record
+        raise ConfigError(f"{path}: max_ring must be between 65536 and {MAX_RING} bytes")
     return cfg

@@ -50,6 +50,7 @@ from .transport.segment import Segment, SessionNames
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
+SEND_TIMEOUT = 5  # seconds
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ class Connection:
         self.sessions = sessions
         self.control = control
         self.peer = peer_credentials(sock)
+        # A client that stops reading its socket must not block a daemon thread forever: a
+        # send that cannot proceed for this long fails, and the connection ends.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT, 0))
         self.session: Session | None = None
         self._send_lock = threading.Lock()
         self._closed = threading.Event()
@@ -123,9 +127,16 @@ class Connection:
             log.info("session %s: pid %d uid %d, rings %d/%d bytes", self.session.id[:8],
                      self.peer.pid, self.peer.uid, req, resp)
             self._serve_control()
-        except (PeerClosed, ConnectionError, OSError) as e:
+        except (PeerClosed, ConnectionError, TimeoutError) as e:
             if not self._closed.is_set():
                 log.debug("connection ended: %s", e)
+        except OSError as e:
+            # Not the socket: the session could not be set up (mmap, fallocate, semaphores).
+            log.warning("connection of pid %d: %s", self.peer.pid, e)
+            if self.session is None:
+                with contextlib.suppress(OSError):
+                    self.send(error_message(ResourceError(
+                        f"the daemon could not set up the session: {e}", fatal=True)))
         except TensordError as e:
             if self.session is None:
                 e.fatal = True  # every handshake failure ends the connection
@@ -199,9 +210,14 @@ class Connection:
 
     def close(self, reason: str | None = None) -> None:
         self._closed.set()
+        # Say goodbye only if no other send is stuck on a client that does not read.
+        if reason and self._send_lock.acquire(timeout=1.0):
+            try:
+                with contextlib.suppress(OSError):
+                    self.sock.sendall(encode_frame(Goodbye(reason=reason)))
+            finally:
+                self._send_lock.release()
         with contextlib.suppress(OSError):
-            if reason:
-                self.send(Goodbye(reason=reason))
             self.sock.shutdown(socket.SHUT_RDWR)
 
 

@@ -1,5 +1,6 @@
-"""CUDA specifics, each behind `torch.cuda.is_available()`: page-locking shared memory in place
-and the per-session side stream. Nothing here runs on a host without a GPU."""
+"""CUDA specifics: page-locking shared memory in place and the per-session side stream. The
+session only uses them for models placed on a CUDA device, so nothing here runs on a host
+without a GPU."""
 
 from __future__ import annotations
 
@@ -11,10 +12,6 @@ log = logging.getLogger(__name__)
 
 # cudaHostRegisterPortable: the pinned range is usable from every CUDA context of the process.
 _REGISTER_PORTABLE = 1
-
-
-def available() -> bool:
-    return torch.cuda.is_available()
 
 
 class HostRegistration:

@@ -15,17 +15,22 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from .contract.dtypes import ByteStrings
-from .contract.errors import ModelFailedError, TensordError
+from .contract.errors import DeadlineError, ModelFailedError, ShuttingDownError, TensordError
 from .models.base import Model
 from .models.signature import Value
 
 log = logging.getLogger(__name__)
+
+
+class Cancelled(ShuttingDownError):
+    """The job's session ended while it waited for the compute thread."""
 
 
 class _Job:
@@ -55,10 +60,6 @@ class ComputeThread:
         if job.error is not None:
             raise job.error
         return job.result
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
 
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -95,17 +96,27 @@ class Executor:
             raise job.error
         return job.result
 
-    def run(self, model: Model, inputs: Sequence[Value],
-            stream: Any = None) -> tuple[list[Value], list[str]]:
+    def run(self, model: Model, inputs: Sequence[Value], stream: Any = None,
+            deadline: float | None = None,
+            cancelled: Callable[[], bool] | None = None) -> tuple[list[Value], list[str]]:
         """Returns the outputs (contiguous, still on the model's device: the session copies them
         straight into its response ring) and their wire dtypes. `stream` (a CUDA stream) is
-        made current for the forward pass, so H2D copies and compute queue on it."""
+        made current for the forward pass, so H2D copies and compute queue on it. `deadline`
+        (time.monotonic) and `cancelled` are checked when the job reaches the compute thread,
+        so work queued behind a long job is dropped if its caller is gone or out of time."""
         if model.inline:
-            return self._run(model, inputs, None)
-        return self.compute.call(self._run, model, inputs, stream)
+            return self._run(model, inputs, None, deadline, cancelled)
+        return self.compute.call(self._run, model, inputs, stream, deadline, cancelled)
 
     @staticmethod
-    def _run(model: Model, inputs: Sequence[Value], stream: Any):
+    def _run(model: Model, inputs: Sequence[Value], stream: Any, deadline: float | None,
+             cancelled: Callable[[], bool] | None):
+        if cancelled is not None and cancelled():
+            raise Cancelled(f"the session ended before model {model.name!r} ran")
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineError(f"the request's time budget ran out before model "
+                                f"{model.name!r} could run (other work was queued ahead of "
+                                "it); give it a longer deadline")
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with torch.inference_mode(), ctx:
             try:

@@ -4,7 +4,7 @@ same model before saving it.
     tensord export mypkg.models:build --input x:f32:1,3,224,224 -o model.pt
 
 The factory is called with no arguments and returns a torch.nn.Module. The module is traced
-(default) or scripted, or exported with torch.export (`--format export`, a .pt2 file); the
+(default) or scripted, or exported with torch.export (`--method export`, a .pt2 file); the
 exported model and the original run on the example input and on a second random input, and
 their outputs must agree within the tolerance or nothing is written.
 """
@@ -135,6 +135,14 @@ def run(args) -> int:
         info = export(model, inputs, args.method, args.output, args.rtol, args.atol)
     except (ValueError, ImportError, AttributeError, ExportMismatch) as e:
         print(f"tensord export: {e}")
+        return 1
+    except Exception as e:  # torch's tracers and exporters raise many types
+        hint = ""
+        if args.method == "export" and any(s.shape[:1] == (1,) for s in inputs):
+            hint = (" (torch.export treats a size-1 batch as a constant: give the example "
+                    "input a batch of at least 2)")
+        print(f"tensord export: {args.method} failed: {type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}{hint}")
         return 1
     print(f"wrote {info['path']} ({info['method']}); outputs on the example: {info['outputs']}; "
           "outputs match the original on 2 inputs")

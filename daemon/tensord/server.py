@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
+import stat
 import threading
+import time
 
 from .admin import ModelControl
 from .config import DaemonConfig
@@ -16,6 +19,9 @@ from .models.registry import Registry
 from .transport.segment import sweep_stale
 
 log = logging.getLogger(__name__)
+
+
+_TRANSIENT_ACCEPT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
 
 
 class AddressInUse(RuntimeError):
@@ -57,9 +63,16 @@ class Server:
                 sock, _ = self._listener.accept()
             except TimeoutError:
                 continue
-            except OSError:
+            except OSError as e:
                 if self._stopping.is_set():
                     break
+                if e.errno in _TRANSIENT_ACCEPT:
+                    # Out of file descriptors or memory: refuse this one, keep serving the
+                    # others, retry after a pause instead of spinning.
+                    log.warning("accept failed (%s); raise LimitNOFILE or max_sessions "
+                                "headroom", e)
+                    time.sleep(0.1)
+                    continue
                 raise
             sock.settimeout(None)
             try:
@@ -89,14 +102,15 @@ class Server:
         self._stopping.set()
 
     def _close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         with self._lock:
             conns, threads = list(self._conns), list(self._threads)
         for c in conns:
             c.close("daemon is shutting down")
+        deadline = time.monotonic() + 10
         for t in threads:
-            t.join(timeout=10)
-        if self._listener is not None:
-            self._listener.close()
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         log.info("stopped")
@@ -104,9 +118,13 @@ class Server:
 
 def _claim_path(path: str) -> None:
     """Remove a socket file left by a dead daemon; refuse if a live one answers on it."""
-    if not os.path.exists(path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise AddressInUse(f"{path} exists and is not a socket; remove it or use --socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)

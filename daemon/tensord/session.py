@@ -12,6 +12,7 @@ import torch
 
 from . import cuda
 from .contract.descriptors import (
+    MAX_DESCRIPTOR,
     ErrorInfo,
     ResponseDescriptor,
     TensorRef,
@@ -23,12 +24,12 @@ from .contract.descriptors import (
 from .contract.dtypes import decode_byte_strings, lookup
 from .contract.errors import (
     BadInputError,
-    DeadlineError,
+    BadRequestError,
     InternalError,
     TensordError,
     TooLargeError,
 )
-from .contract.layout import KIND_RESPONSE, RECORD_HEADER_SIZE
+from .contract.layout import KIND_PAD, KIND_RESPONSE, RECORD_HEADER_SIZE, ring_capacity
 from .executor import Executor
 from .models.registry import Registry
 from .models.signature import Value
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 
 MAX_ERROR_MESSAGE = 4000
 PLAN_CACHE = 256
+# Records taken from the ring per poll: a ring full of tiny records must not turn into
+# millions of Python objects at once.
+MAX_BATCH = 64
 
 
 class _Stopped(Exception):
@@ -100,7 +104,7 @@ class Session:
             while not self._stop.is_set():
                 if not self.requests_ready.wait(ring.published, self._stop.is_set):
                     continue
-                batch = ring.poll()
+                batch = ring.poll(MAX_BATCH)
                 read_at = time.monotonic()
                 for rec in batch:
                     self._serve(rec, read_at)
@@ -121,24 +125,28 @@ class Session:
         stream: cuda.SideStream | None = None
         try:
             start = rec.offset + RECORD_HEADER_SIZE
+            if rec.header.desc_len > MAX_DESCRIPTOR:  # before copying it out
+                raise BadRequestError(f"descriptor of {rec.header.desc_len} bytes exceeds "
+                                      f"{MAX_DESCRIPTOR}")
             desc = decode_request(bytes(self.buf[start:start + rec.header.desc_len]))
             check_refs(desc.inputs, rec.data_start, rec.header.record_len, "input")
             model = self.registry.get(desc.model)
             order = model.signature.order_inputs(model.name, desc.inputs)
             inputs = [self._input(rec, desc.inputs[i]) for i in order]
-            if desc.timeout_us and time.monotonic() > read_at + desc.timeout_us / 1e6:
-                raise DeadlineError(
-                    f"request {rid} waited past its {desc.timeout_us} µs budget before "
-                    f"model {model.name!r} could run; give it a longer deadline"
-                )
+            deadline = read_at + desc.timeout_us / 1e6 if desc.timeout_us else None
             names = [s.name for s in model.signature.outputs]
             if model.device.startswith("cuda"):
                 stream = self._stream_for(model.device)
-                outputs, dtypes = self.executor.run(model, inputs, stream.stream)
-                with stream.context():  # the D2H copies queue behind the compute on the stream
+                outputs, dtypes = self.executor.run(model, inputs, stream.stream, deadline,
+                                                    self._stop.is_set)
+                # Outputs a model already moved to the CPU with non_blocking=True are still in
+                # flight: wait for the stream before any byte is copied into the ring...
+                stream.synchronize()
+                with stream.context():  # ...and queue the D2H copies of device outputs on it
                     self._respond(rid, names, outputs, dtypes, stream.synchronize)
             else:
-                outputs, dtypes = self.executor.run(model, inputs)
+                outputs, dtypes = self.executor.run(model, inputs, None, deadline,
+                                                    self._stop.is_set)
                 self._respond(rid, names, outputs, dtypes)
             self.served += 1
         except TensordError as e:
@@ -203,14 +211,20 @@ class Session:
             raise TooLargeError(
                 f"the outputs need a {record_len}-byte response record but this session's "
                 f"response ring holds {cap} bytes: connect with a response ring of at least "
-                f"{_pow2(record_len)} bytes (Go: WithRingSize)"
+                f"{ring_capacity(record_len, 0)} bytes (Go: WithRingSize)"
             )
         off = self._reserve(record_len)
-        # Device outputs are copied straight into the (page-locked) ring, asynchronously...
-        records.write(self.buf, off, KIND_RESPONSE, rid, record_len, desc,
-                      list(zip(offsets, sizes, outputs)))
-        if sync is not None:
-            sync()  # ...so wait for those copies before the client may read them.
+        try:
+            # Device outputs are copied straight into the (page-locked) ring, asynchronously...
+            records.write(self.buf, off, KIND_RESPONSE, rid, record_len, desc,
+                          list(zip(offsets, sizes, outputs)))
+            if sync is not None:
+                sync()  # ...so wait for those copies before the client may read them.
+        except BaseException:
+            # The space is reserved and will be published with whatever follows: make it a
+            # PAD (SPEC §4.3), never a response with half-written bytes.
+            records.write(self.buf, off, KIND_PAD, 0, record_len, b"", [])
+            raise
         self._publish()
 
     def _respond_error(self, rid: int, err: TensordError) -> None:
@@ -237,9 +251,3 @@ class Session:
         self.seg.responses.publish()
         self.responses_ready.notify()
 
-
-def _pow2(n: int) -> int:
-    p = 1
-    while p < n:
-        p <<= 1
-    return p

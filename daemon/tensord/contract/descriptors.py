@@ -12,6 +12,7 @@ MAX_DESCRIPTOR = 65536
 MAX_TENSORS = 64
 MAX_RANK = 16
 MAX_NAME = 256
+MAX_DIM = 1 << 48  # no tensor has more elements; keeps size arithmetic far from overflow
 ALIGN = 64
 
 
@@ -114,8 +115,9 @@ def check_refs(refs: list[TensorRef], data_start: int, record_len: int, what: st
         dt = lookup(t.dtype)
         if len(t.shape) > MAX_RANK:
             raise BadInputError(f"{what} {t.name!r}: rank {len(t.shape)} exceeds {MAX_RANK}")
-        if any(d < 0 for d in t.shape):
-            raise BadInputError(f"{what} {t.name!r}: negative dimension in shape {t.shape}")
+        if any(d < 0 or d > MAX_DIM for d in t.shape) or numel(t.shape) > MAX_DIM:
+            raise BadInputError(f"{what} {t.name!r}: shape {t.shape} has a negative or "
+                                "impossibly large dimension")
         if t.offset % ALIGN:
             raise BadInputError(f"{what} {t.name!r}: offset {t.offset} is not 64-byte aligned")
         if t.offset < data_start or t.nbytes < 0 or t.offset + t.nbytes > record_len:

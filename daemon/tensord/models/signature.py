@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..contract.dtypes import ANY, DTYPES, ByteStrings, from_torch
+from ..contract.dtypes import ANY, DTYPES, ByteStrings, from_torch, numel
 from ..contract.errors import BadInputError, ModelFailedError
 from ..contract.messages import TensorSpec
 
@@ -93,8 +93,18 @@ class Signature:
         for spec, v in zip(self.outputs, outputs):
             if isinstance(v, ByteStrings):
                 dtype, shape = "bytes", v.shape
+                if len(v.items) != numel(shape) or not all(isinstance(b, bytes) for b in v.items):
+                    raise ModelFailedError(
+                        f"model {model!r} output {spec.name!r}: a bytes tensor of shape "
+                        f"{list(shape)} needs {numel(shape)} items of type bytes")
             elif isinstance(v, torch.Tensor):
-                dtype, shape = from_torch(v.dtype).name, tuple(v.shape)
+                try:
+                    dtype = from_torch(v.dtype).name
+                except BadInputError:
+                    raise ModelFailedError(
+                        f"model {model!r} output {spec.name!r} has torch dtype {v.dtype}, "
+                        "which the protocol cannot carry") from None
+                shape = tuple(v.shape)
             else:
                 raise ModelFailedError(
                     f"model {model!r} output {spec.name!r} is a {type(v).__name__}, "

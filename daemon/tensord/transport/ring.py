@@ -12,8 +12,6 @@ from ..contract.layout import (
     CTL_PRODUCER_WAITING,
     CTL_TAIL,
     KIND_PAD,
-    KIND_REQUEST,
-    KIND_RESPONSE,
     RECORD_HEADER_SIZE,
     RecordHeader,
 )
@@ -121,16 +119,17 @@ class RingConsumer:
     def published(self) -> bool:
         return self.ctl.tail() != self._read
 
-    def poll(self) -> list[Record]:
-        """Every record published since the last poll. PADs are released at once and not
-        returned. Raises ProtocolError(BAD_RECORD) when the producer broke §4.2/§4.8."""
+    def poll(self, limit: int = 1 << 30) -> list[Record]:
+        """Records published since the last poll, at most `limit` of them (the rest wait for
+        the next poll). PADs are released at once and not returned. Raises
+        ProtocolError(BAD_RECORD) when the producer broke §4.2/§4.8."""
         tail = self.ctl.tail()
         cap = self.capacity
         if tail < self._read or tail > self._head + cap or tail % 64:
             raise _corrupt(f"ring tail {tail} is impossible (read up to {self._read}, "
                            f"head {self._head}, capacity {cap})")
-        out = []
-        while self._read < tail:
+        out: list[Record] = []
+        while self._read < tail and len(out) < limit:
             idx = self._read & (cap - 1)
             h = RecordHeader.unpack_from(self.buf, self.offset + idx)
             n = h.record_len
@@ -171,14 +170,9 @@ class RingConsumer:
             self.ctl.set_head(self._head)
         return moved
 
-    @property
-    def held(self) -> int:
-        return sum(1 for e in self._held if not e[2])
-
 
 def _corrupt(msg: str) -> ProtocolError:
     return ProtocolError(msg, code=ErrorCode.BAD_RECORD, fatal=True)
 
 
-__all__ = ["RingControl", "RingProducer", "RingConsumer", "Record", "KIND_REQUEST",
-           "KIND_RESPONSE"]
+__all__ = ["RingControl", "RingProducer", "RingConsumer", "Record"]

@@ -117,7 +117,8 @@ class Segment:
         return cls(mm, sems, "daemon")
 
     @classmethod
-    def attach(cls, names: SessionNames, size: int) -> Segment:
+    def attach(cls, names: SessionNames, size: int, request_ring: int,
+               response_ring: int) -> Segment:
         """Open a daemon-created segment (client side) and check its header."""
         shm = posix_ipc.SharedMemory(names.shm)
         try:
@@ -128,11 +129,19 @@ class Segment:
             mm = mmap.mmap(shm.fd, size)
         finally:
             shm.close_fd()
-        h = read_header(memoryview(mm))
-        if h.layout_version != LAYOUT_VERSION or h.header_size != HEADER_SIZE or \
-                h.segment_size != size:
+        try:
+            h = read_header(memoryview(mm))
+        except ValueError as e:
             mm.close()
-            raise ProtocolError(f"segment header does not match: {h}", fatal=True)
+            raise ProtocolError(str(e), fatal=True) from None
+        want = (LAYOUT_VERSION, HEADER_SIZE, size, HEADER_SIZE, request_ring,
+                HEADER_SIZE + request_ring, response_ring)
+        if (h.layout_version, h.header_size, h.segment_size, h.request_ring_offset,
+                h.request_ring_capacity, h.response_ring_offset,
+                h.response_ring_capacity) != want:
+            mm.close()
+            raise ProtocolError(f"segment header {h} does not match the welcome message",
+                                fatal=True)
         sems = [posix_ipc.Semaphore(n) for n in names.semaphores]
         return cls(mm, sems, "client")
 
