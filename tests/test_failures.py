@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import struct
@@ -28,7 +29,7 @@ from tensord.contract.errors import (
     TooLargeError,
     UnknownModelError,
 )
-from tensord.contract.frames import encode_frame, read_frame
+from tensord.contract.frames import encode_frame, read_frame, read_frame_with_fds
 from tensord.contract.layout import KIND_REQUEST, REQ_CONTROL
 from tensord.contract.messages import Attached, Error, Hello, Ping, Pong, Ready, Welcome
 from tensord.transport import records
@@ -49,10 +50,10 @@ def connect(path: str) -> socket.socket:
 def handshake(path: str) -> tuple[socket.socket, Segment]:
     """A client done by hand, so tests can break the protocol at any step."""
     s = connect(path)
-    s.sendall(encode_frame(Hello(1, 1, "raw", 65536, 65536)))
-    w = read_frame(s)
+    s.sendall(encode_frame(Hello(2, 2, "raw", 65536, 65536)))
+    w, (fd,) = read_frame_with_fds(s)
     assert isinstance(w, Welcome)
-    seg = Segment.attach(SessionNames(w.session, w.shm, tuple(w.semaphores)), w.segment_size,
+    seg = Segment.attach(fd, SessionNames(w.session, tuple(w.semaphores)), w.segment_size,
                          w.request_ring, w.response_ring)
     s.sendall(encode_frame(Attached()))
     assert isinstance(read_frame(s), Ready)
@@ -110,19 +111,38 @@ def test_version_mismatch_is_fatal_and_says_which(daemon):
     s = connect(daemon.path)
     s.sendall(encode_frame(Hello(7, 9, "future", 0, 0)))
     err = expect_fatal(s, "VERSION")
-    assert "7..9" in err.message and "[1]" in err.message
+    assert "7..9" in err.message and "[2]" in err.message
 
 
 def test_client_gone_during_handshake_leaves_nothing(daemon):
     s = connect(daemon.path)
-    s.sendall(encode_frame(Hello(1, 1, "quitter", 0, 0)))
-    assert isinstance(read_frame(s), Welcome)
+    s.sendall(encode_frame(Hello(2, 2, "quitter", 0, 0)))
+    w, fds = read_frame_with_fds(s)
+    assert isinstance(w, Welcome) and len(fds) == 1
+    os.close(fds[0])
     assert daemon.shm_entries(), "names exist until the client attaches"
     s.close()
     deadline = time.monotonic() + 5
     while daemon.shm_entries() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert daemon.shm_entries() == []
+
+
+def test_client_cannot_resize_its_segment(daemon):
+    s = connect(daemon.path)
+    s.sendall(encode_frame(Hello(2, 2, "resizer", 65536, 65536)))
+    w, (fd,) = read_frame_with_fds(s)
+    try:
+        # A shrink would make the daemon's next access of the ring a SIGBUS; the seals refuse.
+        for size in (0, w.segment_size // 2, w.segment_size * 2):
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, size)
+        assert os.fstat(fd).st_size == w.segment_size
+    finally:
+        os.close(fd)
+        s.close()
+    with Client(daemon.path) as c:
+        c.ping()
 
 
 def test_bad_message_after_handshake_is_answered_and_connection_lives(daemon):

@@ -9,7 +9,7 @@ import pytest
 
 from tensord.contract.errors import ProtocolError, ResourceError
 from tensord.contract.layout import KIND_PAD, KIND_REQUEST, REQ_CONTROL, RecordHeader
-from tensord.transport.segment import Segment, SessionNames, sweep_stale
+from tensord.transport.segment import Segment, SessionNames, available_memory, sweep_stale
 
 CAP = 65536
 
@@ -18,7 +18,7 @@ CAP = 65536
 def pair():
     names = SessionNames.new()
     daemon = Segment.create(names, CAP, CAP)
-    client = Segment.attach(names, daemon.header.segment_size, CAP, CAP)
+    client = Segment.attach(os.dup(daemon.fd), names, daemon.header.segment_size, CAP, CAP)
     names.unlink()
     yield daemon, client
     client.close()
@@ -122,14 +122,13 @@ def test_descriptor_longer_than_record_is_rejected(pair):
         daemon.requests.poll()
 
 
-def test_segment_bigger_than_dev_shm_fails_up_front():
-    st = os.statvfs("/dev/shm")
-    free = st.f_bavail * st.f_frsize
+def test_segment_bigger_than_available_memory_fails_up_front():
+    free, _ = available_memory()
     ring = 1 << (free.bit_length() + 1)
     names = SessionNames.new()
     with pytest.raises(ResourceError) as e:
         Segment.create(names, ring, CAP)
-    assert "--shm-size" in e.value.message and "MiB free" in e.value.message
+    assert "WithRingSize" in e.value.message and "MiB" in e.value.message
     assert not [x for x in os.listdir("/dev/shm") if names.session in x]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import platform
 import signal
 import sys
 
@@ -55,6 +56,10 @@ def _serve(args) -> int:
     except (ConfigError, AddressInUse, LoadError) as e:
         logging.getLogger("tensord").error("%s", e)
         return 1
+    if platform.machine() not in ("x86_64", "AMD64"):
+        logging.getLogger("tensord").warning(
+            "this CPU (%s) is not x86-64: the Python side of the rings relies on x86-64 store "
+            "ordering (SPEC §4.6), so records may be read torn", platform.machine())
     signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
     signal.signal(signal.SIGINT, lambda *_: server.shutdown())
     notify("READY=1")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import socket
 import threading
 import time
@@ -32,7 +33,7 @@ from .contract.errors import (
     TooLargeError,
     error_from_code,
 )
-from .contract.frames import PeerClosed, encode_frame, read_frame
+from .contract.frames import PeerClosed, encode_frame, read_frame, read_frame_with_fds
 from .contract.layout import KIND_REQUEST, RECORD_HEADER_SIZE
 from .contract.messages import (
     PROTOCOL_VERSION,
@@ -81,10 +82,18 @@ class Client:
                 "`tensord serve`, or point TENSORD_SOCKET at its socket") from None
         self._send(Hello(min_version=PROTOCOL_VERSION, max_version=PROTOCOL_VERSION,
                          client=name, request_ring=request_ring, response_ring=response_ring))
-        welcome = self._expect(Welcome)
+        welcome, fds = read_frame_with_fds(self.sock)
+        if not isinstance(welcome, Welcome) or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            if isinstance(welcome, Error):
+                raise error_from_code(welcome.code, welcome.message, fatal=welcome.fatal)
+            raise ProtocolError(f"expected a welcome with one file descriptor, the daemon sent "
+                                f"{type(welcome).TYPE} with {len(fds)}", fatal=True)
+        (fd,) = fds
         self.welcome = welcome
-        names = SessionNames(welcome.session, welcome.shm, tuple(welcome.semaphores))
-        self.seg = Segment.attach(names, welcome.segment_size, welcome.request_ring,
+        names = SessionNames(welcome.session, tuple(welcome.semaphores))
+        self.seg = Segment.attach(fd, names, welcome.segment_size, welcome.request_ring,
                                   welcome.response_ring)
         self._send(Attached())
         self._expect(Ready)

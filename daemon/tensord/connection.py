@@ -23,7 +23,13 @@ from .contract.errors import (
     TooLargeError,
     VersionError,
 )
-from .contract.frames import MAX_FRAME, PeerClosed, encode_frame, read_frame
+from .contract.frames import (
+    MAX_FRAME,
+    PeerClosed,
+    encode_frame,
+    read_frame,
+    send_frame_with_fd,
+)
 from .contract.layout import ring_capacity
 from .contract.messages import (
     SUPPORTED_VERSIONS,
@@ -111,11 +117,14 @@ class Connection:
             seg = Segment.create(names, req, resp, owner_uid=self.peer.uid)
             self.session = Session(names.session, seg, self.registry, self.executor,
                                    self._fatal, spin=self.config.spin_us / 1e6)
-            self.send(Welcome(version=version, session=names.session, shm=names.shm,
+            welcome = Welcome(version=version, session=names.session,
                               semaphores=list(names.semaphores),
                               segment_size=seg.header.segment_size, request_ring=req,
                               response_ring=resp, max_frame=MAX_FRAME,
-                              daemon=f"tensord {__version__}"))
+                              daemon=f"tensord {__version__}")
+            with self._send_lock:
+                send_frame_with_fd(self.sock, welcome, seg.fd)
+            seg.close_fd()  # the client holds its own descriptor now
             attached = read_frame(self.sock)
             if not isinstance(attached, Attached):
                 raise ProtocolError(f"expected attached, got {type(attached).TYPE}", fatal=True)

@@ -51,9 +51,16 @@ type Client struct {
 	ringLock chan struct{} // one request-ring writer at a time; a channel so waiting honours ctx
 	nextID   atomic.Uint64
 
+	// The response ring's reader role (see reader.go): held by a goroutine in Wait or by
+	// readResponses; channels so that waiting for it composes with select.
+	readerTok  chan struct{} // capacity 1: full while someone reads
+	readerKick chan struct{} // capacity 1: wakes readResponses
+
 	mu         sync.Mutex
 	pendingCtl map[uint64]chan ctlResult
 	pendingReq map[uint64]chan reqResult
+	inFlight   int           // requests published whose responses have not been read
+	waiters    int           // goroutines in Request.Wait
 	closeErr   error         // set once, when the session ends
 	done       chan struct{} // closed when the session ends
 	closing    bool          // Close was called
@@ -97,6 +104,8 @@ func Dial(ctx context.Context, socketPath string, opts ...Option) (*Client, erro
 		opts:       o,
 		conn:       conn,
 		ringLock:   make(chan struct{}, 1),
+		readerTok:  make(chan struct{}, 1),
+		readerKick: make(chan struct{}, 1),
 		pendingCtl: make(map[uint64]chan ctlResult),
 		pendingReq: make(map[uint64]chan reqResult),
 		done:       make(chan struct{}),
@@ -153,11 +162,10 @@ func (c *Client) handshake(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	msg, err := c.readHandshakeMsg("welcome")
+	w, fd, err := c.readWelcome()
 	if err != nil {
 		return err
 	}
-	w := msg.(*welcomeMsg)
 	c.welcome = *w
 	if w.Version != protocolVersion {
 		return protocolErrorf("daemon chose protocol version %d, this client speaks %d", w.Version, protocolVersion)
@@ -166,12 +174,13 @@ func (c *Client) handshake(ctx context.Context) error {
 		return protocolErrorf("welcome lists %d semaphores, want 4", len(w.Semaphores))
 	}
 	// Names become paths under /dev/shm: refuse anything that could point elsewhere.
-	for _, name := range append([]string{w.Shm}, w.Semaphores...) {
+	for _, name := range w.Semaphores {
 		if len(name) < 2 || name[0] != '/' || strings.ContainsAny(name[1:], "/\x00") || len(name) > 250 {
-			return protocolErrorf("welcome names the shared-memory object %q, which is not a valid POSIX name", name)
+			syscall.Close(fd)
+			return protocolErrorf("welcome names the semaphore %q, which is not a valid POSIX name", name)
 		}
 	}
-	seg, err := mapSegment(w.Shm, w.SegmentSize)
+	seg, err := mapSegment(fd, w.SegmentSize)
 	if err != nil {
 		return err
 	}
@@ -220,14 +229,51 @@ func (c *Client) handshake(ctx context.Context) error {
 
 func loadU64(p *uint64) uint64 { return atomic.LoadUint64(p) }
 
+// readWelcome reads the welcome and the segment descriptor that comes with it (SPEC §2.4).
+func (c *Client) readWelcome() (*welcomeMsg, int, error) {
+	uc, ok := c.conn.(*net.UnixConn)
+	if !ok {
+		return nil, -1, fmt.Errorf("shmclient: the control connection is a %T, not a Unix socket", c.conn)
+	}
+	body, fds, err := readFrameFDs(uc, maxFrame)
+	closeAll := func() {
+		for _, fd := range fds {
+			syscall.Close(fd)
+		}
+	}
+	if err != nil {
+		closeAll()
+		return nil, -1, handshakeReadErr(err, "welcome")
+	}
+	msg, err := handshakeMsg(body, "welcome")
+	if err != nil {
+		closeAll()
+		return nil, -1, err
+	}
+	if len(fds) != 1 {
+		closeAll()
+		return nil, -1, protocolErrorf("the welcome came with %d file descriptors, want 1 (the session segment)", len(fds))
+	}
+	return msg.(*welcomeMsg), fds[0], nil
+}
+
+func handshakeReadErr(err error, want string) error {
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return fmt.Errorf("%w: the daemon closed the connection during the handshake (waiting for %s)", ErrClosed, want)
+	}
+	return err
+}
+
 func (c *Client) readHandshakeMsg(want string) (any, error) {
 	body, err := readFrame(c.conn, maxFrame)
 	if err != nil {
-		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-			return nil, fmt.Errorf("%w: the daemon closed the connection during the handshake (waiting for %s)", ErrClosed, want)
-		}
-		return nil, err
+		return nil, handshakeReadErr(err, want)
 	}
+	return handshakeMsg(body, want)
+}
+
+// handshakeMsg decodes a handshake frame, turning a daemon error or goodbye into an error.
+func handshakeMsg(body []byte, want string) (any, error) {
 	typ, msg, err := decodeMessage(body)
 	if err != nil {
 		return nil, err
@@ -352,6 +398,9 @@ func (c *Client) shutdown(err error) {
 	for _, ch := range req {
 		ch <- reqResult{err: err}
 	}
+	// Wake a waiter reading the response ring, so that it sees the end at once instead
+	// of at the end of its semaphore wait.
+	c.resp.dataSem.post()
 	c.conn.Close()
 	// The client's own reference; the mapping outlives it while views exist.
 	c.seg.release()

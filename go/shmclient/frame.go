@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"net"
+	"syscall"
 )
 
 // appendFrame encodes msg canonically behind its u32 length prefix (SPEC §2.2).
@@ -41,4 +43,47 @@ func readFrame(r io.Reader, limit int) ([]byte, error) {
 		return nil, err
 	}
 	return body, nil
+}
+
+// readFrameFDs reads one frame from a Unix socket together with the file descriptors sent
+// with its first byte (SCM_RIGHTS): the welcome carries the session segment's. The caller
+// owns the descriptors, also when an error is returned with them.
+func readFrameFDs(conn *net.UnixConn, limit int) ([]byte, []int, error) {
+	var hdr [4]byte
+	oob := make([]byte, syscall.CmsgSpace(4*4))
+	n, oobn, _, _, err := conn.ReadMsgUnix(hdr[:], oob)
+	if err != nil {
+		return nil, nil, err
+	}
+	if n == 0 {
+		return nil, nil, io.EOF
+	}
+	var fds []int
+	msgs, err := syscall.ParseSocketControlMessage(oob[:oobn])
+	if err != nil {
+		return nil, nil, protocolErrorf("bad ancillary data on the welcome: %v", err)
+	}
+	for i := range msgs {
+		got, err := syscall.ParseUnixRights(&msgs[i])
+		if err == nil {
+			fds = append(fds, got...)
+		}
+	}
+	if n < len(hdr) {
+		if _, err := io.ReadFull(conn, hdr[n:]); err != nil {
+			return nil, fds, err
+		}
+	}
+	size := binary.LittleEndian.Uint32(hdr[:])
+	if size == 0 || uint64(size) > uint64(limit) {
+		return nil, fds, protocolErrorf("frame length %d outside 1..%d", size, limit)
+	}
+	body := make([]byte, size)
+	if _, err := io.ReadFull(conn, body); err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, fds, err
+	}
+	return body, fds, nil
 }

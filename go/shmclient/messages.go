@@ -12,7 +12,9 @@ import (
 // fields in declaration order, so the declaration order below IS the canonical key order
 // of SPEC §2.3; do not reorder fields. Only keys the SPEC calls optional carry omitempty.
 
-const protocolVersion = 1
+// protocolVersion 2: the segment arrives as a sealed memfd descriptor with the welcome frame
+// (SCM_RIGHTS); welcome has no shm name any more.
+const protocolVersion = 2
 
 // Limits of SPEC §7 that the client checks before sending.
 const (
@@ -37,7 +39,6 @@ type welcomeMsg struct {
 	Type         string   `msgpack:"type"`
 	Version      uint64   `msgpack:"version"`
 	Session      string   `msgpack:"session"`
-	Shm          string   `msgpack:"shm"`
 	Semaphores   []string `msgpack:"semaphores"`
 	SegmentSize  uint64   `msgpack:"segment_size"`
 	RequestRing  uint64   `msgpack:"request_ring"`
@@ -113,6 +114,8 @@ type tensorRef struct {
 	NBytes uint64   `msgpack:"nbytes"`
 }
 
+// requestDesc and tensorRef are also encoded by hand (desc.go), which writes the same
+// keys in the same order; desc_test.go checks the two encoders agree.
 type requestDesc struct {
 	Model     string      `msgpack:"model"`
 	TimeoutUS uint64      `msgpack:"timeout_us"`
@@ -173,7 +176,7 @@ func (m mpMap) EncodeMsgpack(enc *msgpack.Encoder) error {
 }
 
 // encoders are pooled: building one per message would dominate the cost of a small
-// request descriptor.
+// message. (The per-request descriptors do not come here: see desc.go.)
 type encoder struct {
 	buf bytes.Buffer
 	enc *msgpack.Encoder
@@ -249,6 +252,15 @@ func decodeMessage(body []byte) (string, any, error) {
 }
 
 func decodeResponseDesc(b []byte) (*responseDesc, error) {
+	if d, ok := decodeResponseOutputs(b); ok {
+		return d, nil
+	}
+	return decodeResponseDescGeneral(b)
+}
+
+// decodeResponseDescGeneral accepts every valid encoding and words every error;
+// decodeResponseDesc tries the fast path for the common case first.
+func decodeResponseDescGeneral(b []byte) (*responseDesc, error) {
 	tree, err := decodeMsgpack(b)
 	if err != nil {
 		return nil, err

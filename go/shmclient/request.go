@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/bits"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -110,33 +111,32 @@ func (r *Request) Send(ctx context.Context) error {
 		r.Abandon()
 		return fmt.Errorf("shmclient: model %q: %w", r.model, err)
 	}
-	ch := make(chan reqResult, 1)
+
+	// The descriptor is encoded once, straight into the record, now that timeout_us is
+	// known. The layout left room for the longest timeout encoding, so the offsets stay
+	// valid; the length check catches requestDescLen and appendRequestDesc disagreeing
+	// (a bug) before it could publish a torn record.
+	r.desc.TimeoutUS = timeoutUS
+	room := r.rec[recordHeaderSize:recordHeaderSize:r.dataStart]
+	n := requestDescLen(&r.desc)
+	if n > cap(room) || len(appendRequestDesc(room, &r.desc)) != n {
+		r.Abandon()
+		return fmt.Errorf("shmclient: internal error: descriptor of %d bytes does not fit its reserved %d", n, cap(room))
+	}
+	putRecordHeader(r.rec, recordHeader{Len: uint32(len(r.rec)), Kind: kindRequest, RequestID: r.id, DescLen: uint32(n)})
+
+	ch := resultChans.Get().(chan reqResult)
 	c.mu.Lock()
 	if c.closeErr != nil {
 		err := c.closeErr
 		c.mu.Unlock()
+		resultChans.Put(ch)
 		r.Abandon()
 		return err
 	}
 	c.pendingReq[r.id] = ch
+	c.inFlight++
 	c.mu.Unlock()
-
-	// Descriptor last, so timeout_us is measured as late as possible. The layout left
-	// room for the longest timeout encoding, so the offsets stay valid.
-	r.desc.TimeoutUS = timeoutUS
-	desc, err := marshal(nil, &r.desc)
-	if err == nil && recordHeaderSize+len(desc) > int(r.dataStart) {
-		err = fmt.Errorf("shmclient: internal error: descriptor outgrew its reserved room")
-	}
-	if err != nil {
-		c.mu.Lock()
-		delete(c.pendingReq, r.id)
-		c.mu.Unlock()
-		r.Abandon()
-		return err
-	}
-	copy(r.rec[recordHeaderSize:], desc)
-	putRecordHeader(r.rec, recordHeader{Len: uint32(len(r.rec)), Kind: kindRequest, RequestID: r.id, DescLen: uint32(len(desc))})
 	r.state = statePublished
 	r.result = ch
 	c.req.commit(r.pos, false)
@@ -152,24 +152,62 @@ func (r *Request) Wait(ctx context.Context) (*Response, error) {
 	}
 	c, ch := r.c, r.result
 	r.result = nil
+	c.enterWait()
+	defer c.leaveWait()
+	// Read the response ring ourselves when nobody else is (reader.go); otherwise
+	// whoever is delivers on ch.
 	select {
 	case res := <-ch:
+		resultChans.Put(ch)
 		return c.finish(r.model, res)
-	case <-ctx.Done():
-		c.mu.Lock()
-		_, pending := c.pendingReq[r.id]
-		delete(c.pendingReq, r.id)
-		c.mu.Unlock()
-		if !pending {
-			// The reader already took it off the map: the result is (being) delivered.
-			if res := <-ch; res.resp != nil {
-				res.resp.Release()
-			}
+	case c.readerTok <- struct{}{}:
+		// The previous reader may have delivered ours just before handing over (select
+		// picks among ready cases at random). Nobody else reads while we hold the
+		// token, so if ch is empty now, the response is still to come.
+		var res reqResult
+		ok := true
+		select {
+		case res = <-ch:
+		default:
+			res, ok = c.readFor(ctx, r.id)
 		}
-		// Otherwise the reader finds no waiter and releases the response on arrival.
-		return nil, fmt.Errorf("shmclient: model %q: %w", r.model, ctx.Err())
+		<-c.readerTok
+		if ok {
+			resultChans.Put(ch)
+			return c.finish(r.model, res)
+		}
+		// Only the end of ctx or of the session stops a reader short; the latter's
+		// error comes on ch.
+		select {
+		case res := <-ch:
+			resultChans.Put(ch)
+			return c.finish(r.model, res)
+		case <-ctx.Done():
+		}
+	case <-ctx.Done():
 	}
+	c.mu.Lock()
+	_, pending := c.pendingReq[r.id]
+	delete(c.pendingReq, r.id)
+	c.mu.Unlock()
+	if !pending {
+		// A reader already took it off the map: the result is (being) delivered.
+		if res := <-ch; res.resp != nil {
+			res.resp.Release()
+		}
+	}
+	// Otherwise whoever reads it finds no waiter and releases the response on arrival
+	// (readResponses, kicked as this Wait returns, if no other Wait is reading). Either
+	// way nothing more will be sent on ch.
+	resultChans.Put(ch)
+	return nil, fmt.Errorf("shmclient: model %q: %w", r.model, ctx.Err())
 }
+
+// resultChans recycles the per-request result channels. A channel is sent on at most
+// once, by whoever takes it off pendingReq (dispatch or shutdown), and Wait returns it
+// only once that send was received or can no longer happen, so a recycled channel is
+// always empty and unreachable from the map.
+var resultChans = sync.Pool{New: func() any { return make(chan reqResult, 1) }}
 
 func (c *Client) finish(model string, res reqResult) (*Response, error) {
 	if res.err != nil {
@@ -287,10 +325,12 @@ func (c *Client) newRequest(ctx context.Context, model string, specs []TensorSpe
 	}
 	r := &Request{c: c, model: model, id: c.nextID.Add(1), pos: pos, rec: c.req.slice(pos, recLen), desc: desc, dataStart: dataStart}
 	r.inputs = make([]Tensor, len(specs))
+	dims := make([]int64, 0, totalRank(specs)) // one allocation for every input's shape
 	for i, s := range specs {
 		ref := desc.Inputs[i]
-		shape := make([]int64, len(s.Shape))
-		copy(shape, s.Shape)
+		// Full slice expressions: an append to one shape must not run into the next.
+		dims = append(dims, s.Shape...)
+		shape := dims[len(dims)-len(s.Shape) : len(dims) : len(dims)]
 		r.inputs[i] = Tensor{Name: s.Name, DType: s.DType, Shape: shape,
 			Data: r.rec[ref.Offset : ref.Offset+ref.NBytes : ref.Offset+ref.NBytes]}
 	}
@@ -301,14 +341,16 @@ func (c *Client) newRequest(ctx context.Context, model string, specs []TensorSpe
 // aligned offset. The offsets are inside the descriptor, so its length depends on them;
 // iterate to a fixed point (offsets only grow, so this converges in a step or two). The
 // descriptor is sized with the longest timeout_us encoding so the real timeout, known
-// only at Do, always fits.
+// only at Send, always fits. Sizing is arithmetic (requestDescLen): the descriptor is
+// encoded once, by Send.
 func planRecord(model string, specs []TensorSpec) (desc requestDesc, dataStart, recLen uint64, err error) {
 	desc = requestDesc{Model: model, TimeoutUS: math.MaxUint64, Inputs: make([]tensorRef, len(specs))}
+	dims := make([]uint64, 0, totalRank(specs)) // one allocation for every input's shape
 	for i, s := range specs {
-		shape := make([]uint64, len(s.Shape))
-		for j, d := range s.Shape {
-			shape[j] = uint64(d)
+		for _, d := range s.Shape {
+			dims = append(dims, uint64(d))
 		}
+		shape := dims[len(dims)-len(s.Shape) : len(dims) : len(dims)]
 		desc.Inputs[i] = tensorRef{Name: s.Name, DType: s.DType.String(), Shape: shape, NBytes: specNBytes(s)}
 	}
 	start := align64(recordHeaderSize)
@@ -321,19 +363,24 @@ func planRecord(model string, specs []TensorSpec) (desc requestDesc, dataStart, 
 			}
 			end = align64(end + desc.Inputs[i].NBytes)
 		}
-		enc, err := marshal(nil, &desc)
-		if err != nil {
-			return desc, 0, 0, err
+		n := requestDescLen(&desc)
+		if n > maxDescriptor {
+			return desc, 0, 0, fmt.Errorf("%w: model %q: descriptor of %d bytes exceeds the %d byte limit", ErrBadRequest, model, n, maxDescriptor)
 		}
-		if len(enc) > maxDescriptor {
-			return desc, 0, 0, fmt.Errorf("%w: model %q: descriptor of %d bytes exceeds the %d byte limit", ErrBadRequest, model, len(enc), maxDescriptor)
-		}
-		need := align64(recordHeaderSize + uint64(len(enc)))
+		need := align64(recordHeaderSize + uint64(n))
 		if need <= start {
 			return desc, start, end, nil
 		}
 		start = need
 	}
+}
+
+func totalRank(specs []TensorSpec) int {
+	n := 0
+	for _, s := range specs {
+		n += len(s.Shape)
+	}
+	return n
 }
 
 // ringSizeFor is the ring capacity to ask for so a record of n bytes fits.

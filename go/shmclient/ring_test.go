@@ -10,6 +10,7 @@ import (
 	mrand "math/rand/v2"
 	"os"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -54,9 +55,13 @@ func newTestSession(t *testing.T, capacity uint64, spin time.Duration) *testSess
 	if err := f.Truncate(int64(size)); err != nil {
 		t.Fatal(err)
 	}
+	fd, err := syscall.Dup(int(f.Fd())) // mapSegment takes its descriptor, as from a welcome
+	if err != nil {
+		t.Fatal(err)
+	}
 	f.Close()
 
-	seg, err := mapSegment(name, size)
+	seg, err := mapSegment(fd, size)
 	if err != nil {
 		t.Fatal(err)
 	}

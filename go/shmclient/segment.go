@@ -3,8 +3,6 @@ package shmclient
 import (
 	"encoding/binary"
 	"fmt"
-	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -48,31 +46,24 @@ type segment struct {
 	refs int
 }
 
-// shmPath maps a shm_open name to its file: glibc's shm_open is open(2) under /dev/shm.
-func shmPath(name string) string {
-	return "/dev/shm/" + strings.TrimPrefix(name, "/")
-}
-
 // mapSegment maps an existing shared-memory object read-write.
-func mapSegment(name string, size uint64) (*segment, error) {
-	f, err := os.OpenFile(shmPath(name), os.O_RDWR, 0)
-	if err != nil {
-		return nil, fmt.Errorf("opening shared memory %s: %w", name, err)
+// mapSegment maps the segment descriptor that came with the welcome, and closes it: the
+// mapping keeps the memory alive. The daemon sealed its size, so it cannot shrink under us.
+func mapSegment(fd int, size uint64) (*segment, error) {
+	defer syscall.Close(fd)
+	var st syscall.Stat_t
+	if err := syscall.Fstat(fd, &st); err != nil {
+		return nil, fmt.Errorf("fstat of the session segment: %w", err)
 	}
-	defer f.Close() // the mapping keeps the object alive
-	st, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if uint64(st.Size()) != size {
-		return nil, protocolErrorf("shared memory %s is %d bytes, welcome says %d", name, st.Size(), size)
+	if uint64(st.Size) != size {
+		return nil, protocolErrorf("the session segment is %d bytes, welcome says %d", st.Size, size)
 	}
 	if size < headerSize || size > 1<<40 {
 		return nil, protocolErrorf("segment size %d out of range", size)
 	}
-	mem, err := syscall.Mmap(int(f.Fd()), 0, int(size), syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED)
+	mem, err := syscall.Mmap(fd, 0, int(size), syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED)
 	if err != nil {
-		return nil, fmt.Errorf("mmap %s: %w", name, err)
+		return nil, fmt.Errorf("mmap of the session segment: %w", err)
 	}
 	return &segment{mem: mem, refs: 1}, nil
 }

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -157,6 +158,7 @@ func decodeCase(t *testing.T, kind string, b []byte) (tree any, reencoded []byte
 		if err != nil {
 			t.Fatal(err)
 		}
+		checkFastRequestEncoder(t, d, out)
 		return tree, out
 	case "response_descriptor":
 		tree, err := decodeMsgpack(b)
@@ -166,6 +168,11 @@ func decodeCase(t *testing.T, kind string, b []byte) (tree any, reencoded []byte
 		d, err := decodeResponseDesc(b)
 		if err != nil {
 			t.Fatal(err)
+		}
+		// The general decoder must agree with whatever the fast path (inside
+		// decodeResponseDesc) made of the same bytes.
+		if g, err := decodeResponseDescGeneral(b); err != nil || !reflect.DeepEqual(g, d) {
+			t.Fatalf("general decoder: %+v, %v; fast path: %+v", g, err, d)
 		}
 		out, err := marshal(nil, d)
 		if err != nil {
@@ -183,6 +190,18 @@ func decodeCase(t *testing.T, kind string, b []byte) (tree any, reencoded []byte
 	}
 	t.Fatalf("unknown vector kind %q", kind)
 	return nil, nil
+}
+
+// checkFastRequestEncoder holds the hand-written request descriptor encoder (the one
+// Send uses) to the general encoder's canonical output.
+func checkFastRequestEncoder(t *testing.T, d *requestDesc, want []byte) {
+	t.Helper()
+	if got := appendRequestDesc(nil, d); !bytes.Equal(got, want) {
+		t.Errorf("appendRequestDesc\n got %x\nwant %x", got, want)
+	}
+	if n := requestDescLen(d); n != len(want) {
+		t.Errorf("requestDescLen %d, encoding is %d bytes", n, len(want))
+	}
 }
 
 func headerTree(h recordHeader) mpMap {
@@ -223,6 +242,7 @@ func encodeValue(t *testing.T, kind string, value any) []byte {
 		if err != nil {
 			t.Fatal(err)
 		}
+		checkFastRequestEncoder(t, &d, out)
 		return out
 	case "response_descriptor":
 		var d responseDesc
@@ -327,7 +347,11 @@ func TestRingImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.Remove(shmPath(name)) })
-	seg, err := mapSegment(name, uint64(len(img)))
+	fd, err := syscall.Open(shmPath(name), syscall.O_RDWR|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seg, err := mapSegment(fd, uint64(len(img)))
 	if err != nil {
 		t.Fatal(err)
 	}

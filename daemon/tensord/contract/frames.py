@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
@@ -58,9 +59,37 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+def send_frame_with_fd(sock: socket.socket, msg: Message, fd: int) -> None:
+    """Send a frame with one file descriptor attached to its first byte (SCM_RIGHTS)."""
+    data = encode_frame(msg)
+    sent = socket.send_fds(sock, [data], [fd])
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def read_frame_with_fds(sock: socket.socket, maxfds: int = 1) -> tuple[Message, list[int]]:
+    """Read one frame and the file descriptors that came with it (the welcome carries the
+    segment's). The caller owns the descriptors."""
+    head, fds, _, _ = socket.recv_fds(sock, 4, maxfds)
+    if not head:
+        raise PeerClosed("peer closed the connection")
+    try:
+        if len(head) < 4:
+            head += _recv_exact(sock, 4 - len(head))
+        return _read_body(sock, head), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
 def read_frame(sock: socket.socket) -> Message:
     """Read one frame and decode it into a message dataclass."""
-    (n,) = _LEN.unpack(_recv_exact(sock, 4))
+    return _read_body(sock, _recv_exact(sock, 4))
+
+
+def _read_body(sock: socket.socket, head: bytes) -> Message:
+    (n,) = _LEN.unpack(head)
     if n == 0 or n > MAX_FRAME:
         raise ProtocolError(
             f"frame length {n} is outside 1..{MAX_FRAME}", code=ErrorCode.BAD_FRAME, fatal=True

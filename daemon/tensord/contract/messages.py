@@ -8,8 +8,10 @@ from typing import Any, ClassVar
 from .codec import WireTypeError, from_wire, to_wire
 from .errors import ErrorCode, ProtocolError
 
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+# Version 2: the segment is a sealed memfd whose descriptor rides on the welcome frame
+# (SCM_RIGHTS) instead of a shared-memory name; `welcome` lost its `shm` field.
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (2,)
 
 
 @dataclass
@@ -43,7 +45,6 @@ class Welcome:
     TYPE: ClassVar[str] = "welcome"
     version: int
     session: str
-    shm: str
     semaphores: list[str]
     segment_size: int
     request_ring: int

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import re
@@ -36,19 +37,16 @@ _NAME_RE = re.compile(r"^(?:sem\.)?tensord-(\d+)-[0-9a-f]{32}(?:-(?:rd|rs|pd|ps)
 @dataclass(frozen=True)
 class SessionNames:
     session: str
-    shm: str
     semaphores: tuple[str, ...]
 
     @classmethod
     def new(cls, pid: int | None = None) -> SessionNames:
         session = secrets.token_hex(16)
-        shm = f"/tensord-{pid or os.getpid()}-{session}"
-        return cls(session, shm, tuple(shm + s for s in SEM_SUFFIXES))
+        base = f"/tensord-{pid or os.getpid()}-{session}"
+        return cls(session, tuple(base + s for s in SEM_SUFFIXES))
 
     def unlink(self) -> None:
         """Remove every name; already-removed ones are fine (unlink is idempotent here)."""
-        with contextlib.suppress(posix_ipc.ExistentialError):
-            posix_ipc.unlink_shared_memory(self.shm)
         for s in self.semaphores:
             with contextlib.suppress(posix_ipc.ExistentialError):
                 posix_ipc.unlink_semaphore(s)
@@ -61,6 +59,7 @@ class Segment:
     """
 
     def __init__(self, mm: mmap.mmap, sems: list[posix_ipc.Semaphore], side: str):
+        self.fd = -1
         self.mm = mm
         self.buf = memoryview(mm)
         self.sems = sems
@@ -86,49 +85,56 @@ class Segment:
     @classmethod
     def create(cls, names: SessionNames, request_ring: int, response_ring: int,
                owner_uid: int | None = None) -> Segment:
-        """Create, reserve and initialise the segment and semaphores. On any failure every
-        name created so far is removed again."""
+        """Create, reserve, initialise and seal the segment, and create the semaphores. On any
+        failure every name created so far is removed again.
+
+        The segment is a memfd sealed against shrinking and growing: the client receives a
+        writable descriptor of it (SCM_RIGHTS), and without the seals it could ftruncate the
+        memory under the daemon's feet, which would kill the daemon with SIGBUS."""
         size = segment_size(request_ring, response_ring)
+        fd = -1
         try:
-            _check_free_space(size)
-            shm = posix_ipc.SharedMemory(names.shm, posix_ipc.O_CREX, mode=0o600)
+            check_memory(size)
+            fd = os.memfd_create(f"tensord-{names.session}",
+                                 os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
-                try:
-                    os.posix_fallocate(shm.fd, 0, size)
-                except OSError as e:
-                    if e.errno in (errno.ENOSPC, errno.ENOMEM):
-                        raise ResourceError(_no_space_message(size), fatal=True) from None
-                    raise
-                mm = mmap.mmap(shm.fd, size)
-                if owner_uid is not None and owner_uid != os.getuid():
-                    _give(shm.fd, None, owner_uid)
-            finally:
-                shm.close_fd()
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                    raise ResourceError(_no_memory_message(size), fatal=True) from None
+                raise
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            mm = mmap.mmap(fd, size)
             write_header(memoryview(mm), request_ring, response_ring)
             sems = []
             for name in names.semaphores:
                 sems.append(posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600,
                                                 initial_value=0))
                 if owner_uid is not None and owner_uid != os.getuid():
-                    _give(None, os.path.join(SHM_DIR, "sem." + name.lstrip("/")), owner_uid)
+                    _give(os.path.join(SHM_DIR, "sem." + name.lstrip("/")), owner_uid)
         except BaseException:
             names.unlink()
+            if fd >= 0:
+                os.close(fd)
             raise
-        return cls(mm, sems, "daemon")
+        seg = cls(mm, sems, "daemon")
+        seg.fd = fd
+        return seg
 
     @classmethod
-    def attach(cls, names: SessionNames, size: int, request_ring: int,
+    def attach(cls, fd: int, names: SessionNames, size: int, request_ring: int,
                response_ring: int) -> Segment:
-        """Open a daemon-created segment (client side) and check its header."""
-        shm = posix_ipc.SharedMemory(names.shm)
+        """Map the segment whose descriptor came with the welcome (client side), check its
+        header, and open the semaphores. Takes ownership of `fd` (closes it)."""
         try:
-            actual = os.fstat(shm.fd).st_size
+            actual = os.fstat(fd).st_size
             if actual != size:
                 raise ProtocolError(f"segment is {actual} bytes, welcome said {size}",
                                     fatal=True)
-            mm = mmap.mmap(shm.fd, size)
+            mm = mmap.mmap(fd, size)
         finally:
-            shm.close_fd()
+            os.close(fd)
         try:
             h = read_header(memoryview(mm))
         except ValueError as e:
@@ -145,6 +151,12 @@ class Segment:
         sems = [posix_ipc.Semaphore(n) for n in names.semaphores]
         return cls(mm, sems, "client")
 
+    def close_fd(self) -> None:
+        """The daemon drops its descriptor once the client has its own."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def address(self) -> int:
         """The mapping's virtual address (for cudaHostRegister)."""
         anchor = ctypes.c_char.from_buffer(self.mm)
@@ -156,6 +168,7 @@ class Segment:
     def close(self) -> bool:
         """Close semaphores and unmap. Returns False when tensors still view the mapping (the
         mapping is then freed by the garbage collector once they are gone)."""
+        self.close_fd()
         for s in self.sems:
             with contextlib.suppress(posix_ipc.ExistentialError):
                 s.close()
@@ -171,33 +184,57 @@ class Segment:
         return True
 
 
-def _check_free_space(size: int) -> None:
-    st = os.statvfs(SHM_DIR)
-    free = st.f_bavail * st.f_frsize
-    if free < size:
-        raise ResourceError(_no_space_message(size, free), fatal=True)
-
-
-def _no_space_message(size: int, free: int | None = None) -> str:
-    if free is None:
-        st = os.statvfs(SHM_DIR)
-        free = st.f_bavail * st.f_frsize
-    mib = 1 << 20
-    want_gib = max(1, -(-2 * size // (1 << 30)))
-    return (f"{SHM_DIR} has {free // mib} MiB free, the session needs {size // mib} MiB: run the "
-            f"container with --shm-size={want_gib}g (Kubernetes: mount an emptyDir with medium "
-            f"Memory on /dev/shm), or ask for smaller rings (Go: WithRingSize)")
-
-
-def _give(fd: int | None, path: str | None, uid: int) -> None:
+def available_memory() -> tuple[int, str]:
+    """Bytes the daemon can still allocate, and what limits it: the smaller of the host's
+    MemAvailable and the daemon's cgroup (v2) memory.max minus memory.current."""
+    best, why = 1 << 62, "no limit found"
     try:
-        if fd is not None:
-            os.fchown(fd, uid, -1)
-        else:
-            os.chown(path, uid, -1)
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    best, why = int(line.split()[1]) * 1024, "the host's available memory"
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/cgroup") as f:
+            rel = f.read().strip().split("::", 1)[-1]
+        base = os.path.join("/sys/fs/cgroup", rel.lstrip("/"))
+        with open(os.path.join(base, "memory.max")) as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open(os.path.join(base, "memory.current")) as f:
+                left = int(limit) - int(f.read())
+            if left < best:
+                best, why = left, "the daemon's cgroup memory limit"
+    except (OSError, ValueError):
+        pass
+    return best, why
+
+
+def check_memory(size: int) -> None:
+    """Fail the handshake with a clear message instead of letting a segment that does not fit
+    push the daemon into the OOM killer (segment memory is charged to the daemon)."""
+    free, why = available_memory()
+    if size > free:
+        raise ResourceError(_no_memory_message(size, free, why), fatal=True)
+
+
+def _no_memory_message(size: int, free: int | None = None, why: str = "") -> str:
+    if free is None:
+        free, why = available_memory()
+    mib = 1 << 20
+    return (f"the session needs {size // mib} MiB of shared memory but {why} leaves "
+            f"{max(free, 0) // mib} MiB: ask for smaller rings (Go: WithRingSize), close idle "
+            "sessions, or give the daemon more memory (e.g. MemoryMax= in its systemd unit, "
+            "the container's memory limit)")
+
+
+def _give(path: str, uid: int) -> None:
+    try:
+        os.chown(path, uid, -1)
     except PermissionError:
         raise PermissionDeniedError(
-            f"the daemon (uid {os.getuid()}) cannot give shared memory to a client running as "
+            f"the daemon (uid {os.getuid()}) cannot give its semaphores to a client running as "
             f"uid {uid}: run the client as the daemon's user, or give the daemon CAP_CHOWN",
             fatal=True,
         ) from None

@@ -1,0 +1,309 @@
+package shmclient
+
+import (
+	"encoding/binary"
+	"math"
+)
+
+// Hand-written codecs for the two descriptors every request carries. The general
+// machinery (vmihailenco's reflective encoder, decodeMsgpack's generic tree plus
+// fromTree) costs several microseconds and dozens of allocations per request, more than
+// the rest of the client's work on a small request. These functions produce and accept
+// exactly what the general machinery does; vectors_test.go and desc_test.go hold them to
+// that, against the golden vectors and against the general code.
+
+// Request descriptor encoder.
+//
+// requestDescLen and appendRequestDesc walk the same fields in the same canonical order
+// (SPEC §2.3, §4.4: the declaration order of requestDesc and tensorRef); the length is
+// computed arithmetically so that a record can be laid out before the descriptor is
+// written, and the descriptor is then encoded once, straight into the record. Send checks
+// that the two agree, so a future edit to one and not the other fails loudly instead of
+// publishing a torn record. Nil slices encode as empty arrays: the SPEC has no nil there.
+
+// requestDescLen returns the length of the canonical encoding of d.
+func requestDescLen(d *requestDesc) int {
+	n := 1 + // fixmap of 3
+		strLen("model") + strLen(d.Model) +
+		strLen("timeout_us") + uintLen(d.TimeoutUS) +
+		strLen("inputs") + arrayHeaderLen(len(d.Inputs))
+	for i := range d.Inputs {
+		in := &d.Inputs[i]
+		n += 1 + // fixmap of 5
+			strLen("name") + strLen(in.Name) +
+			strLen("dtype") + strLen(in.DType) +
+			strLen("shape") + arrayHeaderLen(len(in.Shape)) +
+			strLen("offset") + uintLen(in.Offset) +
+			strLen("nbytes") + uintLen(in.NBytes)
+		for _, dim := range in.Shape {
+			n += uintLen(dim)
+		}
+	}
+	return n
+}
+
+// appendRequestDesc appends the canonical encoding of d to b; it writes in place when b
+// has room for requestDescLen(d) more bytes.
+func appendRequestDesc(b []byte, d *requestDesc) []byte {
+	b = append(b, 0x80|3)
+	b = appendStr(b, "model")
+	b = appendStr(b, d.Model)
+	b = appendStr(b, "timeout_us")
+	b = appendUint(b, d.TimeoutUS)
+	b = appendStr(b, "inputs")
+	b = appendArrayHeader(b, len(d.Inputs))
+	for i := range d.Inputs {
+		in := &d.Inputs[i]
+		b = append(b, 0x80|5)
+		b = appendStr(b, "name")
+		b = appendStr(b, in.Name)
+		b = appendStr(b, "dtype")
+		b = appendStr(b, in.DType)
+		b = appendStr(b, "shape")
+		b = appendArrayHeader(b, len(in.Shape))
+		for _, dim := range in.Shape {
+			b = appendUint(b, dim)
+		}
+		b = appendStr(b, "offset")
+		b = appendUint(b, in.Offset)
+		b = appendStr(b, "nbytes")
+		b = appendUint(b, in.NBytes)
+	}
+	return b
+}
+
+// The shortest forms of SPEC §2.3 (what vmihailenco writes with UseCompactInts).
+
+func uintLen(v uint64) int {
+	switch {
+	case v <= 0x7f:
+		return 1
+	case v <= math.MaxUint8:
+		return 2
+	case v <= math.MaxUint16:
+		return 3
+	case v <= math.MaxUint32:
+		return 5
+	}
+	return 9
+}
+
+func appendUint(b []byte, v uint64) []byte {
+	switch {
+	case v <= 0x7f:
+		return append(b, byte(v))
+	case v <= math.MaxUint8:
+		return append(b, 0xcc, byte(v))
+	case v <= math.MaxUint16:
+		return binary.BigEndian.AppendUint16(append(b, 0xcd), uint16(v))
+	case v <= math.MaxUint32:
+		return binary.BigEndian.AppendUint32(append(b, 0xce), uint32(v))
+	}
+	return binary.BigEndian.AppendUint64(append(b, 0xcf), v)
+}
+
+func strLen(s string) int {
+	switch n := len(s); {
+	case n < 32:
+		return 1 + n
+	case n <= math.MaxUint8:
+		return 2 + n
+	case n <= math.MaxUint16:
+		return 3 + n
+	default:
+		return 5 + n
+	}
+}
+
+func appendStr(b []byte, s string) []byte {
+	switch n := len(s); {
+	case n < 32:
+		b = append(b, 0xa0|byte(n))
+	case n <= math.MaxUint8:
+		b = append(b, 0xd9, byte(n))
+	case n <= math.MaxUint16:
+		b = binary.BigEndian.AppendUint16(append(b, 0xda), uint16(n))
+	default:
+		b = binary.BigEndian.AppendUint32(append(b, 0xdb), uint32(n))
+	}
+	return append(b, s...)
+}
+
+func arrayHeaderLen(n int) int {
+	switch {
+	case n < 16:
+		return 1
+	case n <= math.MaxUint16:
+		return 3
+	}
+	return 5
+}
+
+func appendArrayHeader(b []byte, n int) []byte {
+	switch {
+	case n < 16:
+		return append(b, 0x90|byte(n))
+	case n <= math.MaxUint16:
+		return binary.BigEndian.AppendUint16(append(b, 0xdc), uint16(n))
+	}
+	return binary.BigEndian.AppendUint32(append(b, 0xdd), uint32(n))
+}
+
+// Response descriptor decoder.
+
+// decodeResponseOutputs is the fast path of decodeResponseDesc for the descriptor of
+// every successful response: {"outputs": [ref, ...]}, each ref a map of exactly its five
+// keys in canonical order, integers in the unsigned family, strings in the str family
+// (header widths may be any). ok is false for anything else, valid or not (an error
+// response, another key order, extra keys, nil, signed integers, ...): the caller then
+// runs the general decoder, which accepts or rejects it and words the error. So this
+// path decides nothing on its own; whatever it accepts, the general decoder accepts with
+// the same result.
+func decodeResponseOutputs(b []byte) (d *responseDesc, ok bool) {
+	r := fastReader{b: b}
+	if r.mapLen() != 1 || string(r.str()) != "outputs" {
+		return nil, false
+	}
+	n := r.arrayLen()
+	// Each ref takes at least one byte per key: a count beyond that is a lie, and must
+	// not size an allocation.
+	if r.failed || n > (len(b)-r.pos)/5 {
+		return nil, false
+	}
+	outs := make([]tensorRef, n)
+	for i := range outs {
+		ref := &outs[i]
+		if r.mapLen() != 5 || string(r.str()) != "name" {
+			return nil, false
+		}
+		ref.Name = string(r.str())
+		if string(r.str()) != "dtype" {
+			return nil, false
+		}
+		ref.DType = internDType(r.str())
+		if string(r.str()) != "shape" {
+			return nil, false
+		}
+		rank := r.arrayLen()
+		if r.failed || rank > len(b)-r.pos {
+			return nil, false
+		}
+		ref.Shape = make([]uint64, rank)
+		for j := range ref.Shape {
+			ref.Shape[j] = r.uint()
+		}
+		if string(r.str()) != "offset" {
+			return nil, false
+		}
+		ref.Offset = r.uint()
+		if string(r.str()) != "nbytes" {
+			return nil, false
+		}
+		ref.NBytes = r.uint()
+		if r.failed {
+			return nil, false
+		}
+	}
+	if r.failed || r.pos != len(b) {
+		return nil, false
+	}
+	return &responseDesc{Outputs: outs}, true
+}
+
+// internDType returns the package's own string for a known dtype name, sparing an
+// allocation per output; the comparison string(b) == name does not allocate.
+func internDType(b []byte) string {
+	for _, name := range dtypeNames {
+		if string(b) == name {
+			return name
+		}
+	}
+	return string(b)
+}
+
+// fastReader reads the few msgpack forms decodeResponseOutputs accepts. Any other form,
+// or running out of bytes, sets failed and yields zero values; callers check failed
+// before trusting (or allocating by) what they read.
+type fastReader struct {
+	b      []byte
+	pos    int
+	failed bool
+}
+
+func (r *fastReader) next() byte {
+	if r.pos >= len(r.b) {
+		r.failed = true
+		return 0
+	}
+	c := r.b[r.pos]
+	r.pos++
+	return c
+}
+
+// be reads an n-byte big-endian unsigned integer (n is 1, 2, 4 or 8).
+func (r *fastReader) be(n int) uint64 {
+	if n > len(r.b)-r.pos {
+		r.failed = true
+		return 0
+	}
+	var v uint64
+	for _, c := range r.b[r.pos : r.pos+n] {
+		v = v<<8 | uint64(c)
+	}
+	r.pos += n
+	return v
+}
+
+func (r *fastReader) uint() uint64 {
+	switch c := r.next(); {
+	case c <= 0x7f:
+		return uint64(c)
+	case c >= 0xcc && c <= 0xcf:
+		return r.be(1 << (c - 0xcc))
+	}
+	r.failed = true
+	return 0
+}
+
+func (r *fastReader) str() []byte {
+	var n uint64
+	switch c := r.next(); {
+	case c&0xe0 == 0xa0:
+		n = uint64(c & 0x1f)
+	case c >= 0xd9 && c <= 0xdb:
+		n = r.be(1 << (c - 0xd9))
+	default:
+		r.failed = true
+		return nil
+	}
+	if r.failed || n > uint64(len(r.b)-r.pos) {
+		r.failed = true
+		return nil
+	}
+	s := r.b[r.pos : r.pos+int(n)]
+	r.pos += int(n)
+	return s
+}
+
+// arrayLen and mapLen return -1 (and set failed) for anything but their own family.
+func (r *fastReader) arrayLen() int {
+	switch c := r.next(); {
+	case c&0xf0 == 0x90:
+		return int(c & 0x0f)
+	case c == 0xdc || c == 0xdd:
+		return int(min(r.be(2<<(c-0xdc)), math.MaxInt32))
+	}
+	r.failed = true
+	return -1
+}
+
+func (r *fastReader) mapLen() int {
+	switch c := r.next(); {
+	case c&0xf0 == 0x80:
+		return int(c & 0x0f)
+	case c == 0xde || c == 0xdf:
+		return int(min(r.be(2<<(c-0xde)), math.MaxInt32))
+	}
+	r.failed = true
+	return -1
+}
