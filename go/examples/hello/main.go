@@ -51,9 +51,11 @@ func main() {
 	rtt := time.Since(t0)
 	fmt.Printf("identity(%v) = %s %v %v  [%v]\n", x.Float32s(), out[0].Name, out[0].Shape, out[0].Float32s(), rtt.Round(time.Microsecond))
 
+	// Three different rows, so the three answers differ too.
 	batch := make([]float32, 3*16)
 	for i := range batch {
-		batch[i] = float32(i%16) / 16
+		row, col := i/16, i%16
+		batch[i] = float32((row+1)*(col-8)) / 16
 	}
 	t0 = time.Now()
 	out, err = c.Infer(ctx, "mlp", shmclient.FromFloat32("x", []int64{3, 16}, batch))
