@@ -29,6 +29,7 @@ from .contract.dtypes import ByteStrings, decode_byte_strings, from_torch, looku
 from .contract.errors import (
     ConnectionClosedError,
     DeadlineError,
+    PermissionDeniedError,
     ProtocolError,
     TooLargeError,
     error_from_code,
@@ -80,6 +81,11 @@ class Client:
             raise ConnectionClosedError(
                 f"no tensord daemon at {self.path} ({e.strerror}): start it with "
                 "`tensord serve`, or point TENSORD_SOCKET at its socket") from None
+        except PermissionError:
+            self.sock.close()
+            raise PermissionDeniedError(
+                f"not allowed to connect to {self.path}: add this user to the socket's group "
+                "(the systemd unit uses `tensord`), or run as the daemon's user") from None
         self._send(Hello(min_version=PROTOCOL_VERSION, max_version=PROTOCOL_VERSION,
                          client=name, request_ring=request_ring, response_ring=response_ring))
         welcome, fds = read_frame_with_fds(self.sock)

@@ -133,8 +133,8 @@ class Connection:
             self.sock.settimeout(None)
             self.send(Ready())
             self.session.start()
-            log.info("session %s: pid %d uid %d, rings %d/%d bytes", self.session.id[:8],
-                     self.peer.pid, self.peer.uid, req, resp)
+            log.info("session %s: %r pid %d uid %d, rings %d/%d bytes", self.session.id[:8],
+                     hello.client[:128], self.peer.pid, self.peer.uid, req, resp)
             self._serve_control()
         except (PeerClosed, ConnectionError, TimeoutError) as e:
             if not self._closed.is_set():

@@ -98,6 +98,9 @@ func Dial(ctx context.Context, socketPath string, opts ...Option) (*Client, erro
 		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
 			return nil, fmt.Errorf("%w: no tensord daemon at %s (start one with `python -m tensord serve`, or point TENSORD_SOCKET at its socket): %v", ErrClosed, socketPath, err)
 		}
+		if errors.Is(err, syscall.EACCES) {
+			return nil, fmt.Errorf("%w: not allowed to connect to %s: add this user to the socket's group (the systemd unit uses tensord), or run as the daemon's user: %v", ErrPermission, socketPath, err)
+		}
 		return nil, fmt.Errorf("shmclient: dial %s: %w", socketPath, err)
 	}
 	c := &Client{
