@@ -79,6 +79,12 @@ def test_load_reload_unload(daemon, tmp_path):
         with pytest.raises(UnknownModelError):
             c.unload("add")
 
+        make_model(tmp_path, 3.0)
+        c.load("add", {"source": "torchscript", "path": path, "device": "cpu", **SIGNATURE})
+        assert call(c) == 3.0
+        assert version(c, "add") == 3, "a version number is never handed out twice"
+        c.unload("add")
+
 
 def test_bad_loads_change_nothing(daemon, tmp_path):
     with Client(daemon.path) as c:
@@ -158,3 +164,19 @@ def test_cuda_device_without_a_gpu_is_a_clear_load_error(daemon, tmp_path):
         c.load("auto", {"source": "torchscript", "path": path, "device": "auto", **SIGNATURE})
         assert {m.name: m.device for m in c.models()}["auto"] == "cpu"
         c.unload("auto")
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    make_model(tmp_path, 5.0, "rel.pt")
+    d = start_daemon(tmp_path, config="[daemon]\n")  # tensord.toml in tmp_path
+    try:
+        with Client(d.path) as c:
+            c.load("rel", {"source": "torchscript", "path": "rel.pt", **SIGNATURE})
+            assert call_model(c, "rel") == 5.0
+    finally:
+        assert d.stop() == 0
+
+
+def call_model(c: Client, name: str) -> float:
+    y = c.infer(name, {"x": torch.zeros(1, 256), "n": torch.tensor(0)})["y"]
+    return float(y[0, 0])

@@ -52,6 +52,8 @@ class DaemonConfig:
     admin_uids: list[int] = field(default_factory=lambda: [os.getuid()])
     builtin_models: bool = True
     models: list[ModelConfig] = field(default_factory=list)
+    # Where relative model paths resolve: the config file's directory (admin `load` too).
+    base_dir: str = field(default_factory=os.getcwd)
 
     def socket_path(self) -> str:
         return self.socket or default_socket_path()
@@ -104,7 +106,7 @@ def load_config(path: str) -> DaemonConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     base = os.path.dirname(os.path.abspath(path))
-    cfg = DaemonConfig()
+    cfg = DaemonConfig(base_dir=base)
     daemon = raw.pop("daemon", {})
     for k, v in daemon.items():
         if k not in _DAEMON_KEYS:

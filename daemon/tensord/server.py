@@ -33,7 +33,7 @@ class Server:
         self.config = config
         self.registry = registry
         self.executor = executor
-        self.control = ModelControl(registry, executor)
+        self.control = ModelControl(registry, executor, config.base_dir)
         self.path = config.socket_path()
         self.sessions = SessionCounter(config.max_sessions)
         self._conns: set[Connection] = set()

@@ -15,6 +15,9 @@ class Registry:
         self._lock = threading.Lock()
         self._models: dict[str, Model] = {}
         self._configs: dict[str, ModelConfig] = {}
+        # Versions of unloaded models, so a later load continues the count (SPEC: version
+        # increases by one on each (re)load) and a client never sees a version come back.
+        self._last_version: dict[str, int] = {}
         for m in models or []:
             self.add(m)
 
@@ -25,6 +28,8 @@ class Registry:
             old = self._models.get(model.name)
             if old is not None:
                 model.version = old.version + 1
+            elif model.name in self._last_version:
+                model.version = self._last_version[model.name] + 1
             self._models[model.name] = model
             if config is not None:
                 self._configs[model.name] = config
@@ -42,10 +47,12 @@ class Registry:
     def remove(self, name: str) -> Model:
         with self._lock:
             try:
-                self._configs.pop(name, None)
-                return self._models.pop(name)
+                model = self._models.pop(name)
             except KeyError:
                 raise self._unknown(name) from None
+            self._configs.pop(name, None)
+            self._last_version[name] = model.version
+            return model
 
     def get(self, name: str) -> Model:
         # A plain dict read is atomic under the GIL; the lock only orders writers.
