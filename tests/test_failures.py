@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import struct
@@ -99,6 +100,21 @@ def test_malformed_body_is_fatal(daemon, body):
     s = connect(daemon.path)
     s.sendall(raw_frame(body))
     expect_fatal(s, "BAD_FRAME")
+
+
+def test_handshake_has_one_deadline_however_slowly_bytes_arrive(daemon):
+    s = connect(daemon.path)
+    s.settimeout(30)
+    hello = encode_frame(Hello(2, 2, "trickle", 0, 0))
+    t0 = time.monotonic()
+    for b in hello:  # one byte every 2 s: each recv is quick, the whole is not
+        s.send(bytes([b]))
+        readable, _, _ = select.select([s], [], [], 2)
+        if readable:  # the daemon gave up on us; stop before it sees unread bytes
+            break
+    err = expect_fatal(s, "BAD_MESSAGE")
+    assert "did not complete within" in err.message
+    assert time.monotonic() - t0 < 25
 
 
 def test_first_message_must_be_hello(daemon):

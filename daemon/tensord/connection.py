@@ -8,6 +8,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 
 from . import __version__
@@ -97,8 +98,8 @@ class Connection:
         names: SessionNames | None = None
         counted = False
         try:
-            self.sock.settimeout(HANDSHAKE_TIMEOUT)
-            hello = read_frame(self.sock)
+            deadline = time.monotonic() + HANDSHAKE_TIMEOUT  # for the whole handshake
+            hello = read_frame(self.sock, deadline)
             if not isinstance(hello, Hello):
                 raise ProtocolError(f"expected hello, got {type(hello).TYPE}", fatal=True)
             version = _choose_version(hello)
@@ -125,7 +126,7 @@ class Connection:
             with self._send_lock:
                 send_frame_with_fd(self.sock, welcome, seg.fd)
             seg.close_fd()  # the client holds its own descriptor now
-            attached = read_frame(self.sock)
+            attached = read_frame(self.sock, deadline)
             if not isinstance(attached, Attached):
                 raise ProtocolError(f"expected attached, got {type(attached).TYPE}", fatal=True)
             names.unlink()  # from here on nothing of the session is visible in /dev/shm
@@ -136,7 +137,13 @@ class Connection:
             log.info("session %s: %r pid %d uid %d, rings %d/%d bytes", self.session.id[:8],
                      hello.client[:128], self.peer.pid, self.peer.uid, req, resp)
             self._serve_control()
-        except (PeerClosed, ConnectionError, TimeoutError) as e:
+        except TimeoutError:
+            if self.session is None:
+                with contextlib.suppress(OSError):
+                    self.send(error_message(ProtocolError(
+                        f"the handshake did not complete within {HANDSHAKE_TIMEOUT:.0f} s",
+                        fatal=True)))
+        except (PeerClosed, ConnectionError) as e:
             if not self._closed.is_set():
                 log.debug("connection ended: %s", e)
         except OSError as e:

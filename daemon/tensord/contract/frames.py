@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 
 from .codec import packb, unpackb
 from .errors import ErrorCode, ProtocolError
@@ -47,11 +48,18 @@ def decode_body(body: bytes) -> dict:
     return value
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
+        if deadline is not None:
+            # One deadline for the whole frame: a peer trickling a byte at a time must not
+            # stretch a per-recv timeout forever.
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out reading a frame")
+            sock.settimeout(left)
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             raise PeerClosed("peer closed the connection")
@@ -83,18 +91,19 @@ def read_frame_with_fds(sock: socket.socket, maxfds: int = 1) -> tuple[Message, 
         raise
 
 
-def read_frame(sock: socket.socket) -> Message:
-    """Read one frame and decode it into a message dataclass."""
-    return _read_body(sock, _recv_exact(sock, 4))
+def read_frame(sock: socket.socket, deadline: float | None = None) -> Message:
+    """Read one frame and decode it into a message dataclass; `deadline` (time.monotonic)
+    bounds the whole read."""
+    return _read_body(sock, _recv_exact(sock, 4, deadline), deadline)
 
 
-def _read_body(sock: socket.socket, head: bytes) -> Message:
+def _read_body(sock: socket.socket, head: bytes, deadline: float | None = None) -> Message:
     (n,) = _LEN.unpack(head)
     if n == 0 or n > MAX_FRAME:
         raise ProtocolError(
             f"frame length {n} is outside 1..{MAX_FRAME}", code=ErrorCode.BAD_FRAME, fatal=True
         )
-    value = decode_body(_recv_exact(sock, n))
+    value = decode_body(_recv_exact(sock, n, deadline))
     try:
         return decode_message(value)
     except ProtocolError as e:
