@@ -413,18 +413,8 @@ func TestViewsOutliveClose(t *testing.T) {
 
 // TestDaemonKilled SIGKILLs a daemon of its own while requests are in flight.
 func TestDaemonKilled(t *testing.T) {
-	needDaemon(t)
-	d, err := startDaemon(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.kill(syscall.SIGKILL)
+	d, c := ownDaemon(t)
 	ctx := testCtx(t)
-	c, err := Dial(ctx, d.socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	held, err := c.Infer(ctx, "identity", FromFloat32("x", []int64{2}, []float32{4, 5}))
 	if err != nil {
 		t.Fatal(err)
@@ -501,18 +491,8 @@ func TestDaemonKilled(t *testing.T) {
 // TestDaemonShutdown stops a daemon of its own with SIGTERM: the client is told goodbye
 // and every call fails with ErrClosed (and ErrShuttingDown, which says why).
 func TestDaemonShutdown(t *testing.T) {
-	needDaemon(t)
-	d, err := startDaemon(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.kill(syscall.SIGKILL)
+	d, c := ownDaemon(t)
 	ctx := testCtx(t)
-	c, err := Dial(ctx, d.socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	if _, err := c.Infer(ctx, "identity", FromFloat32("x", []int64{1}, []float32{1})); err != nil {
 		t.Fatal(err)
 	}
@@ -522,9 +502,27 @@ func TestDaemonShutdown(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("session still open after the daemon stopped")
 	}
-	_, err = c.Infer(ctx, "identity", FromFloat32("x", []int64{1}, []float32{1}))
+	_, err := c.Infer(ctx, "identity", FromFloat32("x", []int64{1}, []float32{1}))
 	if !errors.Is(err, ErrClosed) {
 		t.Fatalf("got %v, want ErrClosed", err)
 	}
 	t.Logf("after SIGTERM: %v", err)
+}
+
+// ownDaemon starts a daemon for one test (which may kill it) and dials it; both are
+// cleaned up when the test ends.
+func ownDaemon(t *testing.T) (*daemonProc, *Client) {
+	t.Helper()
+	needDaemon(t)
+	d, err := startDaemon(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.kill(syscall.SIGKILL) })
+	c, err := Dial(testCtx(t), d.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return d, c
 }
