@@ -58,7 +58,12 @@ def start_daemon(tmp: Path, *args: str, config: str | None = None,
         cfg.write_text(config)
         cmd += ["--config", str(cfg)]
     f = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
+    # The tests' own handlers (handlers_for_tests) are importable by every test daemon.
+    here = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (here, os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
+                            env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -34,3 +34,19 @@ def branchy() -> nn.Module:
 
 def not_a_module():
     return 42
+
+
+def bert_classifier() -> nn.Module:
+    """A tiny BertForSequenceClassification with random weights (no download): its forward
+    returns a Hugging Face ModelOutput, a dict subclass."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(5)
+    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    return BertForSequenceClassification(cfg).eval()
+
+
+class TwoOutputs(nn.Module):
+    def forward(self, x: torch.Tensor):
+        return x * 2, x + 1

@@ -1,6 +1,9 @@
 """Handlers that misbehave on purpose, for tests/test_handlers.py."""
 
 
+import os
+import time
+
 from tensord.contract.errors import BadInputError
 from tensord.models.handler import Handler
 from tensord.models.signature import Spec
@@ -45,3 +48,44 @@ class StrNotBytes(Doubler):
         from tensord.contract.dtypes import ByteStrings
 
         return [ByteStrings(["abc"] * batch[0].shape[0], (batch[0].shape[0],))]
+
+
+class Gate(Handler):
+    """A model whose forward pass the test controls, so tests wait on observable state instead
+    of calibrating sleeps: each call creates `<dir>/started`, then blocks until `<dir>/open`
+    exists, and returns x + the number in `<dir>/value` read at load (0 when absent)."""
+
+    inputs = (Spec("x", "f32", (-1,)),)
+    outputs = (Spec("y", "f32", (-1,)),)
+
+    def load(self, ctx):
+        self.dir = ctx.options["dir"]
+        try:
+            with open(os.path.join(self.dir, "value")) as f:
+                self.add = float(f.read())
+        except FileNotFoundError:
+            self.add = 0.0
+
+    def forward(self, batch):
+        (x,) = batch
+        open(os.path.join(self.dir, "started"), "w").close()
+        end = time.monotonic() + 120  # a forgotten gate must not hang the suite forever
+        while not os.path.exists(os.path.join(self.dir, "open")):
+            if time.monotonic() > end:
+                raise RuntimeError("gate was never opened")
+            time.sleep(0.005)
+        return [x + self.add]
+
+
+def gate_config(d) -> dict:
+    return {"source": "handler", "handler": "handlers_for_tests:Gate", "warmup": False,
+            "options": {"dir": str(d)}}
+
+
+def wait_for(path, timeout: float = 60.0) -> None:
+    """Block until `path` exists (the gate's `started` marker)."""
+    end = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > end:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.005)

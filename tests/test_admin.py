@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
 from conftest import start_daemon
+from handlers_for_tests import gate_config, wait_for
 
 from tensord.client import Client
 from tensord.contract.errors import (
@@ -120,26 +119,23 @@ def test_outputs_breaking_the_signature_fail_the_load(daemon, tmp_path):
 
 
 def test_in_flight_request_finishes_on_the_version_it_started(daemon, tmp_path):
-    path = make_model(tmp_path, 1.0)
+    (tmp_path / "value").write_text("1")
     with Client(daemon.path) as admin, Client(daemon.path) as user:
-        admin.load("add", {"source": "torchscript", "path": path, **SIGNATURE})
-        v2 = make_model(tmp_path, 2.0, "add2.pt")
-        for _ in range(2):  # the second, warm call is the one that counts
-            t0 = time.monotonic()
-            call(user, n=1000)
-            dt = time.monotonic() - t0
-        n = int(1000 * 6.0 / max(dt, 1e-4))  # about 6 s of work
+        admin.load("gate", gate_config(tmp_path))
         result = {}
-        t = threading.Thread(target=lambda: result.setdefault("y", call(user, n=n)))
+        t = threading.Thread(target=lambda: result.setdefault(
+            "y", user.infer("gate", {"x": torch.zeros(1)}, timeout=120)["y"]))
         t.start()
-        time.sleep(0.3)
-        os.replace(v2, path)
-        admin.reload("add")
-        assert t.is_alive(), "the request must still run when the reload lands"
+        wait_for(tmp_path / "started")  # version 1 is computing the request now
+        (tmp_path / "value").write_text("2")
+        admin.reload("gate")
+        assert version(admin, "gate") == 2
+        assert t.is_alive(), "the request is held at the gate while the reload lands"
+        (tmp_path / "open").touch()
         t.join()
-        assert result["y"] == 1.0, "the request that started on version 1 ends on it"
-        assert call(user) == 2.0
-        admin.unload("add")
+        assert float(result["y"][0]) == 1.0, "the request that started on version 1 ends on it"
+        assert float(user.infer("gate", {"x": torch.zeros(1)})["y"][0]) == 2.0
+        admin.unload("gate")
 
 
 def test_non_admin_is_refused(tmp_path):

@@ -16,6 +16,7 @@ import msgpack
 import pytest
 import torch
 from conftest import shm_entries, start_daemon
+from handlers_for_tests import wait_for
 
 from tensord.client import Client
 from tensord.contract.descriptors import RequestDescriptor, TensorRef, encode_descriptor
@@ -322,7 +323,10 @@ def test_running_out_of_file_descriptors_does_not_kill_the_daemon(tmp_path):
             s = socket.socket(socket.AF_UNIX)
             s.connect(d.path)  # the kernel queues these even while accept() fails
             socks.append(s)
-        time.sleep(1.0)
+        deadline = time.monotonic() + 20
+        while "Too many open files" not in d.logs():  # the daemon has hit the limit
+            assert time.monotonic() < deadline, d.logs()
+            time.sleep(0.05)
         assert d.proc.poll() is None, d.logs()
         for s in socks:
             s.close()
@@ -376,15 +380,6 @@ torch.jit.script(Slow()).save({path!r})
 """
 
 
-def work_for(c: Client, seconds: float) -> int:
-    """The `n` that keeps model `slow` busy for about `seconds` (measured warm)."""
-    for _ in range(2):
-        t0 = time.monotonic()
-        c.infer("slow", {"x": torch.ones(64, 256), "n": torch.tensor(1000)})
-        dt = time.monotonic() - t0
-    return int(1000 * seconds / max(dt, 1e-4))
-
-
 @pytest.fixture
 def slow_daemon(tmp_path):
     path = str(tmp_path / "slow.pt")
@@ -398,7 +393,15 @@ source = "torchscript"
 path = "{path}"
 inputs = [{{name = "x", dtype = "f32", shape = [-1, 256]}}, {{name = "n", dtype = "i64"}}]
 outputs = [{{name = "y", dtype = "f32", shape = [-1, 256]}}]
+
+[[models]]
+name = "gate"
+source = "handler"
+handler = "handlers_for_tests:Gate"
+warmup = false
+options = {{dir = "{tmp_path}"}}
 """)
+    d.gate = tmp_path
     yield d
     d.stop()
 
@@ -406,18 +409,31 @@ outputs = [{{name = "y", dtype = "f32", shape = [-1, 256]}}]
 def test_deadline_is_checked_when_the_model_would_run(slow_daemon):
     d = slow_daemon
     with Client(d.path) as a, Client(d.path) as b:
-        n = work_for(a, 3.0)
-        busy = threading.Thread(target=a.infer, args=("slow", {
-            "x": torch.ones(64, 256), "n": torch.tensor(n)}))
+        busy = threading.Thread(target=a.infer, args=("gate", {"x": torch.ones(1)}),
+                                kwargs={"timeout": 120})
         busy.start()
-        time.sleep(0.3)
-        with pytest.raises(DeadlineError, match="time budget ran out"):
-            b.infer("slow", {"x": torch.ones(1, 256), "n": torch.tensor(1)}, timeout=30,
-                    budget=0.5)
+        wait_for(d.gate / "started")  # the compute thread is held at the gate
+        late = {}
+
+        def call_b():
+            try:
+                b.infer("slow", {"x": torch.ones(1, 256), "n": torch.tensor(1)}, timeout=60,
+                        budget=0.2)
+            except Exception as e:  # recorded for the assertion below
+                late["err"] = e
+
+        t = threading.Thread(target=call_b)
+        t.start()
+        # b's request waits behind the gate; its 0.2 s budget is long gone after 2 s (a lower
+        # bound, so no timing can make this flaky), then the gate opens.
+        time.sleep(2.0)
+        (d.gate / "open").touch()
         busy.join()
+        t.join()
+        assert isinstance(late.get("err"), DeadlineError), late
+        assert "time budget ran out" in str(late["err"])
         assert b.infer("slow", {"x": torch.ones(1, 256), "n": torch.tensor(1)},
                        timeout=30)["y"].shape == (1, 256)
-
 
 def test_model_raising_is_a_model_failed_error(slow_daemon):
     with Client(slow_daemon.path) as c:
@@ -432,7 +448,7 @@ import sys, torch
 from tensord.client import Client
 c = Client(sys.argv[1])
 print("sent", flush=True)
-c.infer("slow", {"x": torch.ones(64, 256), "n": torch.tensor(int(sys.argv[2]))})
+c.infer("gate", {"x": torch.ones(4)})
 """
 
 
@@ -447,19 +463,21 @@ def test_client_sigkilled_mid_request_leaves_nothing(slow_daemon, go_probe, tmp_
         ([go_probe, "-socket", d.path, "-mode", "roundtrip", "-n", "100000",
           "-bytes", str(1 << 20)], None),
     ]
+    # Python: killed while the daemon is computing its request (held at the gate)
+    victims.append(([sys.executable, str(script), d.path], "gate"))
     with Client(d.path) as other:
-        # Python: killed while the daemon is computing its request (about 3 s of work; a
-        # running forward pass cannot be interrupted, so keep it short)
-        n = work_for(other, 3.0)
-        victims.append(([sys.executable, str(script), d.path, str(n)], "sent"))
         for cmd, ready in victims:
             p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-            if ready:
+            if ready == "gate":
+                wait_for(d.gate / "started")
+            elif ready:
                 assert p.stdout.readline().strip() == ready
-            time.sleep(0.7)
+            else:
+                time.sleep(0.7)  # let it stream for a while (no bound is checked on this)
             assert p.poll() is None, f"{cmd[0]} ended before it could be killed"
             p.send_signal(signal.SIGKILL)
             p.wait()
+            (d.gate / "open").touch()
             x = torch.randn(4, 256)
             assert other.infer("slow", {"x": x, "n": torch.tensor(1)})["y"].shape == (4, 256)
     deadline = time.monotonic() + 10
@@ -490,13 +508,13 @@ def test_daemon_killed_while_request_in_flight(slow_daemon):
 
     def call():
         try:
-            c.infer("slow", {"x": torch.ones(64, 256), "n": torch.tensor(100000)})
+            c.infer("gate", {"x": torch.ones(1)})
         except Exception as e:  # recorded for the assertion below
             result["err"] = e
 
     t = threading.Thread(target=call)
     t.start()
-    time.sleep(0.5)
+    wait_for(d.gate / "started")
     d.proc.send_signal(signal.SIGKILL)
     t.join(timeout=30)
     assert not t.is_alive(), "the call must not hang when the daemon dies"

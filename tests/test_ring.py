@@ -142,3 +142,18 @@ def test_sweep_removes_entries_of_dead_daemons(tmp_path):
     removed = sweep_stale(str(tmp_path))
     assert sorted(removed) == sorted(names[:2])
     assert sorted(os.listdir(tmp_path)) == sorted(names[2:])
+
+
+def test_tail_moving_backwards_is_caught_even_above_the_read_position(pair):
+    """SPEC §4.2: a tail below one already seen is corruption, also when the consumer has not
+    read that far yet (it polled with a limit)."""
+    daemon, client = pair
+    for rid in (1, 2, 3):
+        put(client, 128, rid)
+    seen = client.req_ctl.tail()
+    (r1,) = daemon.requests.poll(limit=1)  # reads one record, sees tail = 3 records
+    assert r1.header.request_id == 1
+    client.req_ctl.set_tail(seen - 128)  # back by one record, still above the read position
+    with pytest.raises(ProtocolError, match="impossible") as e:
+        daemon.requests.poll()
+    assert e.value.fatal

@@ -19,6 +19,7 @@ import torch
 
 from .config import default_socket_path
 from .contract.descriptors import (
+    MAX_TENSORS,
     RequestDescriptor,
     TensorRef,
     check_refs,
@@ -27,6 +28,7 @@ from .contract.descriptors import (
 )
 from .contract.dtypes import ByteStrings, decode_byte_strings, from_torch, lookup
 from .contract.errors import (
+    BadRequestError,
     ConnectionClosedError,
     DeadlineError,
     PermissionDeniedError,
@@ -206,6 +208,9 @@ class Client:
         bounds the wait here; `budget` (default: `timeout`) is the time the daemon is told it
         has (SPEC `timeout_us`), after which it answers DEADLINE instead of running the
         model."""
+        if len(inputs) > MAX_TENSORS:
+            raise BadRequestError(f"{len(inputs)} inputs; a request carries at most "
+                                  f"{MAX_TENSORS} (SPEC §7)")
         values = {k: _as_value(v) for k, v in inputs.items()}
         names = list(values)
         sizes = [records.nbytes(v) for v in values.values()]

@@ -7,6 +7,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from .contract.descriptors import MAX_TENSORS
+
 MiB = 1 << 20
 GiB = 1 << 30
 MAX_RING = 1 << 31
@@ -24,7 +26,7 @@ def default_socket_path() -> str:
 
 
 SOURCES = ("torchscript", "export", "handler")
-PRECISION_NAMES = ("fp32", "fp16", "bf16")
+PRECISION_NAMES = ("auto", "fp32", "fp16", "bf16")
 
 
 @dataclass
@@ -34,7 +36,7 @@ class ModelConfig:
     path: str = ""  # torchscript / export file
     handler: str = ""  # "package.module:Class" for source = "handler"
     device: str = "auto"  # cpu | cuda:N | auto (the GPU when there is one)
-    precision: str = "fp32"
+    precision: str = "auto"  # auto = fp16 on CUDA, fp32 on CPU (CPU half kernels are slow)
     warmup: bool = True
     inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
@@ -87,6 +89,10 @@ def model_config(table: dict[str, Any], base_dir: str, what: str) -> ModelConfig
         raise ConfigError(f"{what}: unknown source {mc.source!r}; known: {', '.join(SOURCES)}")
     if mc.precision not in PRECISION_NAMES:
         raise ConfigError(f"{what}: precision must be one of {', '.join(PRECISION_NAMES)}")
+    for key in ("inputs", "outputs"):
+        if len(getattr(mc, key)) > MAX_TENSORS:
+            raise ConfigError(f"{what} declares {len(getattr(mc, key))} {key}; the protocol "
+                              f"carries at most {MAX_TENSORS} per request (SPEC §7)")
     if mc.source in ("torchscript", "export") and not mc.path:
         raise ConfigError(f"{what}: source {mc.source!r} needs a path")
     if mc.source == "handler" and ":" not in mc.handler:

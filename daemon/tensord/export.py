@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,15 @@ def export(model: torch.nn.Module, inputs: list[InputSpec], method: str, out: st
                    (s.example(gen) for s in inputs))
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript deprecation notices
+        names = None
+        first = model(*example)
+        if isinstance(first, Mapping):
+            # A dict-like output (a Hugging Face ModelOutput) cannot be saved as such: its class
+            # must be registered with torch's pytree in every process that loads the file, and
+            # tracing refuses dicts. Save a tuple in key order instead; the names are printed
+            # for the config's `outputs`.
+            names = [k for k, v in first.items() if isinstance(v, torch.Tensor)]
+            model = _TupleOutputs(model, names)
         if method == "trace":
             exported = torch.jit.trace(model, example)
         elif method == "script":
@@ -86,6 +96,8 @@ def export(model: torch.nn.Module, inputs: list[InputSpec], method: str, out: st
             # of specialising the program to the example's batch.
             batch = torch.export.Dim("batch", min=1, max=1 << 16)
             dynamic = tuple({0: batch} if len(s.shape) else None for s in inputs)
+            if isinstance(model, _TupleOutputs):
+                dynamic = (dynamic,)  # its forward takes *args: one entry holding them all
             program = torch.export.export(model, example, dynamic_shapes=dynamic)
             exported = program.module()
         else:
@@ -104,8 +116,21 @@ def export(model: torch.nn.Module, inputs: list[InputSpec], method: str, out: st
             torch.export.save(program, out)
         else:
             exported.save(out)
-    return {"path": out, "method": method, "outputs": [tuple(t.shape) for t in
-                                                       _flat(model(*example))]}
+    return {"path": out, "method": method, "names": names,
+            "outputs": [tuple(t.shape) for t in _flat(model(*example))]}
+
+
+class _TupleOutputs(torch.nn.Module):
+    """Returns the named tensors of a module's mapping output as a plain tuple."""
+
+    def __init__(self, inner: torch.nn.Module, names: list[str]):
+        super().__init__()
+        self.inner = inner
+        self.names = names
+
+    def forward(self, *args):
+        out = self.inner(*args)
+        return tuple(out[k] for k in self.names)
 
 
 def _flat(out) -> list[torch.Tensor]:
@@ -144,6 +169,10 @@ def run(args) -> int:
         print(f"tensord export: {args.method} failed: {type(e).__name__}: "
               f"{str(e).splitlines()[0] if str(e) else ''}{hint}")
         return 1
+    named = ""
+    if info["names"]:
+        named = (f"; the model returns a mapping, saved as the tuple {info['names']}: declare "
+                 "those outputs, in that order, in the model's config")
     print(f"wrote {info['path']} ({info['method']}); outputs on the example: {info['outputs']}; "
-          "outputs match the original on 2 inputs")
+          f"outputs match the original on 2 inputs{named}")
     return 0

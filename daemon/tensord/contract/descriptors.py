@@ -105,6 +105,9 @@ def decode_response(data: bytes) -> ResponseDescriptor:
         raise BadRequestError(f"response descriptor is invalid ({e})") from None
     if (desc.outputs is None) == (desc.error is None):
         raise BadRequestError("response descriptor must have exactly one of outputs, error")
+    if desc.outputs is not None and len(desc.outputs) > MAX_TENSORS:
+        raise BadRequestError(f"response has {len(desc.outputs)} outputs; at most {MAX_TENSORS} "
+                              "are allowed")
     return desc
 
 

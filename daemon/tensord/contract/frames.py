@@ -108,5 +108,7 @@ def _read_body(sock: socket.socket, head: bytes, deadline: float | None = None) 
         return decode_message(value)
     except ProtocolError as e:
         rid = value.get("id")
-        e.request_id = rid if isinstance(rid, int) and not isinstance(rid, bool) else 0
+        # Only a valid id is echoed (SPEC §2.2): a positive integer that fits a u64.
+        valid = type(rid) is int and 0 < rid < 1 << 64
+        e.request_id = rid if valid else 0
         raise

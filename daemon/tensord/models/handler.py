@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .base import Model
-from .signature import Signature, Spec, Value
+from .signature import Signature, Spec, Value, match_outputs
 
 
 @dataclass
@@ -67,6 +67,4 @@ class HandlerModel(Model):
     def forward(self, inputs: Sequence[Value]) -> Sequence[Value]:
         h = self.handler
         out = h.postprocess(h.forward(h.preprocess(list(inputs))))
-        if isinstance(out, torch.Tensor):
-            return [out]
-        return list(out)
+        return match_outputs(self.name, out, self.signature.outputs)

@@ -10,7 +10,7 @@ import torch
 from ..contract.dtypes import DTYPES, ByteStrings
 from ..contract.errors import BadInputError
 from .base import Model
-from .signature import Signature, Spec, Value
+from .signature import Signature, Spec, Value, match_outputs
 
 CPU = torch.device("cpu")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -45,9 +45,9 @@ class ModuleModel(Model):
             if x.is_floating_point() and x.dtype != self.precision:
                 x = x.to(self.precision)
             xs.append(x)
-        out = self.module(*xs)
-        outs = [out] if isinstance(out, torch.Tensor) else list(out)
+        outs = match_outputs(self.name, self.module(*xs), self.signature.outputs)
         return [_declared(o, s) for o, s in zip(outs, self.signature.outputs)]
+
 
 
 def _declared(out, spec: Spec):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -117,3 +117,22 @@ class Signature:
                 )
             dtypes.append(dtype)
         return dtypes
+
+
+def match_outputs(model: str, out, specs: Sequence[Spec]) -> list:
+    """What a module returned, as a list in declared output order. A mapping (a dict, or a
+    Hugging Face ModelOutput) is matched by the declared names; a tensor or a sequence must
+    have exactly as many outputs as declared: nothing is dropped silently."""
+    if isinstance(out, Mapping):
+        missing = [s.name for s in specs if s.name not in out or out[s.name] is None]
+        if missing:
+            raise ModelFailedError(
+                f"model {model!r} returned a mapping with keys {list(out)}, without the "
+                f"declared output(s) {missing}: name the outputs in the config after its keys")
+        return [out[s.name] for s in specs]
+    outs = [out] if isinstance(out, (torch.Tensor, ByteStrings)) else list(out)
+    if len(outs) != len(specs):
+        raise ModelFailedError(
+            f"model {model!r} returned {len(outs)} outputs, its signature declares "
+            f"{len(specs)} ({', '.join(s.describe() for s in specs)})")
+    return outs

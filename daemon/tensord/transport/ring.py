@@ -114,6 +114,7 @@ class RingConsumer:
         self.expect_kind = expect_kind
         self._read = ctl.head()
         self._head = self._read
+        self._tail_seen = self._read  # tail may never go below a value already seen (§4.2)
         self._held: deque[list] = deque()  # [position, length, released]
 
     def published(self) -> bool:
@@ -125,9 +126,10 @@ class RingConsumer:
         ProtocolError(BAD_RECORD) when the producer broke §4.2/§4.8."""
         tail = self.ctl.tail()
         cap = self.capacity
-        if tail < self._read or tail > self._head + cap or tail % 64:
-            raise _corrupt(f"ring tail {tail} is impossible (read up to {self._read}, "
+        if tail < self._tail_seen or tail > self._head + cap or tail % 64:
+            raise _corrupt(f"ring tail {tail} is impossible (seen up to {self._tail_seen}, "
                            f"head {self._head}, capacity {cap})")
+        self._tail_seen = tail
         out: list[Record] = []
         while self._read < tail and len(out) < limit:
             idx = self._read & (cap - 1)
