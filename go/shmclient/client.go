@@ -170,18 +170,11 @@ func (c *Client) handshake(ctx context.Context) error {
 		return err
 	}
 	c.welcome = *w
-	if w.Version != protocolVersion {
-		return protocolErrorf("daemon chose protocol version %d, this client speaks %d", w.Version, protocolVersion)
-	}
-	if len(w.Semaphores) != 4 {
-		return protocolErrorf("welcome lists %d semaphores, want 4", len(w.Semaphores))
-	}
-	// Names become paths under /dev/shm: refuse anything that could point elsewhere.
-	for _, name := range w.Semaphores {
-		if len(name) < 2 || name[0] != '/' || strings.ContainsAny(name[1:], "/\x00") || len(name) > 250 {
-			syscall.Close(fd)
-			return protocolErrorf("welcome names the semaphore %q, which is not a valid POSIX name", name)
-		}
+	if err := checkWelcome(w); err != nil {
+		// The descriptor is ours until mapSegment takes it: every session refused here
+		// would otherwise leave the daemon's segment open in this process.
+		syscall.Close(fd)
+		return err
 	}
 	seg, err := mapSegment(fd, w.SegmentSize)
 	if err != nil {
@@ -231,6 +224,23 @@ func (c *Client) handshake(ctx context.Context) error {
 }
 
 func loadU64(p *uint64) uint64 { return atomic.LoadUint64(p) }
+
+// checkWelcome checks what the welcome says before anything is mapped or opened.
+func checkWelcome(w *welcomeMsg) error {
+	if w.Version != protocolVersion {
+		return protocolErrorf("daemon chose protocol version %d, this client speaks %d", w.Version, protocolVersion)
+	}
+	if len(w.Semaphores) != 4 {
+		return protocolErrorf("welcome lists %d semaphores, want 4", len(w.Semaphores))
+	}
+	// Names become paths under /dev/shm: refuse anything that could point elsewhere.
+	for _, name := range w.Semaphores {
+		if len(name) < 2 || name[0] != '/' || strings.ContainsAny(name[1:], "/\x00") || len(name) > 250 {
+			return protocolErrorf("welcome names the semaphore %q, which is not a valid POSIX name", name)
+		}
+	}
+	return nil
+}
 
 // readWelcome reads the welcome and the segment descriptor that comes with it (SPEC §2.4).
 func (c *Client) readWelcome() (*welcomeMsg, int, error) {

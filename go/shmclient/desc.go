@@ -166,8 +166,8 @@ func decodeResponseOutputs(b []byte) (d *responseDesc, ok bool) {
 	}
 	n := r.arrayLen()
 	// Each ref takes at least one byte per key: a count beyond that is a lie, and must
-	// not size an allocation.
-	if r.failed || n > (len(b)-r.pos)/5 {
+	// not size an allocation. Over the SPEC's limit, the general decoder words the error.
+	if r.failed || n > (len(b)-r.pos)/5 || n > maxTensors {
 		return nil, false
 	}
 	outs := make([]tensorRef, n)

@@ -89,7 +89,7 @@ func responseDescCases() []responseDesc {
 	for _, u := range boundaryUints {
 		cases = append(cases, responseDesc{Outputs: []tensorRef{{Name: "y", DType: "u8", Shape: []uint64{u, u}, Offset: u, NBytes: u}}})
 	}
-	for _, n := range []int{1, 15, 16, 17, 300} {
+	for _, n := range []int{1, 15, 16, 17, maxTensors} {
 		outs := make([]tensorRef, n)
 		for i := range outs {
 			shape := make([]uint64, i%18)

@@ -32,7 +32,9 @@ var (
 	ErrPermission = errors.New("shmclient: permission denied")
 	// ErrVersion: client and daemon share no protocol version (VERSION).
 	ErrVersion = errors.New("shmclient: no common protocol version")
-	// ErrResource: the daemon cannot create the session, e.g. /dev/shm is full (RESOURCE).
+	// ErrResource: the daemon cannot create the session (RESOURCE): the host or the
+	// daemon's cgroup lacks the memory for its segment (a memfd whose pages the daemon
+	// reserves at the handshake), or the daemon has max_sessions sessions already.
 	ErrResource = errors.New("shmclient: daemon out of resources")
 	// ErrProtocol: one side broke the wire contract (BAD_FRAME, BAD_MESSAGE, BAD_RECORD, or
 	// a malformed frame, record or descriptor read by this client).

@@ -52,22 +52,25 @@ func readFrameFDs(conn *net.UnixConn, limit int) ([]byte, []int, error) {
 	var hdr [4]byte
 	oob := make([]byte, syscall.CmsgSpace(4*4))
 	n, oobn, _, _, err := conn.ReadMsgUnix(hdr[:], oob)
+	// Descriptors that arrived are installed in this process whatever else went wrong:
+	// collect them first so that the caller can close them.
+	var fds []int
+	if oobn > 0 {
+		msgs, perr := syscall.ParseSocketControlMessage(oob[:oobn])
+		if perr != nil && err == nil {
+			err = protocolErrorf("bad ancillary data on the welcome: %v", perr)
+		}
+		for i := range msgs {
+			if got, err := syscall.ParseUnixRights(&msgs[i]); err == nil {
+				fds = append(fds, got...)
+			}
+		}
+	}
 	if err != nil {
-		return nil, nil, err
+		return nil, fds, err
 	}
 	if n == 0 {
-		return nil, nil, io.EOF
-	}
-	var fds []int
-	msgs, err := syscall.ParseSocketControlMessage(oob[:oobn])
-	if err != nil {
-		return nil, nil, protocolErrorf("bad ancillary data on the welcome: %v", err)
-	}
-	for i := range msgs {
-		got, err := syscall.ParseUnixRights(&msgs[i])
-		if err == nil {
-			fds = append(fds, got...)
-		}
+		return nil, fds, io.EOF
 	}
 	if n < len(hdr) {
 		if _, err := io.ReadFull(conn, hdr[n:]); err != nil {

@@ -115,7 +115,9 @@ type tensorRef struct {
 }
 
 // requestDesc and tensorRef are also encoded by hand (desc.go), which writes the same
-// keys in the same order; desc_test.go checks the two encoders agree.
+// keys in the same order; desc_test.go checks the two encoders agree. (The client only
+// encodes request descriptors and only decodes response descriptors; the other
+// directions, which the golden vector tests need, live in messages_test.go.)
 type requestDesc struct {
 	Model     string      `msgpack:"model"`
 	TimeoutUS uint64      `msgpack:"timeout_us"`
@@ -128,31 +130,10 @@ type descError struct {
 	Message string `msgpack:"message"`
 }
 
-// responseDesc has exactly one of its keys on the wire (SPEC §4.4); which one is decided
-// by Error, not by emptiness, so a model with zero outputs still sends "outputs": [].
+// responseDesc has exactly one of its keys on the wire (SPEC §4.4).
 type responseDesc struct {
 	Outputs []tensorRef `msgpack:"outputs,omitempty"`
 	Error   *descError  `msgpack:"error,omitempty"`
-}
-
-func (r *responseDesc) EncodeMsgpack(enc *msgpack.Encoder) error {
-	if err := enc.EncodeMapLen(1); err != nil {
-		return err
-	}
-	if r.Error != nil {
-		if err := enc.EncodeString("error"); err != nil {
-			return err
-		}
-		return enc.Encode(r.Error)
-	}
-	if err := enc.EncodeString("outputs"); err != nil {
-		return err
-	}
-	outs := r.Outputs
-	if outs == nil {
-		outs = []tensorRef{}
-	}
-	return enc.Encode(outs)
 }
 
 // EncodeMsgpack keeps the decoded key order, which for an arbitrary map (load's config)
@@ -279,17 +260,8 @@ func decodeResponseDescGeneral(b []byte) (*responseDesc, error) {
 	if m[0].Key == "outputs" && d.Outputs == nil {
 		d.Outputs = []tensorRef{}
 	}
-	return &d, nil
-}
-
-func decodeRequestDesc(b []byte) (*requestDesc, error) {
-	tree, err := decodeMsgpack(b)
-	if err != nil {
-		return nil, err
-	}
-	var d requestDesc
-	if err := fromTree(tree, &d, "request"); err != nil {
-		return nil, err
+	if len(d.Outputs) > maxTensors {
+		return nil, fmt.Errorf("response descriptor has %d outputs, the limit is %d", len(d.Outputs), maxTensors)
 	}
 	return &d, nil
 }

@@ -4,7 +4,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // Option configures Dial.
@@ -17,15 +19,35 @@ type options struct {
 	spin         time.Duration
 }
 
+// maxClientName is hello's limit on the client name (SPEC §2.4), in bytes.
+const maxClientName = 128
+
 func defaultOptions() options {
-	name := "shmclient"
-	if len(os.Args) > 0 {
-		name = filepath.Base(os.Args[0]) + " (go shmclient)"
+	return options{name: defaultName(os.Args)}
+}
+
+// defaultName names the client after its program. The daemon decodes the name as
+// UTF-8 and refuses the handshake (BAD_FRAME) when it is not, so bytes that are not
+// UTF-8 (program names are bytes on Linux) are replaced and the name is cut at a rune
+// boundary, never inside a character.
+func defaultName(args []string) string {
+	if len(args) == 0 || args[0] == "" {
+		return "shmclient"
 	}
-	if len(name) > 128 {
-		name = name[:128]
+	name := strings.ToValidUTF8(filepath.Base(args[0]), "\uFFFD") + " (go shmclient)"
+	return truncateUTF8(name, maxClientName)
+}
+
+// truncateUTF8 returns the longest prefix of s of at most n bytes that does not end
+// inside a character (s is valid UTF-8).
+func truncateUTF8(s string, n int) string {
+	if len(s) <= n {
+		return s
 	}
-	return options{name: name}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
 }
 
 // WithRingSize asks for request and response ring capacities in bytes; 0 keeps the
@@ -57,12 +79,16 @@ func WithSpin(d time.Duration) Option {
 	}
 }
 
-// WithName sets the client name the daemon logs (at most 128 bytes). The default is
-// the program name.
+// WithName sets the client name the daemon logs: valid UTF-8 of at most 128 bytes. The
+// default is the program name.
 func WithName(name string) Option {
 	return func(o *options) error {
-		if len(name) > 128 {
-			return fmt.Errorf("shmclient: WithName: name of %d bytes exceeds 128", len(name))
+		if len(name) > maxClientName {
+			return fmt.Errorf("shmclient: WithName: name of %d bytes exceeds %d", len(name), maxClientName)
+		}
+		if !utf8.ValidString(name) {
+			// The daemon would refuse the whole handshake (BAD_FRAME) for it.
+			return fmt.Errorf("shmclient: WithName: name %q is not valid UTF-8", name)
 		}
 		o.name = name
 		return nil

@@ -64,6 +64,12 @@ func TestPipelinedSends(t *testing.T) {
 	checkRingsIdle(t, c)
 }
 
+func waiters(c *Client) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.waiters
+}
+
 // checkRingsIdle waits until every response has been read and released.
 func checkRingsIdle(t *testing.T, c *Client) {
 	t.Helper()
@@ -135,16 +141,16 @@ func TestCancelWhileReading(t *testing.T) {
 		}
 		secondDone <- err
 	}()
-	time.Sleep(100 * time.Millisecond)
-	start := time.Now()
+	// Cancel once both wait and one of them reads the ring; no response can come before
+	// resp is released, so returning at all is returning at once.
+	eventually(t, "both Waits, one reading", func() bool { return waiters(c) == 2 && len(c.readerTok) == 1 })
 	cancel()
 	select {
 	case err := <-done:
 		if !errors.Is(err, context.Canceled) {
 			t.Fatalf("got %v, want context.Canceled", err)
 		}
-		t.Logf("cancel took %v", time.Since(start))
-	case <-time.After(5 * time.Second):
+	case <-time.After(10 * time.Second):
 		t.Fatal("Wait did not return after cancel")
 	}
 	resp.Release()
@@ -176,16 +182,16 @@ func TestCloseWhileReading(t *testing.T) {
 		_, err := req.Wait(ctx)
 		done <- err
 	}()
-	time.Sleep(100 * time.Millisecond)
-	start := time.Now()
+	// Close once the Wait reads the ring itself; its response cannot come while resp is
+	// held, so returning at all is returning at once.
+	eventually(t, "the Wait to read", func() bool { return waiters(c) == 1 && len(c.readerTok) == 1 })
 	c.Close()
 	select {
 	case err := <-done:
 		if !errors.Is(err, ErrClosed) {
 			t.Fatalf("got %v, want ErrClosed", err)
 		}
-		t.Logf("Wait returned %v after Close", time.Since(start))
-	case <-time.After(5 * time.Second):
+	case <-time.After(10 * time.Second):
 		t.Fatal("Wait did not return after Close")
 	}
 }

@@ -56,12 +56,15 @@ func (r *Response) Output(name string) (Tensor, bool) {
 	return Tensor{}, false
 }
 
-// Release gives the outputs' ring space back to the daemon. The Outputs must not be used
-// afterwards. Calling it again is a no-op.
+// Release gives the outputs' ring space back to the daemon, where the next responses
+// are written. It empties Outputs, so that a use after Release finds nothing instead of
+// another request's bytes; copies of the Tensors taken before must not be used either.
+// Calling it again is a no-op.
 func (r *Response) Release() {
 	if r == nil || !r.released.CompareAndSwap(false, true) {
 		return
 	}
+	r.Outputs = nil
 	r.c.resp.release(r.seq)
 	r.c.seg.release()
 }
@@ -75,10 +78,16 @@ func (c *Client) NewRequest(ctx context.Context, model string, specs ...TensorSp
 }
 
 // Input returns input i (in the order given to NewRequest); its Data is the record's
-// shared memory, valid until Send/Do or Abandon.
-func (r *Request) Input(i int) Tensor { return r.inputs[i] }
+// shared memory, valid until Send/Do or Abandon. After those Input panics: the memory
+// then belongs to the daemon, or to a later request.
+func (r *Request) Input(i int) Tensor {
+	if r.inputs == nil {
+		panic("shmclient: Request.Input called after Send, Do or Abandon")
+	}
+	return r.inputs[i]
+}
 
-// NumInputs returns the number of inputs.
+// NumInputs returns the number of inputs, 0 after Send, Do or Abandon.
 func (r *Request) NumInputs() int { return len(r.inputs) }
 
 // Do publishes the request and waits for its response: Send, then Wait.
@@ -139,6 +148,7 @@ func (r *Request) Send(ctx context.Context) error {
 	c.mu.Unlock()
 	r.state = statePublished
 	r.result = ch
+	r.inputs, r.rec = nil, nil
 	c.req.commit(r.pos, false)
 	c.seg.release() // the record is the daemon's now; our input views are dead
 	return nil
@@ -226,6 +236,7 @@ func (r *Request) Abandon() {
 		return
 	}
 	r.state = stateAbandoned
+	r.inputs, r.rec = nil, nil
 	r.c.req.commit(r.pos, true)
 	r.c.seg.release()
 }

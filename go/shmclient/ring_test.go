@@ -8,11 +8,12 @@ import (
 	"io"
 	"math/bits"
 	mrand "math/rand/v2"
-	"os"
 	"sync"
-	"syscall"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/tensord/tensord/go/shmclient/internal/shmtest"
 )
 
 func randomHex(t testing.TB) string {
@@ -23,7 +24,7 @@ func randomHex(t testing.TB) string {
 	return hex.EncodeToString(b[:])
 }
 
-// testSession is both ends of one request ring over a real /dev/shm segment and real
+// testSession is both ends of one request ring over a real memfd segment and real
 // named semaphores, created the way the daemon creates them (SPEC §3, §4.1).
 type testSession struct {
 	seg  *segment
@@ -35,33 +36,11 @@ func newTestSession(t *testing.T, capacity uint64, spin time.Duration) *testSess
 	t.Helper()
 	name := "/tensord-test-" + randomHex(t)
 	size := headerSize + 2*capacity
-	f, err := os.OpenFile(shmPath(name), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	fd, err := shmtest.Memfd(name[1:], int64(size), segmentHeader(capacity, capacity))
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.Remove(shmPath(name)) })
-	hdr := make([]byte, headerSize)
-	copy(hdr, segmentMagic[:])
-	binary.LittleEndian.PutUint32(hdr[offLayoutVersion:], layoutVersion)
-	binary.LittleEndian.PutUint32(hdr[offHeaderSize:], headerSize)
-	binary.LittleEndian.PutUint64(hdr[offSegmentSize:], size)
-	binary.LittleEndian.PutUint64(hdr[offReqRingOffset:], headerSize)
-	binary.LittleEndian.PutUint64(hdr[offReqRingCapacity:], capacity)
-	binary.LittleEndian.PutUint64(hdr[offRespRingOffset:], headerSize+capacity)
-	binary.LittleEndian.PutUint64(hdr[offRespRingCapacity:], capacity)
-	if _, err := f.Write(hdr); err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Truncate(int64(size)); err != nil {
-		t.Fatal(err)
-	}
-	fd, err := syscall.Dup(int(f.Fd())) // mapSegment takes its descriptor, as from a welcome
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-
-	seg, err := mapSegment(fd, size)
+	seg, err := mapSegment(fd, size) // takes fd, as from a welcome
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,14 +48,17 @@ func newTestSession(t *testing.T, capacity uint64, spin time.Duration) *testSess
 		t.Fatal(err)
 	}
 	// Like the daemon after `attached`: unlink the names, keep the handles.
-	os.Remove(shmPath(name))
 	for i, suffix := range []string{"-rd", "-rs", "-pd", "-ps"} {
-		s, err := createSemaphore(name + suffix)
+		if err := shmtest.CreateSemaphore(name + suffix); err != nil {
+			seg.release()
+			t.Fatal(err)
+		}
+		s, err := openSemaphore(name + suffix)
+		shmtest.UnlinkSemaphore(name + suffix)
 		if err != nil {
 			seg.release()
 			t.Fatal(err)
 		}
-		unlinkSemaphore(name + suffix)
 		seg.sems[i] = s
 	}
 	t.Cleanup(seg.release)
@@ -86,6 +68,20 @@ func newTestSession(t *testing.T, capacity uint64, spin time.Duration) *testSess
 		prod: &producer{r: r, dataSem: seg.sems[semReqData], spaceSem: seg.sems[semReqSpace], spin: spin},
 		cons: &consumer{r: r, dataSem: seg.sems[semReqData], spaceSem: seg.sems[semReqSpace], spin: spin},
 	}
+}
+
+// segmentHeader is the header the daemon writes into a new segment (SPEC §4.1).
+func segmentHeader(reqCap, respCap uint64) []byte {
+	hdr := make([]byte, headerSize)
+	copy(hdr, segmentMagic[:])
+	binary.LittleEndian.PutUint32(hdr[offLayoutVersion:], layoutVersion)
+	binary.LittleEndian.PutUint32(hdr[offHeaderSize:], headerSize)
+	binary.LittleEndian.PutUint64(hdr[offSegmentSize:], headerSize+reqCap+respCap)
+	binary.LittleEndian.PutUint64(hdr[offReqRingOffset:], headerSize)
+	binary.LittleEndian.PutUint64(hdr[offReqRingCapacity:], reqCap)
+	binary.LittleEndian.PutUint64(hdr[offRespRingOffset:], headerSize+reqCap)
+	binary.LittleEndian.PutUint64(hdr[offRespRingCapacity:], respCap)
+	return hdr
 }
 
 func noStop() (time.Duration, error) { return 0, nil }
@@ -407,7 +403,8 @@ func TestWaitWakesOnPost(t *testing.T) {
 		s.cons.release(rec.seq)
 		got <- time.Since(start)
 	}()
-	time.Sleep(50 * time.Millisecond) // let the reader go to sleep on the semaphore
+	// Write once the reader has said it sleeps on the semaphore (SPEC §4.5).
+	eventually(t, "the reader to sleep", func() bool { return atomic.LoadUint32(s.cons.r.consumerWaiting) == 1 })
 	s.write(t, 1, 10)
 	if d := <-got; d > 2*time.Second {
 		t.Fatalf("reader woke after %v", d)

@@ -46,9 +46,10 @@ type segment struct {
 	refs int
 }
 
-// mapSegment maps an existing shared-memory object read-write.
-// mapSegment maps the segment descriptor that came with the welcome, and closes it: the
-// mapping keeps the memory alive. The daemon sealed its size, so it cannot shrink under us.
+// mapSegment maps the session segment read-write (SPEC §2.4, protocol v2): a memfd whose
+// descriptor came with the welcome (SCM_RIGHTS) and whose size the daemon sealed, so
+// nobody can shrink it under either side. It closes fd on every path, success included:
+// the mapping keeps the memory alive, and the segment has no name to reopen it by.
 func mapSegment(fd int, size uint64) (*segment, error) {
 	defer syscall.Close(fd)
 	var st syscall.Stat_t

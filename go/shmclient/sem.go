@@ -4,7 +4,6 @@ package shmclient
 #cgo linux LDFLAGS: -lpthread
 #define _GNU_SOURCE // sem_clockwait
 #include <errno.h>
-#include <fcntl.h>
 #include <semaphore.h>
 #include <stdlib.h>
 #include <time.h>
@@ -45,19 +44,6 @@ static int td_sem_post(sem_t *s) {
 	return sem_post(s) == 0 ? 0 : errno;
 }
 
-static sem_t *td_sem_create(const char *name, int *err) {
-	sem_t *s = sem_open(name, O_CREAT | O_EXCL, 0600, 0);
-	if (s == SEM_FAILED) {
-		*err = errno;
-		return NULL;
-	}
-	return s;
-}
-
-static int td_sem_unlink(const char *name) {
-	return sem_unlink(name) == 0 ? 0 : errno;
-}
-
 static int td_sem_close(sem_t *s) {
 	return sem_close(s) == 0 ? 0 : errno;
 }
@@ -87,28 +73,6 @@ func openSemaphore(name string) (*semaphore, error) {
 		return nil, fmt.Errorf("sem_open %s: %w", name, syscall.Errno(errno))
 	}
 	return &semaphore{name: name, s: s}, nil
-}
-
-// createSemaphore creates a new named semaphore with value 0. The daemon's job; the
-// client's tests use it to stand in for the daemon side of a ring.
-func createSemaphore(name string) (*semaphore, error) {
-	cname := C.CString(name)
-	defer C.free(unsafe.Pointer(cname))
-	var errno C.int
-	s := C.td_sem_create(cname, &errno)
-	if s == nil {
-		return nil, fmt.Errorf("sem_open(O_CREAT) %s: %w", name, syscall.Errno(errno))
-	}
-	return &semaphore{name: name, s: s}, nil
-}
-
-func unlinkSemaphore(name string) error {
-	cname := C.CString(name)
-	defer C.free(unsafe.Pointer(cname))
-	if e := C.td_sem_unlink(cname); e != 0 {
-		return syscall.Errno(e)
-	}
-	return nil
 }
 
 // wait blocks for at most d (holding an OS thread) and reports whether it took a post.

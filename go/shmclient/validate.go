@@ -13,7 +13,7 @@ func checkSpecs(model string, specs []TensorSpec, info *ModelInfo) error {
 		return fmt.Errorf("%w: model name of %d bytes (must be 1..%d)", ErrBadRequest, len(model), maxNameLen)
 	}
 	if len(specs) > maxTensors {
-		return fmt.Errorf("%w: %d inputs, the limit is %d", ErrBadRequest, len(specs), maxTensors)
+		return fmt.Errorf("%w: model %q: %d inputs, the limit is %d per request", ErrBadRequest, model, len(specs), maxTensors)
 	}
 	seen := make(map[string]bool, len(specs))
 	for _, s := range specs {

@@ -10,9 +10,10 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tensord/tensord/go/shmclient/internal/shmtest"
 )
 
 const vectorsDir = "../../protocol/vectors"
@@ -341,13 +342,8 @@ func TestRingImage(t *testing.T) {
 		t.Fatalf("image is %d bytes, json says %d", len(img), want.SegmentSize)
 	}
 
-	// Put the image where a real session's segment would be and map it like one.
-	name := "/tensord-test-" + randomHex(t)
-	if err := os.WriteFile(shmPath(name), img, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.Remove(shmPath(name)) })
-	fd, err := syscall.Open(shmPath(name), syscall.O_RDWR|syscall.O_CLOEXEC, 0)
+	// Put the image in a memfd, as a real session's segment is, and map it like one.
+	fd, err := shmtest.Memfd("tensord-test-ring-image", int64(len(img)), img)
 	if err != nil {
 		t.Fatal(err)
 	}
