@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv at the repository root and installs tensord into it (editable), with the
-# extras named in TENSORD_EXTRAS (default: test). Re-running is cheap: it reinstalls only when
+# Creates .venv at the repository root and installs tensord into it (editable, which compiles
+# the native ring core with gcc), with the extras named in TENSORD_EXTRAS (default: test). Re-running is cheap: it reinstalls only when
 # pyproject.toml or the extras changed. Needs python3 >= 3.11; pip's cache makes reinstalls fast.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,7 +13,8 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
 fi
 stamp=".venv/.tensord-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
+# The native ring core is built by the install: rebuild when its source or the build changes.
+want="$(cat pyproject.toml setup.py daemon/tensord/transport/_ring.c | sha256sum | cut -d' ' -f1) $extras"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing tensord[$extras] into .venv (torch is large; the first time takes a few minutes)" >&2
   .venv/bin/python -m pip install --quiet -e ".[$extras]"

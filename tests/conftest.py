@@ -30,6 +30,10 @@ class Daemon:
     def shm_entries(self) -> list[str]:
         return shm_entries(self.pid)
 
+    def open_fds(self) -> list[str]:
+        """The daemon's open descriptors (sessions hold a memfd and four eventfds each)."""
+        return os.listdir(f"/proc/{self.pid}/fd")
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -44,8 +48,9 @@ class Daemon:
         return self.log.read_text()
 
 
-def shm_entries(pid: int) -> list[str]:
-    return [e for e in os.listdir("/dev/shm") if f"tensord-{pid}-" in e]
+def shm_entries(pid: int | None = None) -> list[str]:
+    """Anything in /dev/shm named like tensord's; protocol 3 creates nothing there at all."""
+    return [e for e in os.listdir("/dev/shm") if "tensord" in e]
 
 
 def start_daemon(tmp: Path, *args: str, config: str | None = None,

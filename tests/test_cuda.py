@@ -7,18 +7,16 @@ import torch
 from conftest import start_daemon
 
 from tensord.client import Client
-from tensord.cuda import HostRegistration, SideStream
+from tensord.serving.cuda import HostRegistration, SideStream
 from tensord.transport import records
-from tensord.transport.segment import Segment, SessionNames
+from tensord.transport.segment import Segment
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU; CI and this host have none")
 
 
 def test_registered_segment_copies_both_ways_without_staging():
-    names = SessionNames.new()
-    seg = Segment.create(names, 1 << 20, 1 << 20)
-    names.unlink()
+    seg = Segment.create("c" * 32, 1 << 20, 1 << 20)
     reg = HostRegistration(seg.address(), seg.header.segment_size)
     try:
         src = records.read_tensor(seg.buf, 4096, torch.float32, 4, 1 << 20, (1 << 18,))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import threading
 
 import pytest
 import torch
+from conftest import ROOT
 
 from tensord.client import Client
 from tensord.contract.dtypes import ByteStrings
@@ -100,3 +104,30 @@ def test_ring_wraps_many_times(daemon):
         for i in range(300):
             x = torch.arange(i * 37 % 5000, dtype=torch.int32)
             assert torch.equal(c.infer("identity", {"x": x})["y"], x)
+
+
+def test_go_hello_built_without_cgo_runs_against_the_daemon(daemon, tmp_path):
+    """The Go client is pure Go: the example builds with CGO_ENABLED=0 into a static binary
+    (no ELF interpreter), and its mlp rows match PyTorch's within a tolerance."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.fail("the Go toolchain is needed: the end-to-end tests run real Go binaries")
+    exe = tmp_path / "hello"
+    subprocess.run([go, "build", "-o", str(exe), "./examples/hello"], check=True,
+                   cwd=ROOT / "go", env={**os.environ, "CGO_ENABLED": "0"})
+    with open(exe, "rb") as f:
+        head = f.read(1 << 16)
+    assert b"ld-linux" not in head, "a CGO_ENABLED=0 binary needs no dynamic loader"
+    r = subprocess.run([str(exe), "-socket", daemon.path], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "identity([1 2 3 4 5 6]) = y [2 3] [1 2 3 4 5 6]" in r.stdout, r.stdout
+    rows = [line.split(":", 1)[1] for line in r.stdout.splitlines()
+            if line.strip().startswith("row ")]
+    got = torch.tensor([[float(v) for v in row.strip(" []").split()] for row in rows])
+    x = torch.tensor([[(row + 1) * (col - 8) / 16 for col in range(16)] for row in range(3)])
+    mlp = build_mlp()
+    with torch.no_grad():
+        want = mlp(x)
+    # %v prints float32s to their shortest round-trip form, so only BLAS differences remain
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

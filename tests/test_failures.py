@@ -35,7 +35,7 @@ from tensord.contract.frames import encode_frame, read_frame, read_frame_with_fd
 from tensord.contract.layout import KIND_REQUEST, REQ_CONTROL
 from tensord.contract.messages import Attached, Error, Hello, Ping, Pong, Ready, Welcome
 from tensord.transport import records
-from tensord.transport.segment import Segment, SessionNames
+from tensord.transport.segment import EFD_REQ_DATA, Segment
 
 
 def raw_frame(body: bytes) -> bytes:
@@ -52,11 +52,10 @@ def connect(path: str) -> socket.socket:
 def handshake(path: str) -> tuple[socket.socket, Segment]:
     """A client done by hand, so tests can break the protocol at any step."""
     s = connect(path)
-    s.sendall(encode_frame(Hello(2, 2, "raw", 65536, 65536)))
-    w, (fd,) = read_frame_with_fds(s)
+    s.sendall(encode_frame(Hello(3, 3, "raw", 65536, 65536)))
+    w, fds = read_frame_with_fds(s)
     assert isinstance(w, Welcome)
-    seg = Segment.attach(fd, SessionNames(w.session, tuple(w.semaphores)), w.segment_size,
-                         w.request_ring, w.response_ring)
+    seg = Segment.attach(fds, w.segment_size, w.request_ring, w.response_ring)
     s.sendall(encode_frame(Attached()))
     assert isinstance(read_frame(s), Ready)
     return s, seg
@@ -77,7 +76,7 @@ def send_raw_request(c: Client, desc: bytes, payload: bytes = b"", payload_at: i
     ring = c.seg.requests
     off = ring.try_reserve(n)
     rid = 1_000_000 + n
-    records.write(c.seg.buf, off, KIND_REQUEST, rid, n, desc, [])
+    records.write(c.seg, off, KIND_REQUEST, rid, n, desc, [])
     c.seg.buf[off + payload_at:off + payload_at + len(payload)] = payload
     ring.publish()
     c._req_data.notify()
@@ -106,7 +105,7 @@ def test_malformed_body_is_fatal(daemon, body):
 def test_handshake_has_one_deadline_however_slowly_bytes_arrive(daemon):
     s = connect(daemon.path)
     s.settimeout(30)
-    hello = encode_frame(Hello(2, 2, "trickle", 0, 0))
+    hello = encode_frame(Hello(3, 3, "trickle", 0, 0))
     t0 = time.monotonic()
     for b in hello:  # one byte every 2 s: each recv is quick, the whole is not
         s.send(bytes([b]))
@@ -128,27 +127,38 @@ def test_version_mismatch_is_fatal_and_says_which(daemon):
     s = connect(daemon.path)
     s.sendall(encode_frame(Hello(7, 9, "future", 0, 0)))
     err = expect_fatal(s, "VERSION")
-    assert "7..9" in err.message and "[2]" in err.message
+    assert "7..9" in err.message and "[3]" in err.message
+
+
+def test_version_2_client_is_refused_naming_both_versions(daemon):
+    s = connect(daemon.path)
+    s.sendall(encode_frame(Hello(2, 2, "old", 0, 0)))
+    err = expect_fatal(s, "VERSION")
+    assert "2..2" in err.message and "[3]" in err.message and "upgrade" in err.message
 
 
 def test_client_gone_during_handshake_leaves_nothing(daemon):
+    before = daemon.open_fds()
     s = connect(daemon.path)
-    s.sendall(encode_frame(Hello(2, 2, "quitter", 0, 0)))
+    s.sendall(encode_frame(Hello(3, 3, "quitter", 0, 0)))
     w, fds = read_frame_with_fds(s)
-    assert isinstance(w, Welcome) and len(fds) == 1
-    os.close(fds[0])
-    assert daemon.shm_entries(), "names exist until the client attaches"
+    assert isinstance(w, Welcome) and len(fds) == 5
+    for fd in fds:
+        os.close(fd)
+    assert daemon.shm_entries() == [], "nothing of a session has a name"
     s.close()
     deadline = time.monotonic() + 5
-    while daemon.shm_entries() and time.monotonic() < deadline:
+    while len(daemon.open_fds()) > len(before) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert daemon.shm_entries() == []
+    assert len(daemon.open_fds()) <= len(before), "the daemon closed the session's descriptors"
 
 
 def test_client_cannot_resize_its_segment(daemon):
     s = connect(daemon.path)
-    s.sendall(encode_frame(Hello(2, 2, "resizer", 65536, 65536)))
-    w, (fd,) = read_frame_with_fds(s)
+    s.sendall(encode_frame(Hello(3, 3, "resizer", 65536, 65536)))
+    w, (fd, *efds) = read_frame_with_fds(s)
+    for e in efds:
+        os.close(e)
     try:
         # A shrink would make the daemon's next access of the ring a SIGBUS; the seals refuse.
         for size in (0, w.segment_size // 2, w.segment_size * 2):
@@ -196,7 +206,7 @@ def test_corrupt_ring_tail_is_fatal_bad_record_and_others_keep_working(daemon):
     with Client(daemon.path) as other:
         s, seg = handshake(daemon.path)
         struct.pack_into("<Q", seg.buf, REQ_CONTROL, 12345)  # not a multiple of 64
-        seg.sems[0].release()  # wake the daemon's session thread
+        seg.shm.post(seg.efds[EFD_REQ_DATA])  # wake the daemon's dispatcher
         err = expect_fatal(s, "BAD_RECORD")
         assert "tail" in err.message
         seg.close()

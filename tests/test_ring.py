@@ -8,22 +8,27 @@ import struct
 import pytest
 
 from tensord.contract.errors import ProtocolError, ResourceError
-from tensord.contract.layout import KIND_PAD, KIND_REQUEST, REQ_CONTROL, RecordHeader
-from tensord.transport.segment import Segment, SessionNames, available_memory, sweep_stale
+from tensord.contract.layout import KIND_PAD, KIND_REQUEST, KIND_RESPONSE, REQ_CONTROL, RecordHeader
+from tensord.transport.segment import EFD_REQ_DATA, EFD_RESP_DATA, Segment, available_memory
 
 CAP = 65536
 
 
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
 @pytest.fixture
 def pair():
-    names = SessionNames.new()
-    daemon = Segment.create(names, CAP, CAP)
-    client = Segment.attach(os.dup(daemon.fd), names, daemon.header.segment_size, CAP, CAP)
-    names.unlink()
+    before = open_fds()
+    daemon = Segment.create("0" * 32, CAP, CAP)
+    client = Segment.attach([os.dup(f) for f in daemon.descriptors()],
+                            daemon.header.segment_size, CAP, CAP)
+    daemon.close_fd()
     yield daemon, client
     client.close()
     daemon.close()
-    assert not [e for e in os.listdir("/dev/shm") if names.session in e]
+    assert open_fds() <= before, "every descriptor of the session is closed"
 
 
 def put(client: Segment, n: int, rid: int) -> int:
@@ -34,12 +39,36 @@ def put(client: Segment, n: int, rid: int) -> int:
     return off
 
 
-def test_names_are_unlinked_but_mapping_lives(pair):
+def test_nothing_has_a_name_and_the_mapping_is_shared(pair):
     daemon, client = pair
     put(client, 128, 1)
     (rec,) = daemon.requests.poll()
-    assert rec.header.request_id == 1
-    assert not [e for e in os.listdir("/dev/shm") if "tensord-" in e and str(os.getpid()) in e]
+    assert rec.request_id == 1
+    assert not [e for e in os.listdir("/dev/shm") if "tensord" in e]
+
+
+def test_wakeups_cross_over_the_eventfds(pair):
+    """A waiter that sleeps (flag set) is posted; one that does not is not."""
+    daemon, client = pair
+    req = daemon.req_ctl
+    flag, efd = req.consumer_waiting, daemon.efds[EFD_REQ_DATA]
+    assert client.shm.notify(flag, client.efds[EFD_REQ_DATA]) is False  # nobody sleeps
+    with pytest.raises(BlockingIOError):
+        os.eventfd_read(efd)
+    req.set_flag(flag, 1)
+    assert client.shm.notify(flag, client.efds[EFD_REQ_DATA]) is True
+    assert os.eventfd_read(efd) == 1
+
+
+def test_wait_returns_when_the_counter_moves_and_times_out_otherwise(pair):
+    daemon, client = pair
+    resp = client.resp_ctl
+    args = (resp.tail_at, 0, resp.consumer_waiting, client.efds[EFD_RESP_DATA], 0)
+    assert client.shm.wait(*args, 1_000_000) is False  # 1 ms, nothing published
+    off = daemon.responses.try_reserve(64)
+    RecordHeader(64, KIND_RESPONSE, 5, 0).pack_into(daemon.buf, off)
+    daemon.responses.publish()
+    assert client.shm.wait(*args, -1) is True  # no timeout: returns because tail moved
 
 
 def test_wrap_writes_a_pad_and_starts_at_zero(pair):
@@ -53,7 +82,7 @@ def test_wrap_writes_a_pad_and_starts_at_zero(pair):
     pad = RecordHeader.unpack_from(client.buf, first + CAP - 1024)
     assert (pad.kind, pad.record_len) == (KIND_PAD, 1024)
     (r2,) = daemon.requests.poll()
-    assert r2.header.request_id == 2 and r2.offset == second
+    assert r2.request_id == 2 and r2.offset == second
 
 
 def test_full_ring_refuses_until_released(pair):
@@ -125,23 +154,11 @@ def test_descriptor_longer_than_record_is_rejected(pair):
 def test_segment_bigger_than_available_memory_fails_up_front():
     free, _ = available_memory()
     ring = 1 << (free.bit_length() + 1)
-    names = SessionNames.new()
+    before = open_fds()
     with pytest.raises(ResourceError) as e:
-        Segment.create(names, ring, CAP)
+        Segment.create("1" * 32, ring, CAP)
     assert "WithRingSize" in e.value.message and "MiB" in e.value.message
-    assert not [x for x in os.listdir("/dev/shm") if names.session in x]
-
-
-def test_sweep_removes_entries_of_dead_daemons(tmp_path):
-    dead = 2**22 + 12345  # above the default pid_max of 4194304: never a live process
-    live = os.getpid()
-    names = [f"tensord-{dead}-{'a' * 32}", f"sem.tensord-{dead}-{'a' * 32}-rd",
-             f"tensord-{live}-{'b' * 32}", "unrelated"]
-    for n in names:
-        (tmp_path / n).write_text("")
-    removed = sweep_stale(str(tmp_path))
-    assert sorted(removed) == sorted(names[:2])
-    assert sorted(os.listdir(tmp_path)) == sorted(names[2:])
+    assert open_fds() <= before
 
 
 def test_tail_moving_backwards_is_caught_even_above_the_read_position(pair):
@@ -152,7 +169,7 @@ def test_tail_moving_backwards_is_caught_even_above_the_read_position(pair):
         put(client, 128, rid)
     seen = client.req_ctl.tail()
     (r1,) = daemon.requests.poll(limit=1)  # reads one record, sees tail = 3 records
-    assert r1.header.request_id == 1
+    assert r1.request_id == 1
     client.req_ctl.set_tail(seen - 128)  # back by one record, still above the read position
     with pytest.raises(ProtocolError, match="impossible") as e:
         daemon.requests.poll()

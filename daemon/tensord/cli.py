@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
+import resource
 import signal
 import sys
 
@@ -32,13 +32,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args) -> int:
-    from .executor import Executor
+    from .control.server import AddressInUse, Server
     from .models.builtin import builtin_models
     from .models.loader import LoadError, load_model, warm_up
     from .models.registry import Registry
     from .sdnotify import notify
-    from .server import AddressInUse, Server
+    from .serving.executor import Executor
 
+    _raise_fd_limit()
     try:
         cfg = load_config(args.config) if args.config else DaemonConfig()
         if args.socket:
@@ -56,13 +57,22 @@ def _serve(args) -> int:
     except (ConfigError, AddressInUse, LoadError) as e:
         logging.getLogger("tensord").error("%s", e)
         return 1
-    if platform.machine() not in ("x86_64", "AMD64"):
-        logging.getLogger("tensord").warning(
-            "this CPU (%s) is not x86-64: the Python side of the rings relies on x86-64 store "
-            "ordering (SPEC §4.6), so records may be read torn", platform.machine())
     signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
     signal.signal(signal.SIGINT, lambda *_: server.shutdown())
     notify("READY=1")
     server.serve_forever()
     notify("STOPPING=1")
     return 0
+
+
+def _raise_fd_limit() -> None:
+    """Each session holds six descriptors (its socket, a memfd until the client has its own,
+    four eventfds): 200 sessions need more than the usual soft limit of 1024. Raise the soft
+    limit to the hard one, as Go programs do at start-up."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            logging.getLogger("tensord").warning("could not raise the open-files limit from %d "
+                                                 "to %d: %s", soft, hard, e)

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -180,4 +181,55 @@ func TestDialNoDaemon(t *testing.T) {
 	if !errors.Is(err, ErrClosed) {
 		t.Fatalf("got %v, want ErrClosed", err)
 	}
+}
+
+// TestCloseLeavesNoFDs: a session holds descriptors (the socket, the four eventfds; the
+// segment's is closed once mapped) and gives every one back once it is closed and its
+// views are released.
+func TestCloseLeavesNoFDs(t *testing.T) {
+	needDaemon(t)
+	ctx := testCtx(t)
+	session := func(check func(before map[string]string, c *Client)) {
+		before := openFDs(t)
+		c, err := Dial(ctx, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if check != nil {
+			check(before, c)
+		}
+		if _, err := c.Infer(ctx, "identity", FromFloat32("x", []int64{2}, []float32{1, 2})); err != nil {
+			t.Fatal(err)
+		}
+		req, err := c.NewRequest(ctx, "identity", TensorSpec{Name: "x", DType: F32, Shape: []int64{2}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := req.Do(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+		resp.Release()
+	}
+	session(nil) // the runtime's lazily opened descriptors
+	before := openFDs(t)
+	session(func(before map[string]string, c *Client) {
+		var eventfds, memfds int
+		for fd, target := range openFDs(t) {
+			if _, ok := before[fd]; ok {
+				continue
+			}
+			switch {
+			case target == "anon_inode:[eventfd]":
+				eventfds++
+			case strings.HasPrefix(target, "/memfd:"):
+				memfds++
+			}
+		}
+		if eventfds != 4 || memfds != 0 {
+			t.Errorf("an open session holds %d new eventfds and %d memfds, want 4 and 0", eventfds, memfds)
+		}
+	})
+	sameFDs(t, before, openFDs(t), "after Dial, requests, Close and Release")
 }

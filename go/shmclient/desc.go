@@ -2,15 +2,82 @@ package shmclient
 
 import (
 	"encoding/binary"
+	"fmt"
 	"math"
 )
 
+// The descriptors of ring records (SPEC §4.4): their wire structs and codecs.
+//
 // Hand-written codecs for the two descriptors every request carries. The general
 // machinery (vmihailenco's reflective encoder, decodeMsgpack's generic tree plus
 // fromTree) costs several microseconds and dozens of allocations per request, more than
 // the rest of the client's work on a small request. These functions produce and accept
 // exactly what the general machinery does; vectors_test.go and desc_test.go hold them to
 // that, against the golden vectors and against the general code.
+
+type tensorRef struct {
+	Name   string   `msgpack:"name"`
+	DType  string   `msgpack:"dtype"`
+	Shape  []uint64 `msgpack:"shape"`
+	Offset uint64   `msgpack:"offset"`
+	NBytes uint64   `msgpack:"nbytes"`
+}
+
+// requestDesc and tensorRef are also encoded by hand (below), which writes the same
+// keys in the same order; desc_test.go checks the two encoders agree. (The client only
+// encodes request descriptors and only decodes response descriptors; the other
+// directions, which the golden vector tests need, live in messages_test.go.)
+type requestDesc struct {
+	Model     string      `msgpack:"model"`
+	TimeoutUS uint64      `msgpack:"timeout_us"`
+	Inputs    []tensorRef `msgpack:"inputs"`
+}
+
+type descError struct {
+	Code    uint64 `msgpack:"code"`
+	Name    string `msgpack:"name"`
+	Message string `msgpack:"message"`
+}
+
+// responseDesc has exactly one of its keys on the wire (SPEC §4.4).
+type responseDesc struct {
+	Outputs []tensorRef `msgpack:"outputs,omitempty"`
+	Error   *descError  `msgpack:"error,omitempty"`
+}
+
+func decodeResponseDesc(b []byte) (*responseDesc, error) {
+	if d, ok := decodeResponseOutputs(b); ok {
+		return d, nil
+	}
+	return decodeResponseDescGeneral(b)
+}
+
+// decodeResponseDescGeneral accepts every valid encoding and words every error;
+// decodeResponseDesc tries the fast path for the common case first.
+func decodeResponseDescGeneral(b []byte) (*responseDesc, error) {
+	tree, err := decodeMsgpack(b)
+	if err != nil {
+		return nil, err
+	}
+	m, ok := tree.(mpMap)
+	if !ok || len(m) != 1 {
+		return nil, fmt.Errorf("response descriptor must be a map with exactly one key")
+	}
+	var d responseDesc
+	if err := fromTree(m, &d, "response"); err != nil {
+		return nil, err
+	}
+	if m[0].Key != "outputs" && m[0].Key != "error" {
+		return nil, fmt.Errorf("response descriptor has key %q, want outputs or error", m[0].Key)
+	}
+	if m[0].Key == "outputs" && d.Outputs == nil {
+		d.Outputs = []tensorRef{}
+	}
+	if len(d.Outputs) > maxTensors {
+		return nil, fmt.Errorf("response descriptor has %d outputs, the limit is %d", len(d.Outputs), maxTensors)
+	}
+	return &d, nil
+}
 
 // Request descriptor encoder.
 //
@@ -160,54 +227,79 @@ func appendArrayHeader(b []byte, n int) []byte {
 // path decides nothing on its own; whatever it accepts, the general decoder accepts with
 // the same result.
 func decodeResponseOutputs(b []byte) (d *responseDesc, ok bool) {
+	outs, _, ok := decodeOutputsInto(b, nil, nil)
+	if !ok {
+		return nil, false
+	}
+	return &responseDesc{Outputs: outs}, true
+}
+
+// decodeOutputsInto is decodeResponseOutputs into buffers a call reuses from response
+// to response: refs (over its whole capacity: a name equal to the one already there is
+// kept, not allocated again) and dims, the backing array of the shapes. It returns the
+// buffers, grown if they had to be.
+func decodeOutputsInto(b []byte, refs []tensorRef, dims []uint64) (_ []tensorRef, _ []uint64, ok bool) {
 	r := fastReader{b: b}
 	if r.mapLen() != 1 || string(r.str()) != "outputs" {
-		return nil, false
+		return refs, dims, false
 	}
 	n := r.arrayLen()
 	// Each ref takes at least one byte per key: a count beyond that is a lie, and must
 	// not size an allocation. Over the SPEC's limit, the general decoder words the error.
 	if r.failed || n > (len(b)-r.pos)/5 || n > maxTensors {
-		return nil, false
+		return refs, dims, false
 	}
-	outs := make([]tensorRef, n)
-	for i := range outs {
-		ref := &outs[i]
+	if n <= cap(refs) && refs != nil {
+		refs = refs[:n]
+	} else {
+		grown := make([]tensorRef, n)
+		copy(grown, refs[:cap(refs)])
+		refs = grown
+	}
+	if dims == nil {
+		dims = make([]uint64, 0, 8)
+	}
+	dims = dims[:0]
+	for i := range refs {
+		ref := &refs[i]
 		if r.mapLen() != 5 || string(r.str()) != "name" {
-			return nil, false
+			return refs, dims, false
 		}
-		ref.Name = string(r.str())
+		if name := r.str(); string(name) != ref.Name {
+			ref.Name = string(name)
+		}
 		if string(r.str()) != "dtype" {
-			return nil, false
+			return refs, dims, false
 		}
 		ref.DType = internDType(r.str())
 		if string(r.str()) != "shape" {
-			return nil, false
+			return refs, dims, false
 		}
 		rank := r.arrayLen()
 		if r.failed || rank > len(b)-r.pos {
-			return nil, false
+			return refs, dims, false
 		}
-		ref.Shape = make([]uint64, rank)
-		for j := range ref.Shape {
-			ref.Shape[j] = r.uint()
+		start := len(dims)
+		for j := 0; j < rank; j++ {
+			dims = append(dims, r.uint())
 		}
+		ref.Shape = dims[start:len(dims):len(dims)]
 		if string(r.str()) != "offset" {
-			return nil, false
+			return refs, dims, false
 		}
 		ref.Offset = r.uint()
 		if string(r.str()) != "nbytes" {
-			return nil, false
+			return refs, dims, false
 		}
 		ref.NBytes = r.uint()
 		if r.failed {
-			return nil, false
+			return refs, dims, false
 		}
 	}
 	if r.failed || r.pos != len(b) {
-		return nil, false
+		return refs, dims, false
 	}
-	return &responseDesc{Outputs: outs}, true
+	return refs, dims, true
 }
 
 // internDType returns the package's own string for a known dtype name, sparing an

@@ -4,9 +4,11 @@
 // Control messages (handshake, model metadata, errors) are msgpack frames on a Unix
 // socket; tensors never touch the socket. They travel through two rings in a
 // shared-memory segment per session: the client writes request records into one and
-// reads response records from the other, and the two processes wake each other with
-// named POSIX semaphores. protocol/SPEC.md in the tensord repository is the contract
-// this package implements.
+// reads response records from the other, and the two processes wake each other with four
+// eventfds. The daemon passes the segment (a sealed memfd) and the eventfds to the client
+// as descriptors at the handshake, so nothing of a session has a name in /dev/shm, needs
+// an owner, or outlives the two processes. protocol/SPEC.md (protocol version 3) in the
+// tensord repository is the contract this package implements.
 //
 // # Usage
 //
@@ -18,7 +20,19 @@
 // Infer copies inputs into the ring and outputs out of it. For large tensors the
 // zero-copy path avoids both copies: NewRequest reserves a record and returns inputs
 // whose Data is shared memory to fill in place, Request.Do publishes it, and the
-// Response's outputs are views into the response ring until Response.Release.
+// Response's outputs are views into the response ring until Response.Release:
+//
+//	req, err := c.NewRequest(ctx, "mlp", shmclient.TensorSpec{Name: "x", DType: shmclient.F32, Shape: []int64{1, 16}})
+//	if err != nil { ... }
+//	copy(req.Input(0).Float32s(), x)
+//	resp, err := req.Do(ctx)
+//	if err != nil { ... }
+//	defer resp.Release()
+//	y := resp.Outputs[0].Float32s()
+//
+// Request and Response are small handle values. The client reuses the memory behind a
+// request once it has ended, so the zero-copy path allocates nothing; a handle kept past
+// that point is recognised as stale and does nothing.
 //
 // # Concurrency
 //
@@ -44,5 +58,11 @@
 // release every Response. Size the rings with WithRingSize for the largest request and
 // response.
 //
-// The package needs cgo (for sem_open and friends) and a little-endian host.
+// # Platform
+//
+// Linux on a little-endian 64-bit CPU (amd64, arm64). The package is pure Go: it needs no
+// cgo and builds with CGO_ENABLED=0. A goroutine waiting for the daemon sleeps in a
+// ppoll(2) system call, holding an OS thread; a session has at most one such waiter per
+// direction (one reading responses, one waiting for request-ring space), however many
+// goroutines share the Client.
 package shmclient

@@ -45,13 +45,17 @@ func readFrame(r io.Reader, limit int) ([]byte, error) {
 	return body, nil
 }
 
+// maxFDs is how many descriptors readFrameFDs makes room for: more than the welcome's five,
+// so that a welcome with too many is reported with its real count.
+const maxFDs = 16
+
 // readFrameFDs reads one frame from a Unix socket together with the file descriptors sent
-// with its first byte (SCM_RIGHTS): the welcome carries the session segment's. The caller
-// owns the descriptors, also when an error is returned with them.
+// with its first byte (SCM_RIGHTS): the welcome carries the session's segment and
+// eventfds. The caller owns the descriptors, also when an error is returned with them.
 func readFrameFDs(conn *net.UnixConn, limit int) ([]byte, []int, error) {
 	var hdr [4]byte
-	oob := make([]byte, syscall.CmsgSpace(4*4))
-	n, oobn, _, _, err := conn.ReadMsgUnix(hdr[:], oob)
+	oob := make([]byte, syscall.CmsgSpace(maxFDs*4))
+	n, oobn, flags, _, err := conn.ReadMsgUnix(hdr[:], oob)
 	// Descriptors that arrived are installed in this process whatever else went wrong:
 	// collect them first so that the caller can close them.
 	var fds []int
@@ -68,6 +72,10 @@ func readFrameFDs(conn *net.UnixConn, limit int) ([]byte, []int, error) {
 	}
 	if err != nil {
 		return nil, fds, err
+	}
+	if flags&syscall.MSG_CTRUNC != 0 {
+		// The kernel closed the descriptors that did not fit.
+		return nil, fds, protocolErrorf("the welcome came with more than %d file descriptors", maxFDs)
 	}
 	if n == 0 {
 		return nil, fds, io.EOF

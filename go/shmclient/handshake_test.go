@@ -3,7 +3,6 @@ package shmclient
 import (
 	"context"
 	"errors"
-	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -15,64 +14,8 @@ import (
 	"github.com/tensord/tensord/go/shmclient/internal/shmtest"
 )
 
-// A fake daemon: it answers hello with a welcome of the test's making, sending a real
-// memfd with it (SCM_RIGHTS), so that every way a handshake can fail after the segment
-// descriptor arrived can be tried.
-
-type fakeWelcome struct {
-	name    string
-	welcome func(w *welcomeMsg)
-	image   []byte                 // the memfd's first bytes (its header)
-	fds     int                    // descriptors sent with the welcome (0: 1)
-	after   func(conn net.Conn)    // what the daemon does once the welcome is sent
-	want    error                  // what Dial's error must wrap
-	size    func(size int64) int64 // the memfd's size, given the welcome's
-}
-
-// serveFake accepts one connection on ln and plays the daemon's part for fw.
-func serveFake(t *testing.T, ln *net.UnixListener, fw fakeWelcome, w welcomeMsg) {
-	conn, err := ln.AcceptUnix()
-	if err != nil {
-		t.Errorf("accept: %v", err)
-		return
-	}
-	defer conn.Close()
-	if _, err := readFrame(conn, maxFrame); err != nil {
-		t.Errorf("reading hello: %v", err)
-		return
-	}
-	size := int64(w.SegmentSize)
-	if fw.size != nil {
-		size = fw.size(size)
-	}
-	n := max(fw.fds, 1)
-	fds := make([]int, n)
-	for i := range fds {
-		fd, err := shmtest.Memfd("tensord-fake-"+fw.name, size, fw.image)
-		if err != nil {
-			t.Error(err)
-			return
-		}
-		defer syscall.Close(fd) // the client gets its own copy
-		fds[i] = fd
-	}
-	frame, err := appendFrame(nil, &w)
-	if err != nil {
-		t.Error(err)
-		return
-	}
-	if _, _, err := conn.WriteMsgUnix(frame, syscall.UnixRights(fds...), nil); err != nil {
-		t.Errorf("sending the welcome: %v", err)
-		return
-	}
-	if fw.after != nil {
-		fw.after(conn)
-	}
-	io.Copy(io.Discard, conn) // until the client hangs up
-}
-
 // openFDs lists this process's open descriptors and what they are.
-func openFDs(t *testing.T) map[string]string {
+func openFDs(t testing.TB) map[string]string {
 	t.Helper()
 	entries, err := os.ReadDir("/proc/self/fd")
 	if err != nil {
@@ -97,78 +40,94 @@ func leakedSegments(fds map[string]string, name string) []string {
 	return out
 }
 
-// TestHandshakeClosesSegment: whichever way the handshake fails once the welcome has
-// brought the segment's descriptor, Dial leaves no descriptor open.
-func TestHandshakeClosesSegment(t *testing.T) {
-	const ring = 65536
-	semBase := "/tensord-fake-" + randomHex(t)
-	sems := []string{semBase + "-rd", semBase + "-rs", semBase + "-pd", semBase + "-ps"}
-	for _, s := range sems {
-		if err := shmtest.CreateSemaphore(s); err != nil {
-			t.Fatal(err)
+// sameFDs fails unless the process has the descriptors it had before (by number and
+// target), with their differences.
+func sameFDs(t testing.TB, before, after map[string]string, what string) {
+	t.Helper()
+	var diff []string
+	for fd, target := range after {
+		if before[fd] != target {
+			diff = append(diff, "+ "+fd+" -> "+target)
 		}
-		t.Cleanup(func() { shmtest.UnlinkSemaphore(s) })
 	}
-	good := welcomeMsg{
-		Type: "welcome", Version: protocolVersion, Session: strings.Repeat("ab", 16),
-		Semaphores: sems, SegmentSize: headerSize + 2*ring, RequestRing: ring, ResponseRing: ring,
-		MaxFrame: maxFrame, Daemon: "fake",
+	for fd, target := range before {
+		if _, ok := after[fd]; !ok {
+			diff = append(diff, "- "+fd+" -> "+target)
+		}
 	}
-	header := segmentHeader(ring, ring)
+	if len(diff) > 0 {
+		t.Errorf("%s: descriptors differ (%d before, %d after):\n%s", what, len(before), len(after), strings.Join(diff, "\n"))
+	}
+}
+
+// TestHandshakeClosesDescriptors: whichever way the handshake fails once the welcome has
+// brought descriptors, Dial leaves none of them open.
+func TestHandshakeClosesDescriptors(t *testing.T) {
 	sendMsg := func(msg any) func(net.Conn) {
 		return func(conn net.Conn) {
 			if _, err := readFrame(conn, maxFrame); err != nil { // attached
 				return
 			}
-			frame, _ := appendFrame(nil, msg)
-			conn.Write(frame)
+			writeFrame(conn, msg)
 		}
 	}
-	cases := []fakeWelcome{
-		{name: "version", welcome: func(w *welcomeMsg) { w.Version = 1 }, want: ErrProtocol},
-		{name: "three-semaphores", welcome: func(w *welcomeMsg) { w.Semaphores = w.Semaphores[:3] }, want: ErrProtocol},
-		{name: "no-semaphores", welcome: func(w *welcomeMsg) { w.Semaphores = nil }, want: ErrProtocol},
-		{name: "semaphore-path", welcome: func(w *welcomeMsg) { w.Semaphores = []string{"/a/b", "/c", "/d", "/e"} }, want: ErrProtocol},
-		{name: "two-descriptors", fds: 2, want: ErrProtocol},
+	// newFD makes an extra descriptor for a case, which the fake daemon closes once sent.
+	// It runs on the fake daemon's goroutine: no t.Fatal.
+	newFD := func(t testing.TB, make func() (int, error)) int {
+		fd, err := make()
+		if err != nil {
+			t.Error(err)
+		}
+		return fd
+	}
+	memfd := func(t testing.TB) int {
+		return newFD(t, func() (int, error) { return shmtest.Memfd("tensord-fake-extra", 4096, nil) })
+	}
+	cases := []fakeSession{
+		{name: "version", welcome: func(w *welcomeMsg) { w.Version = 2 }, want: ErrProtocol},
+		{name: "no-descriptors", fds: func(testing.TB, int, [4]int) []int { return nil }, want: ErrProtocol},
+		{name: "segment-only", fds: func(_ testing.TB, seg int, _ [4]int) []int { return []int{seg} }, want: ErrProtocol},
+		{name: "three-eventfds", fds: func(_ testing.TB, seg int, e [4]int) []int { return []int{seg, e[0], e[1], e[2]} }, want: ErrProtocol},
+		{name: "five-eventfds", fds: func(t testing.TB, seg int, e [4]int) []int {
+			return []int{seg, e[0], e[1], e[2], e[3], newFD(t, shmtest.Eventfd)}
+		}, want: ErrProtocol},
+		{name: "too-many", fds: func(t testing.TB, seg int, e [4]int) []int {
+			fds := []int{seg, e[0], e[1], e[2], e[3]}
+			for len(fds) <= maxFDs {
+				fds = append(fds, newFD(t, shmtest.Eventfd))
+			}
+			return fds
+		}, want: ErrProtocol},
+		{name: "memfd-not-eventfd", fds: func(t testing.TB, seg int, e [4]int) []int {
+			return []int{seg, e[0], memfd(t), e[2], e[3]}
+		}, want: ErrProtocol},
+		{name: "segment-last", fds: func(_ testing.TB, seg int, e [4]int) []int { return []int{e[0], e[1], e[2], e[3], seg} }, want: ErrProtocol},
+		{name: "blocking-eventfd", fds: func(t testing.TB, seg int, e [4]int) []int {
+			return []int{seg, e[0], e[1], e[2], newFD(t, shmtest.BlockingEventfd)}
+		}, want: ErrProtocol},
 		{name: "size", size: func(n int64) int64 { return n + 4096 }, want: ErrProtocol},
 		{name: "header", image: []byte("not a segment"), want: ErrProtocol},
-		{name: "missing-semaphore", image: header, welcome: func(w *welcomeMsg) {
-			w.Semaphores = append([]string{semBase + "-missing"}, w.Semaphores[1:]...)
-		}, want: syscall.ENOENT},
-		{name: "error-not-ready", image: header, want: ErrResource,
+		{name: "error-not-ready", want: ErrResource,
 			after: sendMsg(&errorMsg{Type: "error", Code: CodeResource, Name: "RESOURCE", Message: "no", Fatal: true})},
-		{name: "goodbye-not-ready", image: header, want: ErrShuttingDown,
+		{name: "goodbye-not-ready", want: ErrShuttingDown,
 			after: sendMsg(&goodbyeMsg{Type: "goodbye", Reason: "stopping"})},
-		{name: "hang-up-not-ready", image: header, want: ErrClosed,
+		{name: "hang-up-not-ready", want: ErrClosed,
 			after: func(conn net.Conn) { readFrame(conn, maxFrame); conn.Close() }},
 	}
 
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: filepath.Join(t.TempDir(), "fake.sock"), Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	dial := func(t *testing.T, fw fakeWelcome) {
+	d := newFakeDaemon(t)
+	dial := func(t *testing.T, fs fakeSession) {
 		t.Helper()
-		w := good
-		w.Semaphores = append([]string(nil), good.Semaphores...)
-		if fw.welcome != nil {
-			fw.welcome(&w)
-		}
-		served := make(chan struct{})
-		go func() {
-			defer close(served)
-			serveFake(t, ln, fw, w)
-		}()
+		served := d.serveOne(t, fs)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		c, err := Dial(ctx, ln.Addr().String())
+		c, err := Dial(ctx, d.path())
 		if err == nil {
 			c.Close()
 			t.Fatalf("Dial succeeded")
 		}
-		if !errors.Is(err, fw.want) {
-			t.Errorf("Dial: %v, want %v", err, fw.want)
+		if !errors.Is(err, fs.want) {
+			t.Errorf("Dial: %v, want %v", err, fs.want)
 		}
 		<-served // the fake daemon closed its own copies
 	}
@@ -177,15 +136,82 @@ func TestHandshakeClosesSegment(t *testing.T) {
 	// before counting.
 	dial(t, cases[0])
 	before := openFDs(t)
-	for _, fw := range cases {
-		t.Run(fw.name, func(t *testing.T) {
-			dial(t, fw)
-			if leaked := leakedSegments(openFDs(t), fw.name); len(leaked) > 0 {
+	for _, fs := range cases {
+		t.Run(fs.name, func(t *testing.T) {
+			dial(t, fs)
+			if leaked := leakedSegments(openFDs(t), fs.name); len(leaked) > 0 {
 				t.Errorf("segment descriptors left open: %v", leaked)
 			}
 		})
 	}
-	if after := openFDs(t); len(after) != len(before) {
-		t.Errorf("%d descriptors open before the failed handshakes, %d after:\nbefore %v\nafter  %v", len(before), len(after), before, after)
+	sameFDs(t, before, openFDs(t), "after the failed handshakes")
+}
+
+// TestFakeSessionCloseLeavesNoFDs: a session that worked leaves no descriptor behind once
+// it is closed and its views released (the real daemon's twin is TestCloseLeavesNoFDs).
+func TestFakeSessionCloseLeavesNoFDs(t *testing.T) {
+	d := newFakeDaemon(t)
+	session := func() {
+		served := d.serveOne(t, fakeSession{name: "leak"})
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		c, err := Dial(ctx, d.path())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(openFDs(t)) < 5 {
+			t.Fatal("the session holds fewer descriptors than it should")
+		}
+		out, err := c.Infer(ctx, "identity", FromUint8("x", []int64{3}, []byte{1, 2, 3}))
+		if err != nil || string(out[0].Data) != "\x01\x02\x03" {
+			t.Fatalf("Infer: %v, %v", out, err)
+		}
+		req, err := c.NewRequest(ctx, "identity", TensorSpec{Name: "x", DType: U8, Shape: []int64{2}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := req.Do(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+		// A view held past Close keeps the mapping and the eventfds.
+		if c.seg.efds[efdRespData].fd < 0 {
+			t.Error("eventfds closed while a view is held")
+		}
+		resp.Release()
+		<-served
+	}
+	session() // the runtime's lazily opened descriptors
+	before := openFDs(t)
+	session()
+	sameFDs(t, before, openFDs(t), "after a closed session")
+}
+
+// TestCheckEventfd: descriptors 1-4 of the welcome must be non-blocking eventfds.
+func TestCheckEventfd(t *testing.T) {
+	efd, err := shmtest.Eventfd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(efd)
+	if err := checkEventfd(efd, "rd"); err != nil {
+		t.Errorf("eventfd refused: %v", err)
+	}
+	bfd, err := shmtest.BlockingEventfd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(bfd)
+	if err := checkEventfd(bfd, "rd"); !errors.Is(err, ErrProtocol) {
+		t.Errorf("blocking eventfd: %v, want ErrProtocol", err)
+	}
+	mfd, err := shmtest.Memfd("tensord-test-check", 64, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(mfd)
+	if err := checkEventfd(mfd, "rd"); !errors.Is(err, ErrProtocol) || !strings.Contains(err.Error(), "memfd") {
+		t.Errorf("memfd: %v, want ErrProtocol naming it", err)
 	}
 }

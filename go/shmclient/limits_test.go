@@ -84,8 +84,9 @@ func TestTooManyOutputsRefused(t *testing.T) {
 	rec := make([]byte, align64(recordHeaderSize+uint64(len(b))))
 	putRecordHeader(rec, recordHeader{Len: uint32(len(rec)), Kind: kindResponse, RequestID: 7, DescLen: uint32(len(b))})
 	copy(rec[recordHeaderSize:], b)
-	resp, err := (&Client{}).parseResponse(record{hdr: getRecordHeader(rec), body: rec})
-	if !errors.Is(err, ErrProtocol) || resp != nil {
-		t.Fatalf("response with %d outputs: %v, %v; want ErrProtocol", maxTensors+1, resp, err)
+	cl := &call{}
+	err := (&Client{}).parseOutputs(cl, record{hdr: getRecordHeader(rec), body: rec})
+	if !errors.Is(err, ErrProtocol) || len(cl.outputs) != 0 {
+		t.Fatalf("response with %d outputs: %v, %v; want ErrProtocol", maxTensors+1, cl.outputs, err)
 	}
 }

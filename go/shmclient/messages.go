@@ -8,13 +8,16 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 )
 
+// Control messages (SPEC §2.4): the wire structs and their codec. The descriptors in ring
+// records (SPEC §4.4) are in desc.go, the generic msgpack decoder in decode.go.
+//
 // Wire structs mirror SPEC §2.4 and §4.4 field for field. vmihailenco encodes struct
 // fields in declaration order, so the declaration order below IS the canonical key order
 // of SPEC §2.3; do not reorder fields. Only keys the SPEC calls optional carry omitempty.
 
-// protocolVersion 2: the segment arrives as a sealed memfd descriptor with the welcome frame
-// (SCM_RIGHTS); welcome has no shm name any more.
-const protocolVersion = 2
+// protocolVersion 3: the session's segment (a sealed memfd) and its four wake-up eventfds
+// arrive as descriptors with the welcome frame (SCM_RIGHTS); welcome names nothing.
+const protocolVersion = 3
 
 // Limits of SPEC §7 that the client checks before sending.
 const (
@@ -36,15 +39,14 @@ type helloMsg struct {
 }
 
 type welcomeMsg struct {
-	Type         string   `msgpack:"type"`
-	Version      uint64   `msgpack:"version"`
-	Session      string   `msgpack:"session"`
-	Semaphores   []string `msgpack:"semaphores"`
-	SegmentSize  uint64   `msgpack:"segment_size"`
-	RequestRing  uint64   `msgpack:"request_ring"`
-	ResponseRing uint64   `msgpack:"response_ring"`
-	MaxFrame     uint64   `msgpack:"max_frame"`
-	Daemon       string   `msgpack:"daemon"`
+	Type         string `msgpack:"type"`
+	Version      uint64 `msgpack:"version"`
+	Session      string `msgpack:"session"`
+	SegmentSize  uint64 `msgpack:"segment_size"`
+	RequestRing  uint64 `msgpack:"request_ring"`
+	ResponseRing uint64 `msgpack:"response_ring"`
+	MaxFrame     uint64 `msgpack:"max_frame"`
+	Daemon       string `msgpack:"daemon"`
 }
 
 // typeOnlyMsg covers attached and ready.
@@ -106,36 +108,6 @@ type goodbyeMsg struct {
 	Reason string `msgpack:"reason"`
 }
 
-type tensorRef struct {
-	Name   string   `msgpack:"name"`
-	DType  string   `msgpack:"dtype"`
-	Shape  []uint64 `msgpack:"shape"`
-	Offset uint64   `msgpack:"offset"`
-	NBytes uint64   `msgpack:"nbytes"`
-}
-
-// requestDesc and tensorRef are also encoded by hand (desc.go), which writes the same
-// keys in the same order; desc_test.go checks the two encoders agree. (The client only
-// encodes request descriptors and only decodes response descriptors; the other
-// directions, which the golden vector tests need, live in messages_test.go.)
-type requestDesc struct {
-	Model     string      `msgpack:"model"`
-	TimeoutUS uint64      `msgpack:"timeout_us"`
-	Inputs    []tensorRef `msgpack:"inputs"`
-}
-
-type descError struct {
-	Code    uint64 `msgpack:"code"`
-	Name    string `msgpack:"name"`
-	Message string `msgpack:"message"`
-}
-
-// responseDesc has exactly one of its keys on the wire (SPEC §4.4).
-type responseDesc struct {
-	Outputs []tensorRef `msgpack:"outputs,omitempty"`
-	Error   *descError  `msgpack:"error,omitempty"`
-}
-
 // EncodeMsgpack keeps the decoded key order, which for an arbitrary map (load's config)
 // is the only order there is.
 func (m mpMap) EncodeMsgpack(enc *msgpack.Encoder) error {
@@ -157,7 +129,7 @@ func (m mpMap) EncodeMsgpack(enc *msgpack.Encoder) error {
 }
 
 // encoders are pooled: building one per message would dominate the cost of a small
-// message. (The per-request descriptors do not come here: see desc.go.)
+// message. (The per-request descriptors only come here on slow paths: see desc.go.)
 type encoder struct {
 	buf bytes.Buffer
 	enc *msgpack.Encoder
@@ -230,38 +202,4 @@ func decodeMessage(body []byte) (string, any, error) {
 		return typ, nil, protocolErrorf("bad %s message: %v", typ, err)
 	}
 	return typ, msg, nil
-}
-
-func decodeResponseDesc(b []byte) (*responseDesc, error) {
-	if d, ok := decodeResponseOutputs(b); ok {
-		return d, nil
-	}
-	return decodeResponseDescGeneral(b)
-}
-
-// decodeResponseDescGeneral accepts every valid encoding and words every error;
-// decodeResponseDesc tries the fast path for the common case first.
-func decodeResponseDescGeneral(b []byte) (*responseDesc, error) {
-	tree, err := decodeMsgpack(b)
-	if err != nil {
-		return nil, err
-	}
-	m, ok := tree.(mpMap)
-	if !ok || len(m) != 1 {
-		return nil, fmt.Errorf("response descriptor must be a map with exactly one key")
-	}
-	var d responseDesc
-	if err := fromTree(m, &d, "response"); err != nil {
-		return nil, err
-	}
-	if m[0].Key != "outputs" && m[0].Key != "error" {
-		return nil, fmt.Errorf("response descriptor has key %q, want outputs or error", m[0].Key)
-	}
-	if m[0].Key == "outputs" && d.Outputs == nil {
-		d.Outputs = []tensorRef{}
-	}
-	if len(d.Outputs) > maxTensors {
-		return nil, fmt.Errorf("response descriptor has %d outputs, the limit is %d", len(d.Outputs), maxTensors)
-	}
-	return &d, nil
 }

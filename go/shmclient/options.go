@@ -67,7 +67,7 @@ func WithRingSize(request, response int) Option {
 }
 
 // WithSpin sets the spin budget of the wait protocol (SPEC §4.5): how long a waiter
-// polls the ring before sleeping on a semaphore. Spinning trades a CPU core for lower
+// polls the ring before sleeping on its eventfd. Spinning trades a CPU core for lower
 // latency; the default 0 always blocks, which is right unless cores are to spare.
 func WithSpin(d time.Duration) Option {
 	return func(o *options) error {

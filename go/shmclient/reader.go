@@ -12,14 +12,18 @@ import (
 // own response arrives (readFor), so a caller with one request in flight is woken by the
 // daemon's post directly. Handing each response over from a reader goroutine instead
 // costs a second wake-up, of an OS thread through the Go scheduler, per request: the
-// largest client-side cost after the semaphore calls themselves. Responses to other
+// largest client-side cost after the eventfd system calls themselves. Responses to other
 // requests read on the way are handed to their waiters' channels (dispatch).
 //
 // readResponses reads when requests are in flight but no goroutine is in Wait (after a
 // Wait that gave up, or Sends not yet followed by Wait), so that their responses are
 // still delivered or released on arrival. While any goroutine is in Wait, that one
 // reads or, leaving, re-checks: the last to leave kicks readResponses if needed, and
-// readResponses gives the token back as soon as a goroutine waits again.
+// readResponses gives the token back before its next sleep once a goroutine waits again
+// (until then it hands that goroutine its response, on arrival, like any other).
+//
+// Whoever holds the token is the session's only sleeper on the pd eventfd, so however
+// many goroutines wait, the session keeps at most one OS thread asleep on responses.
 
 // readResponses is the fallback reader described above; it holds a segment reference
 // for the session's lifetime.
@@ -96,45 +100,24 @@ func (c *Client) leaveWait() {
 	}
 }
 
-// readFor reads the response ring, holding readerTok, until the response to request id
-// arrives, and returns it with ok. It returns !ok, having read whatever was there, when
-// ctx or the session ends or a corrupt ring ends the session; the result then comes on
-// the request's channel (an error from shutdown), or the caller gives up on ctx.
-func (c *Client) readFor(ctx context.Context, id uint64) (res reqResult, ok bool) {
-	// The reader must keep the mapping (and the semaphores) alive, like any view.
+// readFor reads the response ring, holding readerTok, until the response to cl arrives,
+// and returns the verdict on it (nil: parsed into cl) with ok. It returns !ok, having
+// read whatever was there, when ctx or the session ends or a corrupt ring ends the
+// session; the verdict then comes on cl.ch (an error from shutdown), or the caller gives
+// up on ctx.
+func (c *Client) readFor(ctx context.Context, cl *call) (verdict error, ok bool) {
+	// The reader must keep the mapping (and the eventfds) alive, like any view.
 	if !c.seg.acquire() {
-		return reqResult{}, false
+		return nil, false
 	}
 	defer c.seg.release()
-	if ctx.Done() != nil {
-		// A deadline bounds each semaphore wait (stop), but a cancellation must wake the
-		// wait: post the semaphore this reader sleeps on. A post nobody needs is only a
-		// spurious wake-up, which every waiter tolerates (SPEC §4.5).
-		stopWake := context.AfterFunc(ctx, func() {
-			if c.seg.acquire() {
-				c.resp.dataSem.post()
-				c.seg.release()
-			}
-		})
-		defer stopWake()
-	}
+	cw := ctxWait{ctx: ctx, c: c, reader: true}
+	defer cw.done()
 	stop := func() (time.Duration, error) {
-		select {
-		case <-c.done:
+		if c.ended() {
 			return 0, ErrClosed
-		default:
 		}
-		if err := ctx.Err(); err != nil {
-			return 0, err
-		}
-		if dl, ok := ctx.Deadline(); ok {
-			d := time.Until(dl)
-			if d <= 0 {
-				return 0, context.DeadlineExceeded
-			}
-			return d, nil
-		}
-		return 0, nil
+		return cw.check()
 	}
 	for {
 		rec, err := c.resp.next(kindResponse, stop)
@@ -142,94 +125,108 @@ func (c *Client) readFor(ctx context.Context, id uint64) (res reqResult, ok bool
 			if errors.Is(err, ErrProtocol) {
 				c.shutdown(&closedError{msg: "shmclient: the response ring is corrupt, session closed", cause: err})
 			}
-			return reqResult{}, false
+			return nil, false
 		}
-		if rec.hdr.RequestID != id {
+		if rec.hdr.RequestID != cl.id {
 			c.dispatch(rec)
 			continue
 		}
-		if c.take(id) == nil {
+		if c.take(cl.id) == nil {
 			// shutdown took it first and sends its error on the channel.
 			c.resp.release(rec.seq)
-			return reqResult{}, false
+			return nil, false
 		}
-		resp, err := c.parseResponse(rec)
-		if err != nil {
-			c.resp.release(rec.seq)
-			return reqResult{err: err}, true
-		}
-		return reqResult{resp: resp}, true
+		return c.parseInto(cl, rec), true
 	}
 }
 
-// take removes the waiter of a response just read and returns its channel, nil if it
-// has none (it gave up, or the session is closing). Whoever takes a channel off
-// pendingReq, here or in shutdown, is the one who delivers its result.
-func (c *Client) take(id uint64) chan reqResult {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	ch := c.pendingReq[id]
-	delete(c.pendingReq, id)
-	if c.inFlight > 0 {
-		c.inFlight--
+// wakeReader posts the eventfd the response reader sleeps on.
+func (c *Client) wakeReader() {
+	if c.seg.acquire() {
+		c.resp.data.post()
+		c.seg.release()
 	}
-	return ch
 }
 
+// dispatch hands a response read by one goroutine to the call it answers.
 func (c *Client) dispatch(rec record) {
-	ch := c.take(rec.hdr.RequestID)
-	if ch == nil {
+	cl := c.take(rec.hdr.RequestID)
+	if cl == nil {
 		// Its caller gave up (ctx) or the session is closing: nobody will read it.
 		c.resp.release(rec.seq)
 		return
 	}
-	resp, err := c.parseResponse(rec)
-	if err != nil {
-		c.resp.release(rec.seq)
-		ch <- reqResult{err: err}
-		return
-	}
-	ch <- reqResult{resp: resp}
+	cl.ch <- c.parseInto(cl, rec) // the one send after take; cl.ch has room
 }
 
-// parseResponse turns a RESPONSE record into a Response whose outputs view the record.
-// Everything is checked against the record's bounds first: a daemon bug must not turn
-// into a wild slice. Errors here fail only this request (SPEC §4.8's rule for sound
-// headers with unsound descriptors, applied to the daemon).
-func (c *Client) parseResponse(rec record) (*Response, error) {
-	descEnd := uint64(recordHeaderSize) + uint64(rec.hdr.DescLen)
-	desc, err := decodeResponseDesc(rec.body[recordHeaderSize:descEnd])
-	if err != nil {
-		return nil, protocolErrorf("response %d: bad descriptor: %v", rec.hdr.RequestID, err)
+// parseInto parses a RESPONSE record into cl's outputs. On success cl holds the record
+// (cl.seq) and a segment reference for its views, both given back by Response.Release; on
+// error it holds neither, and the error is the request's (a *DaemonError, or ErrProtocol
+// for a response this client cannot use).
+func (c *Client) parseInto(cl *call, rec record) error {
+	err := c.parseOutputs(cl, rec)
+	if err == nil && !c.seg.acquire() {
+		err = c.Err()
+		if err == nil {
+			err = ErrClosed
+		}
 	}
-	if e := desc.Error; e != nil {
-		return nil, &DaemonError{Code: e.Code, Name: e.Name, Message: e.Message}
+	if err != nil {
+		c.resp.release(rec.seq)
+		return err
+	}
+	cl.seq = rec.seq
+	return nil
+}
+
+// parseOutputs turns a RESPONSE record into cl.outputs, views of the record, reusing the
+// call's buffers. Everything is checked against the record's bounds first: a daemon bug
+// must not turn into a wild slice. Errors here fail only this request (SPEC §4.8's rule
+// for sound headers with unsound descriptors, applied to the daemon).
+func (c *Client) parseOutputs(cl *call, rec record) error {
+	descEnd := uint64(recordHeaderSize) + uint64(rec.hdr.DescLen)
+	b := rec.body[recordHeaderSize:descEnd]
+	refs, rdims, ok := decodeOutputsInto(b, cl.refs, cl.rdims)
+	if ok {
+		cl.refs, cl.rdims = refs, rdims
+	} else {
+		desc, err := decodeResponseDescGeneral(b)
+		if err != nil {
+			return protocolErrorf("response %d: bad descriptor: %v", rec.hdr.RequestID, err)
+		}
+		if e := desc.Error; e != nil {
+			return &DaemonError{Code: e.Code, Name: e.Name, Message: e.Message}
+		}
+		refs = desc.Outputs
 	}
 	recLen := uint64(len(rec.body))
-	outs := make([]Tensor, len(desc.Outputs))
-	for i, ref := range desc.Outputs {
+	outs, dims := cl.outputs[:0], cl.odims[:0]
+	if dims == nil {
+		dims = make([]int64, 0, 8)
+	}
+	for i := range refs {
+		ref := &refs[i]
 		dt, err := ParseDType(ref.DType)
 		if err != nil || !dt.valid() {
-			return nil, protocolErrorf("response %d: output %q has dtype %q", rec.hdr.RequestID, ref.Name, ref.DType)
+			return protocolErrorf("response %d: output %q has dtype %q", rec.hdr.RequestID, ref.Name, ref.DType)
 		}
 		if ref.Offset%recordAlign != 0 || ref.Offset < align64(descEnd) || ref.Offset > recLen || ref.NBytes > recLen-ref.Offset {
-			return nil, protocolErrorf("response %d: output %q at offset %d of %d bytes lies outside its record of %d bytes", rec.hdr.RequestID, ref.Name, ref.Offset, ref.NBytes, recLen)
+			return protocolErrorf("response %d: output %q at offset %d of %d bytes lies outside its record of %d bytes", rec.hdr.RequestID, ref.Name, ref.Offset, ref.NBytes, recLen)
 		}
-		shape := make([]int64, len(ref.Shape))
-		for j, d := range ref.Shape {
+		start := len(dims)
+		for _, d := range ref.Shape {
 			if d > math.MaxInt64 {
-				return nil, protocolErrorf("response %d: output %q has dimension %d", rec.hdr.RequestID, ref.Name, d)
+				return protocolErrorf("response %d: output %q has dimension %d", rec.hdr.RequestID, ref.Name, d)
 			}
-			shape[j] = int64(d)
+			dims = append(dims, int64(d))
 		}
-		t := Tensor{Name: ref.Name, DType: dt, Shape: shape, Data: rec.body[ref.Offset : ref.Offset+ref.NBytes : ref.Offset+ref.NBytes]}
+		t := Tensor{Name: ref.Name, DType: dt, Shape: dims[start:len(dims):len(dims)],
+			Data: rec.body[ref.Offset : ref.Offset+ref.NBytes : ref.Offset+ref.NBytes]}
 		if err := t.checkData(); err != nil {
-			return nil, protocolErrorf("response %d: %v", rec.hdr.RequestID, err)
+			return protocolErrorf("response %d: %v", rec.hdr.RequestID, err)
 		}
-		outs[i] = t
+		outs = append(outs, t)
 	}
-	if !c.seg.acquire() {
-		return nil, c.Err()
-	}
-	return &Response{Outputs: outs, c: c, seq: rec.seq}, nil
+	cl.outputs, cl.odims = outs, dims
+	return nil
 }

@@ -12,7 +12,7 @@ import (
 // Tests of the response ring's reader role (reader.go): a goroutine in Wait reads for
 // itself and for others, and readResponses reads when nobody waits.
 
-func sendBytes(t *testing.T, c *Client, ctx context.Context, data []byte) *Request {
+func sendBytes(t *testing.T, c *Client, ctx context.Context, data []byte) Request {
 	t.Helper()
 	req, err := c.NewRequest(ctx, "identity", TensorSpec{Name: "x", DType: U8, Shape: []int64{int64(len(data))}})
 	if err != nil {
@@ -25,7 +25,7 @@ func sendBytes(t *testing.T, c *Client, ctx context.Context, data []byte) *Reque
 	return req
 }
 
-func waitBytes(t *testing.T, req *Request, ctx context.Context, want []byte) {
+func waitBytes(t *testing.T, req Request, ctx context.Context, want []byte) {
 	t.Helper()
 	resp, err := req.Wait(ctx)
 	if err != nil {
@@ -45,7 +45,7 @@ func TestPipelinedSends(t *testing.T) {
 	ctx := testCtx(t)
 	const n = 8
 	for round := 0; round < 20; round++ {
-		reqs := make([]*Request, n)
+		reqs := make([]Request, n)
 		data := make([][]byte, n)
 		for i := range reqs {
 			data[i] = bytes.Repeat([]byte{byte(round*n + i)}, 100+i)

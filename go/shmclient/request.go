@@ -4,11 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
 	"math/bits"
-	"sync"
-	"sync/atomic"
+	"strconv"
 	"time"
+	"unsafe"
 )
 
 // Request is a request record reserved in the request ring (the zero-copy path). Fill
@@ -16,38 +15,31 @@ import (
 // Until then, later requests of the same Client cannot be published (the ring publishes
 // in order, SPEC §4.7), so fill promptly; a Request that is dropped without either
 // stalls the Client. A Request is for use by one goroutine.
+//
+// Request is a small value, a handle: copies name the same request. The client reuses
+// the memory behind a request once it has ended (Abandon, an error from Send, Wait or
+// Do, or the Response's Release); after that every method of every copy refuses to act
+// (errors, Input panics, Abandon does nothing), so a stale handle cannot touch a later
+// request. The zero Request is not a request.
 type Request struct {
-	c         *Client
-	model     string
-	id        uint64
-	pos       uint64
-	rec       []byte
-	desc      requestDesc
-	dataStart uint64 // where tensor data starts; the descriptor must end before it
-	inputs    []Tensor
-	state     int
-	result    chan reqResult // set by Send, consumed by Wait
+	cl   *call
+	life uint64
 }
-
-const (
-	stateReserved = iota
-	statePublished
-	stateAbandoned
-)
 
 // Response holds a request's outputs as views into the response ring. They are valid
 // until Release, which frees the ring space; release every Response, or the daemon runs
-// out of room for responses and stalls.
+// out of room for responses and stalls. Like Request, a Response is a handle: copies
+// name the same response, and once one of them is released the others' Release does
+// nothing. The zero Response has no outputs; releasing it does nothing.
 type Response struct {
 	Outputs []Tensor
 
-	c        *Client
-	seq      uint64
-	released atomic.Bool
+	cl   *call
+	life uint64
 }
 
 // Output returns the output called name, or false.
-func (r *Response) Output(name string) (Tensor, bool) {
+func (r Response) Output(name string) (Tensor, bool) {
 	for _, t := range r.Outputs {
 		if t.Name == name {
 			return t, true
@@ -58,42 +50,63 @@ func (r *Response) Output(name string) (Tensor, bool) {
 
 // Release gives the outputs' ring space back to the daemon, where the next responses
 // are written. It empties Outputs, so that a use after Release finds nothing instead of
-// another request's bytes; copies of the Tensors taken before must not be used either.
-// Calling it again is a no-op.
+// another request's bytes; copies of the Response or of its Tensors taken before must not
+// be used either (their memory now belongs to later responses). Calling it again, on
+// this Response or a copy, is a no-op.
 func (r *Response) Release() {
-	if r == nil || !r.released.CompareAndSwap(false, true) {
+	r.Outputs = nil
+	cl := r.cl
+	if cl == nil || !cl.end(r.life) {
 		return
 	}
-	r.Outputs = nil
-	r.c.resp.release(r.seq)
-	r.c.seg.release()
+	c := cl.c
+	c.resp.release(cl.seq)
+	c.seg.release() // the views' reference
+	c.recycle(cl)
 }
+
+// call returns the call if the handle is still current, else nil.
+func (r Request) call() *call {
+	if r.cl == nil || r.cl.life.Load() != r.life {
+		return nil
+	}
+	return r.cl
+}
+
+var errStaleRequest = errors.New("shmclient: Request used after it ended (Abandon, an error, or its Response's Release)")
 
 // NewRequest reserves a record for model with inputs of the given specs and returns it
 // with each input's Data pointing into shared memory, to be filled in place (the memory
 // holds stale bytes until then). It validates the specs like Infer and waits for ring
 // space as long as ctx allows.
-func (c *Client) NewRequest(ctx context.Context, model string, specs ...TensorSpec) (*Request, error) {
+func (c *Client) NewRequest(ctx context.Context, model string, specs ...TensorSpec) (Request, error) {
 	return c.newRequest(ctx, model, specs)
 }
 
 // Input returns input i (in the order given to NewRequest); its Data is the record's
 // shared memory, valid until Send/Do or Abandon. After those Input panics: the memory
 // then belongs to the daemon, or to a later request.
-func (r *Request) Input(i int) Tensor {
-	if r.inputs == nil {
+func (r Request) Input(i int) Tensor {
+	cl := r.call()
+	if cl == nil || cl.state != stateReserved {
 		panic("shmclient: Request.Input called after Send, Do or Abandon")
 	}
-	return r.inputs[i]
+	return cl.inputs[i]
 }
 
 // NumInputs returns the number of inputs, 0 after Send, Do or Abandon.
-func (r *Request) NumInputs() int { return len(r.inputs) }
+func (r Request) NumInputs() int {
+	cl := r.call()
+	if cl == nil || cl.state != stateReserved {
+		return 0
+	}
+	return len(cl.inputs)
+}
 
 // Do publishes the request and waits for its response: Send, then Wait.
-func (r *Request) Do(ctx context.Context) (*Response, error) {
+func (r Request) Do(ctx context.Context) (Response, error) {
 	if err := r.Send(ctx); err != nil {
-		return nil, err
+		return Response{}, err
 	}
 	return r.Wait(ctx)
 }
@@ -101,297 +114,289 @@ func (r *Request) Do(ctx context.Context) (*Response, error) {
 // Send publishes the request without waiting, so a goroutine can have several requests
 // in flight; every Send must be followed by Wait, which also frees the response. ctx's
 // deadline becomes the request's time budget in the daemon. After Send the inputs
-// belong to the daemon and must not be touched.
-func (r *Request) Send(ctx context.Context) error {
-	if r.state != stateReserved {
-		return fmt.Errorf("shmclient: Request.Send called after Send or Abandon")
+// belong to the daemon and must not be touched. An error ends the request (it is
+// abandoned).
+func (r Request) Send(ctx context.Context) error {
+	cl := r.call()
+	if cl == nil {
+		return errStaleRequest
 	}
-	c := r.c
+	if cl.state != stateReserved {
+		return fmt.Errorf("shmclient: Request.Send called after Send")
+	}
+	c := cl.c
 	var timeoutUS uint64
 	if dl, ok := ctx.Deadline(); ok {
 		d := time.Until(dl)
 		if d <= 0 {
 			r.Abandon()
-			return fmt.Errorf("shmclient: model %q: %w", r.model, context.DeadlineExceeded)
+			return fmt.Errorf("shmclient: model %q: %w", cl.model, context.DeadlineExceeded)
 		}
 		timeoutUS = uint64((d + time.Microsecond - 1) / time.Microsecond)
 	}
 	if err := ctx.Err(); err != nil {
 		r.Abandon()
-		return fmt.Errorf("shmclient: model %q: %w", r.model, err)
+		return fmt.Errorf("shmclient: model %q: %w", cl.model, err)
 	}
 
 	// The descriptor is encoded once, straight into the record, now that timeout_us is
 	// known. The layout left room for the longest timeout encoding, so the offsets stay
 	// valid; the length check catches requestDescLen and appendRequestDesc disagreeing
 	// (a bug) before it could publish a torn record.
-	r.desc.TimeoutUS = timeoutUS
-	room := r.rec[recordHeaderSize:recordHeaderSize:r.dataStart]
-	n := requestDescLen(&r.desc)
-	if n > cap(room) || len(appendRequestDesc(room, &r.desc)) != n {
+	cl.desc.TimeoutUS = timeoutUS
+	room := cl.rec[recordHeaderSize:recordHeaderSize:cl.dataStart]
+	n := requestDescLen(&cl.desc)
+	if n > cap(room) || len(appendRequestDesc(room, &cl.desc)) != n {
 		r.Abandon()
 		return fmt.Errorf("shmclient: internal error: descriptor of %d bytes does not fit its reserved %d", n, cap(room))
 	}
-	putRecordHeader(r.rec, recordHeader{Len: uint32(len(r.rec)), Kind: kindRequest, RequestID: r.id, DescLen: uint32(n)})
+	putRecordHeader(cl.rec, recordHeader{Len: uint32(len(cl.rec)), Kind: kindRequest, RequestID: cl.id, DescLen: uint32(n)})
 
-	ch := resultChans.Get().(chan reqResult)
 	c.mu.Lock()
 	if c.closeErr != nil {
 		err := c.closeErr
 		c.mu.Unlock()
-		resultChans.Put(ch)
 		r.Abandon()
 		return err
 	}
-	c.pendingReq[r.id] = ch
+	cl.pending = true
 	c.inFlight++
 	c.mu.Unlock()
-	r.state = statePublished
-	r.result = ch
-	r.inputs, r.rec = nil, nil
-	c.req.commit(r.pos, false)
+	cl.state = stateSent
+	cl.rec = nil
+	c.req.commit(cl.pos, false)
 	c.seg.release() // the record is the daemon's now; our input views are dead
 	return nil
 }
 
 // Wait waits for the response of a sent request. If ctx ends first, Wait returns ctx's
-// error at once; the response, when it comes, is released by the client.
-func (r *Request) Wait(ctx context.Context) (*Response, error) {
-	if r.state != statePublished || r.result == nil {
-		return nil, fmt.Errorf("shmclient: Request.Wait called without Send, or twice")
+// error at once; the response, when it comes, is released by the client. An error ends
+// the request.
+func (r Request) Wait(ctx context.Context) (Response, error) {
+	cl := r.call()
+	if cl == nil {
+		return Response{}, errStaleRequest
 	}
-	c, ch := r.c, r.result
-	r.result = nil
+	if cl.state != stateSent {
+		return Response{}, fmt.Errorf("shmclient: Request.Wait called without Send, or twice")
+	}
+	cl.state = stateWaiting
+	c := cl.c
 	c.enterWait()
 	defer c.leaveWait()
 	// Read the response ring ourselves when nobody else is (reader.go); otherwise
-	// whoever is delivers on ch.
+	// whoever is delivers on cl.ch.
 	select {
-	case res := <-ch:
-		resultChans.Put(ch)
-		return c.finish(r.model, res)
+	case err := <-cl.ch:
+		return r.finish(err)
 	case c.readerTok <- struct{}{}:
 		// The previous reader may have delivered ours just before handing over (select
 		// picks among ready cases at random). Nobody else reads while we hold the
-		// token, so if ch is empty now, the response is still to come.
-		var res reqResult
+		// token, so if cl.ch is empty now, the response is still to come.
+		var err error
 		ok := true
 		select {
-		case res = <-ch:
+		case err = <-cl.ch:
 		default:
-			res, ok = c.readFor(ctx, r.id)
+			err, ok = c.readFor(ctx, cl)
 		}
 		<-c.readerTok
 		if ok {
-			resultChans.Put(ch)
-			return c.finish(r.model, res)
+			return r.finish(err)
 		}
 		// Only the end of ctx or of the session stops a reader short; the latter's
-		// error comes on ch.
+		// error comes on cl.ch.
 		select {
-		case res := <-ch:
-			resultChans.Put(ch)
-			return c.finish(r.model, res)
+		case err := <-cl.ch:
+			return r.finish(err)
 		case <-ctx.Done():
 		}
 	case <-ctx.Done():
 	}
 	c.mu.Lock()
-	_, pending := c.pendingReq[r.id]
-	delete(c.pendingReq, r.id)
+	pending := cl.pending
+	cl.pending = false
 	c.mu.Unlock()
 	if !pending {
-		// A reader already took it off the map: the result is (being) delivered.
-		if res := <-ch; res.resp != nil {
-			res.resp.Release()
+		// A reader already took it: its verdict is (being) sent on cl.ch.
+		if err := <-cl.ch; err == nil {
+			c.resp.release(cl.seq)
+			c.seg.release()
 		}
 	}
-	// Otherwise whoever reads it finds no waiter and releases the response on arrival
+	// Otherwise whoever reads the response finds no waiter and releases it on arrival
 	// (readResponses, kicked as this Wait returns, if no other Wait is reading). Either
-	// way nothing more will be sent on ch.
-	resultChans.Put(ch)
-	return nil, fmt.Errorf("shmclient: model %q: %w", r.model, ctx.Err())
-}
-
-// resultChans recycles the per-request result channels. A channel is sent on at most
-// once, by whoever takes it off pendingReq (dispatch or shutdown), and Wait returns it
-// only once that send was received or can no longer happen, so a recycled channel is
-// always empty and unreachable from the map.
-var resultChans = sync.Pool{New: func() any { return make(chan reqResult, 1) }}
-
-func (c *Client) finish(model string, res reqResult) (*Response, error) {
-	if res.err != nil {
-		if errors.Is(res.err, ErrUnknownModel) {
-			c.forgetModel(model)
-		}
-		return nil, res.err
+	// way nothing more will be sent on cl.ch.
+	err := fmt.Errorf("shmclient: model %q: %w", cl.model, ctx.Err())
+	if cl.end(r.life) {
+		c.recycle(cl)
 	}
-	return res.resp, nil
+	return Response{}, err
 }
 
-// Abandon gives the reservation up: it becomes a PAD record the daemon skips. It is a
-// no-op after Send (or Do) or a previous Abandon.
-func (r *Request) Abandon() {
-	if r.state != stateReserved {
+// finish turns the verdict on a response into Wait's result.
+func (r Request) finish(err error) (Response, error) {
+	cl := r.cl
+	if err != nil {
+		if errors.Is(err, ErrUnknownModel) {
+			cl.c.forgetModel(cl.model)
+		}
+		if cl.end(r.life) {
+			cl.c.recycle(cl)
+		}
+		return Response{}, err
+	}
+	cl.state = stateAnswered
+	return Response{Outputs: cl.outputs, cl: cl, life: r.life}, nil
+}
+
+// Abandon gives the reservation up: it becomes a PAD record the daemon skips, and the
+// request ends. It is a no-op after Send (or Do) or a previous Abandon.
+func (r Request) Abandon() {
+	cl := r.call()
+	if cl == nil || cl.state != stateReserved || !cl.end(r.life) {
 		return
 	}
-	r.state = stateAbandoned
-	r.inputs, r.rec = nil, nil
-	r.c.req.commit(r.pos, true)
-	r.c.seg.release()
+	c := cl.c
+	c.req.commit(cl.pos, true)
+	c.seg.release()
+	c.recycle(cl)
 }
 
 // Infer runs model on inputs and returns copies of its outputs: the convenience path,
 // which copies inputs into the ring and outputs out of it. Use NewRequest to avoid the
 // copies for large tensors.
 func (c *Client) Infer(ctx context.Context, model string, inputs ...Tensor) ([]Tensor, error) {
-	specs := make([]TensorSpec, len(inputs))
+	if len(inputs) > maxTensors {
+		return nil, fmt.Errorf("%w: model %s: %d inputs, the limit is %d per request", ErrBadRequest, strconv.Quote(model), len(inputs), maxTensors)
+	}
+	// On the stack, whatever the count: a heap slice would make the inputs' names and
+	// shapes escape (see validate.go).
+	// (Stores go to the array itself: escape analysis takes a store through a slice for
+	// a store to the heap.)
+	var buf [maxTensors]TensorSpec
 	for i, t := range inputs {
 		if err := t.checkData(); err != nil {
-			return nil, badInputf("model %q: %v", model, err)
+			return nil, badInputf("model %s: %v", strconv.Quote(model), err)
 		}
-		specs[i] = TensorSpec{Name: t.Name, DType: t.DType, Shape: t.Shape, NBytes: int64(len(t.Data))}
+		buf[i] = TensorSpec{Name: t.Name, DType: t.DType, Shape: t.Shape, NBytes: int64(len(t.Data))}
 	}
+	specs := buf[:len(inputs)]
 	req, err := c.newRequest(ctx, model, specs)
 	if err != nil {
 		return nil, err
 	}
 	for i, t := range inputs {
-		copy(req.inputs[i].Data, t.Data)
+		copy(req.cl.inputs[i].Data, t.Data)
 	}
 	resp, err := req.Do(ctx)
 	if err != nil {
 		return nil, err
 	}
-	defer resp.Release()
 	out := make([]Tensor, len(resp.Outputs))
 	for i, t := range resp.Outputs {
-		out[i] = t.Clone()
+		out[i] = t.cloneOne()
 	}
+	resp.Release()
 	return out, nil
 }
 
-func (c *Client) newRequest(ctx context.Context, model string, specs []TensorSpec) (*Request, error) {
+// cloneOne is Clone in one allocation: shape and data share a block of 8-byte words
+// (neither holds pointers), so the typed views work on the copy.
+func (t Tensor) cloneOne() Tensor {
+	rank := len(t.Shape)
+	words := make([]uint64, rank+(len(t.Data)+7)/8)
+	shape := unsafe.Slice((*int64)(unsafe.Pointer(unsafe.SliceData(words))), len(words))[:rank:rank]
+	copy(shape, t.Shape)
+	data := bytesOf(words[rank:])[:len(t.Data):len(t.Data)]
+	copy(data, t.Data)
+	return Tensor{Name: t.Name, DType: t.DType, Shape: shape, Data: data}
+}
+
+func (c *Client) newRequest(ctx context.Context, model string, specs []TensorSpec) (Request, error) {
+	// Until the call holds its copy, errors quote model rather than keep it (see
+	// validate.go).
 	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("shmclient: model %q: %w", model, err)
+		return Request{}, fmt.Errorf("shmclient: model %s: %w", strconv.Quote(model), err)
 	}
-	if err := c.Err(); err != nil {
-		return nil, err
+	if c.ended() {
+		return Request{}, c.Err()
 	}
 	if err := checkSpecs(model, specs, c.modelInfo(model)); err != nil {
 		if c.modelInfo(model) == nil || !errors.Is(err, ErrBadInput) {
-			return nil, err
+			return Request{}, err
 		}
 		// The cached signature may predate a reload: refresh it once before refusing.
 		if _, rerr := c.Models(ctx); rerr != nil {
-			return nil, err
+			return Request{}, err
 		}
 		if err := checkSpecs(model, specs, c.modelInfo(model)); err != nil {
-			return nil, err
+			return Request{}, err
 		}
 	}
-	desc, dataStart, recLen, err := planRecord(model, specs)
+	cl, err := c.getCall()
 	if err != nil {
-		return nil, err
+		return Request{}, err
+	}
+	life := cl.life.Load()
+	fail := func(err error) (Request, error) {
+		cl.end(life)
+		c.recycle(cl)
+		return Request{}, err
+	}
+	recLen, err := cl.plan(model, specs)
+	if err != nil {
+		return fail(err)
 	}
 	if capacity := c.req.r.capacity; recLen > capacity {
-		return nil, fmt.Errorf("%w: model %q: the request record needs %d bytes but the request ring holds %d; Dial with WithRingSize(%d, 0) or larger",
-			ErrTooLarge, model, recLen, capacity, ringSizeFor(recLen))
+		return fail(fmt.Errorf("%w: model %q: the request record needs %d bytes but the request ring holds %d; Dial with WithRingSize(%d, 0) or larger",
+			ErrTooLarge, cl.model, recLen, capacity, ringSizeFor(recLen)))
 	}
 	if !c.seg.acquire() {
-		return nil, c.Err()
+		return fail(c.Err())
 	}
-	stop := func() (time.Duration, error) {
-		select {
-		case <-c.done:
-			return 0, c.Err()
-		default:
-		}
-		if err := ctx.Err(); err != nil {
-			return 0, fmt.Errorf("shmclient: model %q: waiting for request ring space: %w", model, err)
-		}
-		if dl, ok := ctx.Deadline(); ok {
-			d := time.Until(dl)
-			if d <= 0 {
-				return 0, fmt.Errorf("shmclient: model %q: waiting for request ring space: %w", model, context.DeadlineExceeded)
-			}
-			return d, nil
-		}
-		return 0, nil
+	pos, err := c.reserve(ctx, cl.model, recLen)
+	if err != nil {
+		c.seg.release()
+		return fail(err)
 	}
+	cl.pos, cl.rec = pos, c.req.slice(pos, recLen)
+	cl.setInputs(specs)
+	return Request{cl: cl, life: life}, nil
+}
+
+// reserve reserves n bytes of the request ring as the one writer (ringLock), waiting for
+// space while ctx allows.
+func (c *Client) reserve(ctx context.Context, model string, n uint64) (uint64, error) {
 	select {
 	case c.ringLock <- struct{}{}:
 	case <-ctx.Done():
-		c.seg.release()
-		return nil, fmt.Errorf("shmclient: model %q: %w", model, ctx.Err())
+		return 0, fmt.Errorf("shmclient: model %q: %w", model, ctx.Err())
 	case <-c.done:
-		c.seg.release()
-		return nil, c.Err()
+		return 0, c.Err()
 	}
-	pos, err := c.req.reserve(recLen, stop)
-	<-c.ringLock
-	if err != nil {
-		c.seg.release()
-		return nil, err
+	defer func() { <-c.ringLock }()
+	cw := ctxWait{ctx: ctx, c: c}
+	defer cw.done()
+	stop := func() (time.Duration, error) {
+		if c.ended() {
+			return 0, c.Err()
+		}
+		d, err := cw.check()
+		if err != nil {
+			return 0, fmt.Errorf("shmclient: model %q: waiting for request ring space: %w", model, err)
+		}
+		return d, nil
 	}
-	r := &Request{c: c, model: model, id: c.nextID.Add(1), pos: pos, rec: c.req.slice(pos, recLen), desc: desc, dataStart: dataStart}
-	r.inputs = make([]Tensor, len(specs))
-	dims := make([]int64, 0, totalRank(specs)) // one allocation for every input's shape
-	for i, s := range specs {
-		ref := desc.Inputs[i]
-		// Full slice expressions: an append to one shape must not run into the next.
-		dims = append(dims, s.Shape...)
-		shape := dims[len(dims)-len(s.Shape) : len(dims) : len(dims)]
-		r.inputs[i] = Tensor{Name: s.Name, DType: s.DType, Shape: shape,
-			Data: r.rec[ref.Offset : ref.Offset+ref.NBytes : ref.Offset+ref.NBytes]}
-	}
-	return r, nil
+	return c.req.reserve(n, stop)
 }
 
-// planRecord lays a request record out: descriptor, then each tensor at a 64-byte
-// aligned offset. The offsets are inside the descriptor, so its length depends on them;
-// iterate to a fixed point (offsets only grow, so this converges in a step or two). The
-// descriptor is sized with the longest timeout_us encoding so the real timeout, known
-// only at Send, always fits. Sizing is arithmetic (requestDescLen): the descriptor is
-// encoded once, by Send.
-func planRecord(model string, specs []TensorSpec) (desc requestDesc, dataStart, recLen uint64, err error) {
-	desc = requestDesc{Model: model, TimeoutUS: math.MaxUint64, Inputs: make([]tensorRef, len(specs))}
-	dims := make([]uint64, 0, totalRank(specs)) // one allocation for every input's shape
-	for i, s := range specs {
-		for _, d := range s.Shape {
-			dims = append(dims, uint64(d))
-		}
-		shape := dims[len(dims)-len(s.Shape) : len(dims) : len(dims)]
-		desc.Inputs[i] = tensorRef{Name: s.Name, DType: s.DType.String(), Shape: shape, NBytes: specNBytes(s)}
+// wakeWriter posts the eventfd a writer waiting for request-ring space sleeps on.
+func (c *Client) wakeWriter() {
+	if c.seg.acquire() {
+		c.req.space.post()
+		c.seg.release()
 	}
-	start := align64(recordHeaderSize)
-	for {
-		end := start
-		for i := range desc.Inputs {
-			desc.Inputs[i].Offset = end
-			if desc.Inputs[i].NBytes > math.MaxUint32 {
-				return desc, 0, 0, fmt.Errorf("%w: model %q: input %q of %d bytes exceeds any ring", ErrTooLarge, model, desc.Inputs[i].Name, desc.Inputs[i].NBytes)
-			}
-			end = align64(end + desc.Inputs[i].NBytes)
-		}
-		n := requestDescLen(&desc)
-		if n > maxDescriptor {
-			return desc, 0, 0, fmt.Errorf("%w: model %q: descriptor of %d bytes exceeds the %d byte limit", ErrBadRequest, model, n, maxDescriptor)
-		}
-		need := align64(recordHeaderSize + uint64(n))
-		if need <= start {
-			return desc, start, end, nil
-		}
-		start = need
-	}
-}
-
-func totalRank(specs []TensorSpec) int {
-	n := 0
-	for _, s := range specs {
-		n += len(s.Shape)
-	}
-	return n
 }
 
 // ringSizeFor is the ring capacity to ask for so a record of n bytes fits.

@@ -19,10 +19,6 @@ const (
 	kindResponse = 2
 )
 
-// semWaitSlice bounds each semaphore wait (SPEC §4.5 step 3: at most 50 ms; the reference
-// implementations use 10 ms). It is also how soon a waiter notices a dead session.
-const semWaitSlice = 10 * time.Millisecond
-
 func align64(n uint64) uint64 { return (n + recordAlign - 1) &^ (recordAlign - 1) }
 
 type recordHeader struct {
@@ -60,15 +56,17 @@ type ringMem struct {
 	consumerWaiting *uint32
 }
 
-// waitFor implements the waiter of SPEC §4.5: it returns once load() differs from seen,
-// or with stop's error. waiting is the caller's *_waiting word, sem the semaphore the
-// other side posts.
-func waitFor(load func() uint64, seen uint64, waiting *uint32, sem *semaphore, spin time.Duration, stop func() (time.Duration, error)) error {
+// waitFor implements the waiter of SPEC §4.5: it returns once *counter differs from
+// seen, or with stop's error. waiting is the caller's *_waiting word, efd the eventfd
+// the other side posts. stop is called before each sleep (and after it, unless the
+// counter moved); it returns the longest the caller may still wait (0: no limit) or why
+// to give up. One goroutine at a time waits on a given eventfd (see the callers).
+func waitFor(counter *uint64, seen uint64, waiting *uint32, efd *eventfd, spin time.Duration, stop func() (time.Duration, error)) error {
 	for {
 		if spin > 0 {
 			start := time.Now()
 			for i := 0; ; i++ {
-				if load() != seen {
+				if atomic.LoadUint64(counter) != seen {
 					return nil
 				}
 				if i&63 == 63 {
@@ -84,11 +82,11 @@ func waitFor(load func() uint64, seen uint64, waiting *uint32, sem *semaphore, s
 		// Dekker pattern: the atomic store is sequentially consistent (a full barrier on
 		// every Go platform), so the poster either sees our 1 or we see its new counter.
 		atomic.StoreUint32(waiting, 1)
-		if load() != seen {
+		if atomic.LoadUint64(counter) != seen {
 			atomic.StoreUint32(waiting, 0)
 			return nil
 		}
-		slice := semWaitSlice
+		slice := waitSlice
 		limit, err := stop()
 		if err != nil {
 			atomic.StoreUint32(waiting, 0)
@@ -97,9 +95,9 @@ func waitFor(load func() uint64, seen uint64, waiting *uint32, sem *semaphore, s
 		if limit > 0 && limit < slice {
 			slice = limit
 		}
-		sem.wait(slice)
+		efd.wait(slice)
 		atomic.StoreUint32(waiting, 0)
-		if load() != seen {
+		if atomic.LoadUint64(counter) != seen {
 			return nil
 		}
 		if _, err := stop(); err != nil {
@@ -109,10 +107,10 @@ func waitFor(load func() uint64, seen uint64, waiting *uint32, sem *semaphore, s
 }
 
 // post implements the poster of SPEC §4.5, called right after storing tail or head.
-// The store was a sync/atomic (sequentially consistent) store, which is the barrier.
-func post(waiting *uint32, sem *semaphore) {
+// That store was a sync/atomic (sequentially consistent) store, which is the barrier.
+func post(waiting *uint32, efd *eventfd) {
 	if atomic.LoadUint32(waiting) == 1 {
-		sem.post()
+		efd.post()
 	}
 }
 
@@ -120,10 +118,10 @@ func post(waiting *uint32, sem *semaphore) {
 // a time), filled concurrently, and published in ring order: tail only advances over a
 // prefix of filled reservations (SPEC §4.7).
 type producer struct {
-	r        ringMem
-	dataSem  *semaphore // posted after publishing
-	spaceSem *semaphore // waited on for space
-	spin     time.Duration
+	r     ringMem
+	data  *eventfd // posted after publishing
+	space *eventfd // waited on for space
+	spin  time.Duration
 
 	// mu guards the reservation list and is never held while waiting, so a caller
 	// publishing its reservation is never stuck behind a writer waiting for space.
@@ -180,7 +178,7 @@ func (p *producer) waitSpace(end uint64, stop func() (time.Duration, error)) err
 		if end <= head+p.r.capacity {
 			return nil
 		}
-		if err := waitFor(func() uint64 { return atomic.LoadUint64(p.r.head) }, head, p.r.producerWaiting, p.spaceSem, p.spin, stop); err != nil {
+		if err := waitFor(p.r.head, head, p.r.producerWaiting, p.space, p.spin, stop); err != nil {
 			return err
 		}
 	}
@@ -224,15 +222,15 @@ func (p *producer) publishLocked() {
 	p.pending = append(p.pending[:0], p.pending[n:]...)
 	p.published = tail
 	atomic.StoreUint64(p.r.tail, tail)
-	post(p.r.consumerWaiting, p.dataSem)
+	post(p.r.consumerWaiting, p.data)
 }
 
 // consumer reads records from a ring and releases them in any order (SPEC §4.7).
 type consumer struct {
-	r        ringMem
-	dataSem  *semaphore // waited on for records
-	spaceSem *semaphore // posted after releasing
-	spin     time.Duration
+	r     ringMem
+	data  *eventfd // waited on for records
+	space *eventfd // posted after releasing
+	spin  time.Duration
 
 	readPos  uint64 // reader goroutine only
 	lastTail uint64 // reader goroutine only
@@ -275,7 +273,7 @@ func (c *consumer) next(allowedKind uint32, stop func() (time.Duration, error)) 
 		}
 		c.lastTail = tail
 		if c.readPos == tail {
-			if err := waitFor(func() uint64 { return atomic.LoadUint64(c.r.tail) }, tail, c.r.consumerWaiting, c.dataSem, c.spin, stop); err != nil {
+			if err := waitFor(c.r.tail, tail, c.r.consumerWaiting, c.data, c.spin, stop); err != nil {
 				return record{}, err
 			}
 			continue
@@ -328,5 +326,5 @@ func (c *consumer) release(seq uint64) {
 	c.held = append(c.held[:0], c.held[n:]...)
 	c.heldSeq += uint64(n)
 	atomic.StoreUint64(c.r.head, c.head)
-	post(c.r.producerWaiting, c.spaceSem)
+	post(c.r.producerWaiting, c.space)
 }

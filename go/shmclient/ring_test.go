@@ -10,6 +10,7 @@ import (
 	mrand "math/rand/v2"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -25,48 +26,50 @@ func randomHex(t testing.TB) string {
 }
 
 // testSession is both ends of one request ring over a real memfd segment and real
-// named semaphores, created the way the daemon creates them (SPEC §3, §4.1).
+// eventfds, created the way the daemon creates them (SPEC §3, §4.1, §4.5).
 type testSession struct {
 	seg  *segment
 	prod *producer
 	cons *consumer
 }
 
+// newSegment makes a session segment and its eventfds as the daemon does and attaches
+// them as the client does.
+func newSegment(t testing.TB, reqCap, respCap uint64) *segment {
+	t.Helper()
+	size := headerSize + reqCap + respCap
+	fd, err := shmtest.Memfd("tensord-test-"+randomHex(t), int64(size), segmentHeader(reqCap, respCap))
+	if err != nil {
+		t.Fatal(err)
+	}
+	efds, err := shmtest.Eventfds()
+	if err != nil {
+		syscall.Close(fd)
+		t.Fatal(err)
+	}
+	seg, err := attachSegment([]int{fd, efds[0], efds[1], efds[2], efds[3]}, size) // takes the fds, as from a welcome
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := seg.check(&welcomeMsg{SegmentSize: size, RequestRing: reqCap, ResponseRing: respCap}); err != nil {
+		seg.release()
+		t.Fatal(err)
+	}
+	return seg
+}
+
 func newTestSession(t *testing.T, capacity uint64, spin time.Duration) *testSession {
 	t.Helper()
-	name := "/tensord-test-" + randomHex(t)
-	size := headerSize + 2*capacity
-	fd, err := shmtest.Memfd(name[1:], int64(size), segmentHeader(capacity, capacity))
-	if err != nil {
-		t.Fatal(err)
-	}
-	seg, err := mapSegment(fd, size) // takes fd, as from a welcome
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := seg.check(&welcomeMsg{SegmentSize: size, RequestRing: capacity, ResponseRing: capacity}); err != nil {
-		t.Fatal(err)
-	}
-	// Like the daemon after `attached`: unlink the names, keep the handles.
-	for i, suffix := range []string{"-rd", "-rs", "-pd", "-ps"} {
-		if err := shmtest.CreateSemaphore(name + suffix); err != nil {
-			seg.release()
-			t.Fatal(err)
-		}
-		s, err := openSemaphore(name + suffix)
-		shmtest.UnlinkSemaphore(name + suffix)
-		if err != nil {
-			seg.release()
-			t.Fatal(err)
-		}
-		seg.sems[i] = s
-	}
+	seg := newSegment(t, capacity, capacity)
 	t.Cleanup(seg.release)
 	r := seg.ring(offReqControl, headerSize, capacity)
+	// Both ends in one process share the descriptors, as two processes share the
+	// eventfds themselves.
+	data, space := &seg.efds[efdReqData], &seg.efds[efdReqSpace]
 	return &testSession{
 		seg:  seg,
-		prod: &producer{r: r, dataSem: seg.sems[semReqData], spaceSem: seg.sems[semReqSpace], spin: spin},
-		cons: &consumer{r: r, dataSem: seg.sems[semReqData], spaceSem: seg.sems[semReqSpace], spin: spin},
+		prod: &producer{r: r, data: data, space: space, spin: spin},
+		cons: &consumer{r: r, data: data, space: space, spin: spin},
 	}
 }
 
@@ -315,7 +318,7 @@ func TestRingCorruption(t *testing.T) {
 	})
 }
 
-// TestRingConcurrent streams records between two goroutines through the semaphore wait
+// TestRingConcurrent streams records between two goroutines through the eventfd wait
 // protocol, with the consumer holding several records and releasing them out of order.
 func TestRingConcurrent(t *testing.T) {
 	for _, spin := range []time.Duration{0, 20 * time.Microsecond} {
@@ -403,7 +406,7 @@ func TestWaitWakesOnPost(t *testing.T) {
 		s.cons.release(rec.seq)
 		got <- time.Since(start)
 	}()
-	// Write once the reader has said it sleeps on the semaphore (SPEC §4.5).
+	// Write once the reader has said it sleeps on the eventfd (SPEC §4.5).
 	eventually(t, "the reader to sleep", func() bool { return atomic.LoadUint32(s.cons.r.consumerWaiting) == 1 })
 	s.write(t, 1, 10)
 	if d := <-got; d > 2*time.Second {

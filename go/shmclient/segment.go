@@ -3,7 +3,6 @@ package shmclient
 import (
 	"encoding/binary"
 	"fmt"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"unsafe"
@@ -26,30 +25,57 @@ const (
 
 var segmentMagic = [8]byte{'T', 'E', 'N', 'S', 'O', 'R', 'D', 0}
 
-// Semaphore indexes of SPEC §4.5.
-const (
-	semReqData = iota
-	semReqSpace
-	semRespData
-	semRespSpace
-)
-
-// segment is the session's mapping plus its semaphores. Both live until the last
-// reference is dropped: the client holds one until the session ends, and every
-// reservation, response view and running ring goroutine holds one, so nothing unmaps
-// memory a caller still reads or posts a closed semaphore.
+// segment is the session's mapping plus its eventfds. Both live until the last reference
+// is dropped: the client holds one until the session ends, and every reservation,
+// response view and goroutine reading the response ring holds one, so nothing unmaps
+// memory a caller still reads, and no eventfd is closed (its number free for reuse by an
+// unrelated descriptor) while a goroutine may still post it or sleep on it.
 type segment struct {
 	mem  []byte
-	sems [4]*semaphore
-
-	mu   sync.Mutex
-	refs int
+	efds [numEventfds]eventfd
+	refs atomic.Int64
 }
 
-// mapSegment maps the session segment read-write (SPEC §2.4, protocol v2): a memfd whose
-// descriptor came with the welcome (SCM_RIGHTS) and whose size the daemon sealed, so
-// nobody can shrink it under either side. It closes fd on every path, success included:
-// the mapping keeps the memory alive, and the segment has no name to reopen it by.
+// eventfdNames name the welcome's descriptors 1-4 in errors.
+var eventfdNames = [numEventfds]string{"rd (request-data)", "rs (request-space)", "pd (response-data)", "ps (response-space)"}
+
+// attachSegment takes the five descriptors of a welcome (SPEC §2.4): it checks that
+// descriptors 1-4 are eventfds, maps the segment (descriptor 0) and closes it, and keeps
+// the eventfds in the segment, which closes them when it is released. It owns every
+// descriptor from the call on: on failure it has closed them all.
+func attachSegment(fds []int, size uint64) (*segment, error) {
+	if len(fds) != 1+numEventfds {
+		closeFDs(fds)
+		return nil, protocolErrorf("%d descriptors for a session, want %d", len(fds), 1+numEventfds)
+	}
+	for i, fd := range fds[1:] {
+		if err := checkEventfd(fd, eventfdNames[i]); err != nil {
+			closeFDs(fds)
+			return nil, err
+		}
+	}
+	s, err := mapSegment(fds[0], size)
+	if err != nil {
+		closeFDs(fds[1:])
+		return nil, err
+	}
+	for i, fd := range fds[1:] {
+		s.efds[i].fd = fd
+	}
+	return s, nil
+}
+
+func closeFDs(fds []int) {
+	for _, fd := range fds {
+		syscall.Close(fd)
+	}
+}
+
+// mapSegment maps the session segment read-write: a memfd whose descriptor came with the
+// welcome (SCM_RIGHTS) and whose size the daemon sealed, so nobody can shrink it under
+// either side. It closes fd on every path, success included: the mapping keeps the
+// memory alive, and the segment has no name to reopen it by. The segment it returns has
+// no eventfds (attachSegment adds them) and one reference.
 func mapSegment(fd int, size uint64) (*segment, error) {
 	defer syscall.Close(fd)
 	var st syscall.Stat_t
@@ -66,7 +92,12 @@ func mapSegment(fd int, size uint64) (*segment, error) {
 	if err != nil {
 		return nil, fmt.Errorf("mmap of the session segment: %w", err)
 	}
-	return &segment{mem: mem, refs: 1}, nil
+	s := &segment{mem: mem}
+	for i := range s.efds {
+		s.efds[i].fd = -1
+	}
+	s.refs.Store(1)
+	return s, nil
 }
 
 func (s *segment) u32(off int) uint32 { return binary.LittleEndian.Uint32(s.mem[off:]) }
@@ -127,27 +158,28 @@ func (s *segment) ring(ctl int, off, capacity uint64) ringMem {
 
 // acquire takes a reference; it fails once the mapping is gone.
 func (s *segment) acquire() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.refs == 0 {
-		return false
+	for {
+		n := s.refs.Load()
+		if n <= 0 {
+			return false
+		}
+		if s.refs.CompareAndSwap(n, n+1) {
+			return true
+		}
 	}
-	s.refs++
-	return true
 }
 
-// release drops a reference and unmaps on the last one.
+// release drops a reference; the last one closes the eventfds and unmaps.
 func (s *segment) release() {
-	s.mu.Lock()
-	s.refs--
-	last := s.refs == 0
-	s.mu.Unlock()
-	if !last {
+	n := s.refs.Add(-1)
+	if n > 0 {
 		return
 	}
-	for i, sem := range s.sems {
-		sem.close()
-		s.sems[i] = nil
+	if n < 0 {
+		panic("shmclient: segment released more often than acquired")
+	}
+	for i := range s.efds {
+		s.efds[i].close()
 	}
 	if s.mem != nil {
 		syscall.Munmap(s.mem)

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math"
+	"strconv"
 	"unsafe"
 )
 
@@ -45,42 +46,43 @@ func numElements(shape []int64) (int64, error) {
 	n := int64(1)
 	for _, d := range shape {
 		if d < 0 {
-			return 0, fmt.Errorf("negative dimension %d in shape %v", d, shape)
+			return 0, fmt.Errorf("negative dimension %d in shape %s", d, fmtShape(shape))
 		}
 		if d != 0 && n > math.MaxInt64/d {
-			return 0, fmt.Errorf("shape %v overflows", shape)
+			return 0, fmt.Errorf("shape %s overflows", fmtShape(shape))
 		}
 		n *= d
 	}
 	return n, nil
 }
 
-// checkData verifies len(Data) against Shape and DType (SPEC §5).
+// checkData verifies len(Data) against Shape and DType (SPEC §5). Its errors do not let
+// t's name or shape escape (see validate.go).
 func (t Tensor) checkData() error {
 	if !t.DType.valid() {
-		return fmt.Errorf("tensor %q: invalid dtype %v", t.Name, t.DType)
+		return fmt.Errorf("tensor %s: invalid dtype %v", strconv.Quote(t.Name), t.DType)
 	}
 	if len(t.Shape) > maxRank {
-		return fmt.Errorf("tensor %q: rank %d exceeds the limit of %d", t.Name, len(t.Shape), maxRank)
+		return fmt.Errorf("tensor %s: rank %d exceeds the limit of %d", strconv.Quote(t.Name), len(t.Shape), maxRank)
 	}
 	n, err := numElements(t.Shape)
 	if err != nil {
-		return fmt.Errorf("tensor %q: %v", t.Name, err)
+		return fmt.Errorf("tensor %s: %v", strconv.Quote(t.Name), err)
 	}
 	if t.DType == Bytes {
-		if _, err := splitByteStrings(t.Data, n, false); err != nil {
-			return fmt.Errorf("tensor %q: %v", t.Name, err)
+		if err := checkByteStrings(t.Data, n); err != nil {
+			return fmt.Errorf("tensor %s: %v", strconv.Quote(t.Name), err)
 		}
 		return nil
 	}
 	sz := int64(t.DType.Size())
 	if n > math.MaxInt64/sz || int64(len(t.Data)) != n*sz {
-		return fmt.Errorf("tensor %q: %d bytes of data, but shape %v of %v needs %d", t.Name, len(t.Data), t.Shape, t.DType, n*sz)
+		return fmt.Errorf("tensor %s: %d bytes of data, but shape %s of %v needs %d", strconv.Quote(t.Name), len(t.Data), fmtShape(t.Shape), t.DType, n*sz)
 	}
 	if t.DType == Bool {
 		for i, b := range t.Data {
 			if b > 1 {
-				return fmt.Errorf("tensor %q: bool element %d is %d, not 0 or 1", t.Name, i, b)
+				return fmt.Errorf("tensor %s: bool element %d is %d, not 0 or 1", strconv.Quote(t.Name), i, b)
 			}
 		}
 	}
@@ -170,7 +172,7 @@ func (t Tensor) ByteStrings() ([][]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: tensor %q: %v", ErrBadInput, t.Name, err)
 	}
-	s, err := splitByteStrings(t.Data, n, true)
+	s, err := splitByteStrings(t.Data, n)
 	if err != nil {
 		return nil, fmt.Errorf("%w: tensor %q: %v", ErrBadInput, t.Name, err)
 	}
@@ -190,29 +192,38 @@ func (t Tensor) Strings() ([]string, error) {
 	return out, nil
 }
 
-// splitByteStrings checks (and with collect, splits) the SPEC §5 bytes layout of n
-// strings. Lengths come from untrusted memory, so all arithmetic stays within len(data).
-func splitByteStrings(data []byte, n int64, collect bool) ([][]byte, error) {
+// checkByteStrings checks the SPEC §5 bytes layout of n strings. Lengths come from
+// untrusted memory, so all arithmetic stays within len(data).
+func checkByteStrings(data []byte, n int64) error {
 	if n > int64(len(data))/4 {
-		return nil, fmt.Errorf("bytes tensor of %d strings needs at least %d bytes of lengths, has %d", n, 4*n, len(data))
-	}
-	var out [][]byte
-	if collect {
-		out = make([][]byte, n)
+		return fmt.Errorf("bytes tensor of %d strings needs at least %d bytes of lengths, has %d", n, 4*n, len(data))
 	}
 	pos := 4 * n
 	for i := int64(0); i < n; i++ {
 		l := int64(binary.LittleEndian.Uint32(data[4*i:]))
 		if l > int64(len(data))-pos {
-			return nil, fmt.Errorf("bytes tensor: string %d of %d bytes runs past the end of the data", i, l)
-		}
-		if collect {
-			out[i] = data[pos : pos+l : pos+l]
+			return fmt.Errorf("bytes tensor: string %d of %d bytes runs past the end of the data", i, l)
 		}
 		pos += l
 	}
 	if pos != int64(len(data)) {
-		return nil, fmt.Errorf("bytes tensor: %d bytes of data, strings need %d", len(data), pos)
+		return fmt.Errorf("bytes tensor: %d bytes of data, strings need %d", len(data), pos)
+	}
+	return nil
+}
+
+// splitByteStrings splits data, which checkByteStrings accepts, into its n strings.
+// (Checking apart from splitting keeps checkData from letting data escape.)
+func splitByteStrings(data []byte, n int64) ([][]byte, error) {
+	if err := checkByteStrings(data, n); err != nil {
+		return nil, err
+	}
+	out := make([][]byte, n)
+	pos := 4 * n
+	for i := range out {
+		l := int64(binary.LittleEndian.Uint32(data[4*i:]))
+		out[i] = data[pos : pos+l : pos+l]
+		pos += l
 	}
 	return out, nil
 }

@@ -71,12 +71,10 @@ def cases():
     mlp = m.ModelInfo("mlp", 3, "cuda:0", [m.TensorSpec("x", "f32", [-1, 16])],
                       [m.TensorSpec("y", "f32", [-1, 4])])
     sess = "00112233445566778899aabbccddeeff"
-    base = f"/tensord-4242-{sess}"
     out = [
-        frame("hello", m.Hello(2, 2, "vectors", 0, 1 << 20)),
-        frame("welcome", m.Welcome(2, sess, [base + s for s in ("-rd", "-rs", "-pd", "-ps")],
-                                   4096 + (1 << 24) + (1 << 20), 1 << 24, 1 << 20, 1 << 20,
-                                   "tensord 0.1.0")),
+        frame("hello", m.Hello(3, 3, "vectors", 0, 1 << 20)),
+        frame("welcome", m.Welcome(3, sess, 4096 + (1 << 24) + (1 << 20), 1 << 24, 1 << 20,
+                                   1 << 20, "tensord 0.1.0")),
         frame("attached", m.Attached()),
         frame("ready", m.Ready()),
         frame("models", m.Models(1)),

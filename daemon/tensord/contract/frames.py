@@ -67,17 +67,17 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> b
     return bytes(buf)
 
 
-def send_frame_with_fd(sock: socket.socket, msg: Message, fd: int) -> None:
-    """Send a frame with one file descriptor attached to its first byte (SCM_RIGHTS)."""
+def send_frame_with_fds(sock: socket.socket, msg: Message, fds: list[int]) -> None:
+    """Send a frame with file descriptors attached to its first byte (SCM_RIGHTS)."""
     data = encode_frame(msg)
-    sent = socket.send_fds(sock, [data], [fd])
+    sent = socket.send_fds(sock, [data], fds)
     if sent < len(data):
         sock.sendall(data[sent:])
 
 
-def read_frame_with_fds(sock: socket.socket, maxfds: int = 1) -> tuple[Message, list[int]]:
+def read_frame_with_fds(sock: socket.socket, maxfds: int = 8) -> tuple[Message, list[int]]:
     """Read one frame and the file descriptors that came with it (the welcome carries the
-    segment's). The caller owns the descriptors."""
+    session's). The caller owns the descriptors."""
     head, fds, _, _ = socket.recv_fds(sock, 4, maxfds)
     if not head:
         raise PeerClosed("peer closed the connection")
@@ -99,11 +99,45 @@ def read_frame(sock: socket.socket, deadline: float | None = None) -> Message:
 
 def _read_body(sock: socket.socket, head: bytes, deadline: float | None = None) -> Message:
     (n,) = _LEN.unpack(head)
+    _check_length(n)
+    return _decode(_recv_exact(sock, n, deadline))
+
+
+def _check_length(n: int) -> None:
     if n == 0 or n > MAX_FRAME:
         raise ProtocolError(
             f"frame length {n} is outside 1..{MAX_FRAME}", code=ErrorCode.BAD_FRAME, fatal=True
         )
-    value = decode_body(_recv_exact(sock, n, deadline))
+
+
+class FrameBuffer:
+    """Frames out of a byte stream that arrives in pieces (a non-blocking socket). The length
+    is checked as soon as its 4 bytes are in, so no more than one frame is ever buffered."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def next(self) -> Message | None:
+        """The next whole message, or None until more bytes arrive. Raises ProtocolError."""
+        if len(self._buf) < 4:
+            return None
+        (n,) = _LEN.unpack_from(self._buf)
+        _check_length(n)
+        if len(self._buf) < 4 + n:
+            return None
+        body = bytes(self._buf[4:4 + n])
+        del self._buf[:4 + n]
+        return _decode(body)
+
+
+def _decode(body: bytes) -> Message:
+    value = decode_body(body)
     try:
         return decode_message(value)
     except ProtocolError as e:

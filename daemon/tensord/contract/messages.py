@@ -8,10 +8,10 @@ from typing import Any, ClassVar
 from .codec import WireTypeError, from_wire, to_wire
 from .errors import ErrorCode, ProtocolError
 
-# Version 2: the segment is a sealed memfd whose descriptor rides on the welcome frame
-# (SCM_RIGHTS) instead of a shared-memory name; `welcome` lost its `shm` field.
-PROTOCOL_VERSION = 2
-SUPPORTED_VERSIONS = (2,)
+# Version 3: wake-ups are eventfds that ride with the segment's memfd on the welcome frame
+# (SCM_RIGHTS); `welcome` lost its `semaphores` field (SPEC §9).
+PROTOCOL_VERSION = 3
+SUPPORTED_VERSIONS = (3,)
 
 
 @dataclass
@@ -45,7 +45,6 @@ class Welcome:
     TYPE: ClassVar[str] = "welcome"
     version: int
     session: str
-    semaphores: list[str]
     segment_size: int
     request_ring: int
     response_ring: int

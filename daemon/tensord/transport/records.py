@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..contract.descriptors import align64
 from ..contract.dtypes import ByteStrings
-from ..contract.layout import RECORD_HEADER_SIZE, RecordHeader
+from ..contract.layout import RECORD_HEADER_SIZE
+
+if TYPE_CHECKING:
+    from .segment import Segment
 
 
 def plan(sizes: list[int], encode: Callable[[list[int]], bytes]) -> tuple[int, bytes, list[int]]:
@@ -29,12 +33,11 @@ def plan(sizes: list[int], encode: Callable[[list[int]], bytes]) -> tuple[int, b
         start = align64(RECORD_HEADER_SIZE + len(desc))
 
 
-def write(buf: memoryview, off: int, kind: int, request_id: int, record_len: int, desc: bytes,
+def write(seg: Segment, off: int, kind: int, request_id: int, record_len: int, desc: bytes,
           payloads: list[tuple[int, int, torch.Tensor | ByteStrings]]) -> None:
     """Fill the record at segment offset `off`; payloads are (offset, nbytes, value)."""
-    RecordHeader(record_len, kind, request_id, len(desc)).pack_into(buf, off)
-    d0 = off + RECORD_HEADER_SIZE
-    buf[d0:d0 + len(desc)] = desc
+    seg.shm.write_record(off, kind, request_id, record_len, desc)
+    buf = seg.buf
     for rel, n, v in payloads:
         if n == 0:
             continue
@@ -47,8 +50,8 @@ def write(buf: memoryview, off: int, kind: int, request_id: int, record_len: int
             dst.copy_(v.reshape(-1).view(torch.uint8), non_blocking=True)
             del dst
         else:
-            # A plain memcpy through the buffer protocol; cheaper than a torch view + copy_.
-            buf[o:o + n] = v.reshape(-1).view(torch.uint8).numpy()
+            # A plain memcpy (without the GIL when large); cheaper than a torch view + copy_.
+            seg.shm.copy_in(o, v.reshape(-1).view(torch.uint8).numpy())
 
 
 def nbytes(v: torch.Tensor | ByteStrings) -> int:

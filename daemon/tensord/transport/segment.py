@@ -1,4 +1,4 @@
-"""The per-session shared-memory segment and its four semaphores (SPEC §3, §4.1)."""
+"""The per-session shared-memory segment and its four eventfds (SPEC §3, §4.1, §4.5)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,9 @@ import errno
 import fcntl
 import mmap
 import os
-import re
-import secrets
-from dataclasses import dataclass
+import stat
 
-import posix_ipc
-
-from ..contract.errors import PermissionDeniedError, ProtocolError, ResourceError
+from ..contract.errors import ProtocolError, ResourceError
 from ..contract.layout import (
     HEADER_SIZE,
     KIND_REQUEST,
@@ -26,77 +22,55 @@ from ..contract.layout import (
     segment_size,
     write_header,
 )
-from .ring import RingConsumer, RingControl, RingProducer
+from .ring import RingConsumer, RingControl, RingProducer, Shm
 
-SHM_DIR = "/dev/shm"
-SEM_SUFFIXES = ("-rd", "-rs", "-pd", "-ps")
-SEM_REQ_DATA, SEM_REQ_SPACE, SEM_RESP_DATA, SEM_RESP_SPACE = range(4)
-_NAME_RE = re.compile(r"^(?:sem\.)?tensord-(\d+)-[0-9a-f]{32}(?:-(?:rd|rs|pd|ps))?$")
-
-
-@dataclass(frozen=True)
-class SessionNames:
-    session: str
-    semaphores: tuple[str, ...]
-
-    @classmethod
-    def new(cls, pid: int | None = None) -> SessionNames:
-        session = secrets.token_hex(16)
-        base = f"/tensord-{pid or os.getpid()}-{session}"
-        return cls(session, tuple(base + s for s in SEM_SUFFIXES))
-
-    def unlink(self) -> None:
-        """Remove every name; already-removed ones are fine (unlink is idempotent here)."""
-        for s in self.semaphores:
-            with contextlib.suppress(posix_ipc.ExistentialError):
-                posix_ipc.unlink_semaphore(s)
+# Indexes into Segment.efds, in the order of the welcome's descriptors 1-4 (SPEC §2.4).
+EFD_REQ_DATA, EFD_REQ_SPACE, EFD_RESP_DATA, EFD_RESP_SPACE = range(4)
 
 
 class Segment:
-    """A mapped session segment: header, two ring control blocks, two rings, four semaphores.
+    """A mapped session segment: header, two ring control blocks, two rings, four eventfds.
 
     `side` is "daemon" or "client"; it decides which ring this process produces into.
     """
 
-    def __init__(self, mm: mmap.mmap, sems: list[posix_ipc.Semaphore], side: str):
+    def __init__(self, mm: mmap.mmap, efds: list[int], side: str):
         self.fd = -1
         self.mm = mm
         self.buf = memoryview(mm)
-        self.sems = sems
+        self.efds = efds
+        self.shm = Shm(mm)
         h = read_header(self.buf)
         self.header = h
-        head = self.buf[:HEADER_SIZE]
-        self._head_view = head
-        self.req_ctl = RingControl(head, REQ_CONTROL)
-        self.resp_ctl = RingControl(head, RESP_CONTROL)
+        self.req_ctl = RingControl(self.shm, REQ_CONTROL)
+        self.resp_ctl = RingControl(self.shm, RESP_CONTROL)
         if side == "daemon":
             self.requests = RingConsumer(self.req_ctl, h.request_ring_offset,
-                                         h.request_ring_capacity, self.buf, KIND_REQUEST)
+                                         h.request_ring_capacity, KIND_REQUEST)
             self.responses = RingProducer(self.resp_ctl, h.response_ring_offset,
-                                          h.response_ring_capacity, self.buf)
+                                          h.response_ring_capacity)
         else:
             self.requests = RingProducer(self.req_ctl, h.request_ring_offset,
-                                         h.request_ring_capacity, self.buf)
+                                         h.request_ring_capacity)
             self.responses = RingConsumer(self.resp_ctl, h.response_ring_offset,
-                                          h.response_ring_capacity, self.buf, KIND_RESPONSE)
+                                          h.response_ring_capacity, KIND_RESPONSE)
 
     # -- creation (daemon) and attachment (client) ---------------------------------------
 
     @classmethod
-    def create(cls, names: SessionNames, request_ring: int, response_ring: int,
-               owner_uid: int | None = None) -> Segment:
-        """Create, reserve, initialise and seal the segment, and create the semaphores. On any
-        failure every name created so far is removed again.
+    def create(cls, session: str, request_ring: int, response_ring: int) -> Segment:
+        """Create, reserve, initialise and seal the segment, and create the eventfds; on any
+        failure everything created so far is closed again (nothing has a name to leak).
 
         The segment is a memfd sealed against shrinking and growing: the client receives a
         writable descriptor of it (SCM_RIGHTS), and without the seals it could ftruncate the
         memory under the daemon's feet, which would kill the daemon with SIGBUS."""
         size = segment_size(request_ring, response_ring)
         fd = -1
+        efds: list[int] = []
         try:
             check_memory(size)
-            fd = os.memfd_create(f"tensord-{names.session}",
-                                 os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            fd = os.memfd_create(f"tensord-{session}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
                 os.posix_fallocate(fd, 0, size)
             except OSError as e:
@@ -107,52 +81,71 @@ class Segment:
                         fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             mm = mmap.mmap(fd, size)
             write_header(memoryview(mm), request_ring, response_ring)
-            sems = []
-            for name in names.semaphores:
-                sems.append(posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600,
-                                                initial_value=0))
-                if owner_uid is not None and owner_uid != os.getuid():
-                    _give(os.path.join(SHM_DIR, "sem." + name.lstrip("/")), owner_uid)
+            for _ in range(4):
+                # Counter mode: one read takes every pending post. Non-blocking, since the
+                # flag belongs to the file description both processes share (SPEC §4.5).
+                efds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
         except BaseException:
-            names.unlink()
+            for e in efds:
+                os.close(e)
             if fd >= 0:
                 os.close(fd)
             raise
-        seg = cls(mm, sems, "daemon")
+        seg = cls(mm, efds, "daemon")
         seg.fd = fd
         return seg
 
+    def descriptors(self) -> list[int]:
+        """What the welcome carries (SPEC §2.4): the segment, then the four eventfds."""
+        return [self.fd, *self.efds]
+
     @classmethod
-    def attach(cls, fd: int, names: SessionNames, size: int, request_ring: int,
+    def attach(cls, fds: list[int], size: int, request_ring: int,
                response_ring: int) -> Segment:
-        """Map the segment whose descriptor came with the welcome (client side), check its
-        header, and open the semaphores. Takes ownership of `fd` (closes it)."""
+        """Map the segment whose descriptors came with the welcome (client side), check them
+        and the header. Takes ownership of every descriptor: the segment's is closed once
+        mapped, the eventfds live as long as the Segment; on failure all are closed."""
+        mm = None
         try:
+            if len(fds) != 5:
+                raise ProtocolError(f"the welcome came with {len(fds)} file descriptors, want 5 "
+                                    "(the segment and four eventfds)", fatal=True)
+            fd, efds = fds[0], fds[1:]
             actual = os.fstat(fd).st_size
-            if actual != size:
+            if actual != size or not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise ProtocolError(f"segment is {actual} bytes, welcome said {size}",
                                     fatal=True)
+            for e in efds:
+                if os.readlink(f"/proc/self/fd/{e}") != "anon_inode:[eventfd]":
+                    raise ProtocolError("a wake-up descriptor of the welcome is not an eventfd",
+                                        fatal=True)
             mm = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        try:
             h = read_header(memoryview(mm))
-        except ValueError as e:
-            mm.close()
+            want = (LAYOUT_VERSION, HEADER_SIZE, size, HEADER_SIZE, request_ring,
+                    HEADER_SIZE + request_ring, response_ring)
+            if (h.layout_version, h.header_size, h.segment_size, h.request_ring_offset,
+                    h.request_ring_capacity, h.response_ring_offset,
+                    h.response_ring_capacity) != want:
+                raise ProtocolError(f"segment header {h} does not match the welcome message",
+                                    fatal=True)
+            seg = cls(mm, list(efds), "client")
+        except ValueError as e:  # read_header's complaints
+            if mm is not None:
+                mm.close()
+            for f in fds:
+                os.close(f)
             raise ProtocolError(str(e), fatal=True) from None
-        want = (LAYOUT_VERSION, HEADER_SIZE, size, HEADER_SIZE, request_ring,
-                HEADER_SIZE + request_ring, response_ring)
-        if (h.layout_version, h.header_size, h.segment_size, h.request_ring_offset,
-                h.request_ring_capacity, h.response_ring_offset,
-                h.response_ring_capacity) != want:
-            mm.close()
-            raise ProtocolError(f"segment header {h} does not match the welcome message",
-                                fatal=True)
-        sems = [posix_ipc.Semaphore(n) for n in names.semaphores]
-        return cls(mm, sems, "client")
+        except BaseException:
+            if mm is not None:
+                mm.close()
+            for f in fds:
+                os.close(f)
+            raise
+        os.close(fds[0])
+        return seg
 
     def close_fd(self) -> None:
-        """The daemon drops its descriptor once the client has its own."""
+        """The daemon drops its segment descriptor once the client has its own."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -166,17 +159,15 @@ class Segment:
             del anchor  # from_buffer holds an export of the mmap; drop it at once
 
     def close(self) -> bool:
-        """Close semaphores and unmap. Returns False when tensors still view the mapping (the
-        mapping is then freed by the garbage collector once they are gone)."""
+        """Close the eventfds and unmap. Returns False when tensors still view the mapping
+        (the mapping is then freed by the garbage collector once they are gone)."""
         self.close_fd()
-        for s in self.sems:
-            with contextlib.suppress(posix_ipc.ExistentialError):
-                s.close()
-        self.sems = []
-        self.req_ctl.release()
-        self.resp_ctl.release()
+        for e in self.efds:
+            with contextlib.suppress(OSError):
+                os.close(e)
+        self.efds = []
+        self.shm.close()
         try:
-            self._head_view.release()
             self.buf.release()
             self.mm.close()
         except BufferError:
@@ -227,44 +218,3 @@ def _no_memory_message(size: int, free: int | None = None, why: str = "") -> str
             f"{max(free, 0) // mib} MiB: ask for smaller rings (Go: WithRingSize), close idle "
             "sessions, or give the daemon more memory (e.g. MemoryMax= in its systemd unit, "
             "the container's memory limit)")
-
-
-def _give(path: str, uid: int) -> None:
-    try:
-        os.chown(path, uid, -1)
-    except PermissionError:
-        raise PermissionDeniedError(
-            f"the daemon (uid {os.getuid()}) cannot give its semaphores to a client running as "
-            f"uid {uid}: run the client as the daemon's user, or give the daemon CAP_CHOWN",
-            fatal=True,
-        ) from None
-
-
-def sweep_stale(shm_dir: str = SHM_DIR) -> list[str]:
-    """Unlink tensord entries whose creating daemon is dead (a daemon killed mid-handshake)."""
-    removed = []
-    try:
-        entries = os.listdir(shm_dir)
-    except FileNotFoundError:
-        return removed
-    for e in entries:
-        m = _NAME_RE.match(e)
-        if not m:
-            continue
-        pid = int(m.group(1))
-        if pid == os.getpid() or _alive(pid):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(shm_dir, e))
-            removed.append(e)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

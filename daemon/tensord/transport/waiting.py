@@ -1,89 +1,60 @@
-"""Spin-then-block waiting with sleeper flags (SPEC §4.5).
+"""Spin-then-block waiting with sleeper flags over eventfds (SPEC §4.5).
 
 The waiter advertises that it sleeps in a `*_waiting` word, so the other side only pays for a
-`sem_post` when someone is actually asleep (io_uring's SQ_NEED_WAKEUP idea).
+post when someone is actually asleep (io_uring's SQ_NEED_WAKEUP idea). The spin, the flag, the
+full barrier and the blocking poll(2) all run in the native core without the GIL.
 """
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from collections.abc import Callable
 
-import posix_ipc
+from .ring import Shm
 
-from .ring import RingControl
-
-# Upper bound on one sleep (SPEC §4.5 allows 50 ms). Also bounds how long a stopped session's
-# thread takes to notice it should exit.
-SLEEP_SLICE = 0.010
-
-# CPython exposes no memory fence. An uncontended lock acquire/release is a locked
-# read-modify-write (sem_wait/sem_post in glibc), which is a full barrier on x86-64; that is the
-# store->load ordering the sleeper-flag handshake needs.
-_fence_lock = threading.Lock()
-
-
-def full_fence() -> None:
-    with _fence_lock:
-        pass
+# Longest single block: bounds how long a waiter takes to notice `stop()` or its deadline.
+SLEEP_SLICE = 0.050
 
 
 class Waiter:
-    """Waits on one semaphore, owning one `*_waiting` word of a ring control block."""
+    """Waits for one counter to move, owning one `*_waiting` word and one eventfd."""
 
-    def __init__(self, sem: posix_ipc.Semaphore, ctl: RingControl, flag: int, spin: float = 0.0):
-        self.sem = sem
-        self.ctl = ctl
-        self.flag = flag
-        self.spin = spin
+    def __init__(self, shm: Shm, counter_at: int, flag_at: int, efd: int, spin: float = 0.0):
+        self.shm = shm
+        self.counter_at = counter_at
+        self.flag_at = flag_at
+        self.efd = efd
+        self.spin_ns = int(spin * 1e9)
 
-    def wait(self, ready: Callable[[], bool], stop: Callable[[], bool],
-             deadline: float | None = None) -> bool:
-        """Return True once `ready()`; False when `stop()` or the monotonic `deadline` comes."""
-        if ready():
-            return True
-        if self.spin > 0:
-            end = time.monotonic() + self.spin
-            while time.monotonic() < end:
-                if ready():
-                    return True
-                # Let go of the GIL and of the core between polls: a spinning session must not
-                # stall other sessions' threads for a switch interval (5 ms), and on a small
-                # machine the peer it waits for may need this very core (time.sleep(0) does not
-                # yield the CPU, sched_yield does).
-                os.sched_yield()
+    def wait(self, ready: Callable[[], bool], seen: Callable[[], int],
+             stop: Callable[[], bool], deadline: float | None = None) -> bool:
+        """Return True once `ready()`; False when `stop()` or the monotonic `deadline` comes.
+        `seen()` is the counter value the caller has acted on: a wait ends when it moves."""
+        spin = self.spin_ns
         while True:
-            self.ctl.set_flag(self.flag, 1)
-            full_fence()
-            if ready():
-                self.ctl.set_flag(self.flag, 0)
-                return True
-            timeout = SLEEP_SLICE
-            if deadline is not None:
-                timeout = min(timeout, deadline - time.monotonic())
-            if timeout > 0:
-                try:
-                    self.sem.acquire(timeout)
-                except posix_ipc.BusyError:
-                    pass
-            self.ctl.set_flag(self.flag, 0)
+            # The value first, then the check: a move in between then ends the wait at once.
+            s = seen()
             if ready():
                 return True
-            if stop() or (deadline is not None and time.monotonic() >= deadline):
+            if stop():
                 return False
+            slice_ns = int(SLEEP_SLICE * 1e9)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                slice_ns = min(slice_ns, int(left * 1e9))
+            self.shm.wait(self.counter_at, s, self.flag_at, self.efd, spin, slice_ns)
+            spin = 0  # spin once per wait, not once per slice
 
 
 class Notifier:
-    """Posts one semaphore when the other side's `*_waiting` word says it sleeps."""
+    """Posts one eventfd when the other side's `*_waiting` word says it sleeps."""
 
-    def __init__(self, sem: posix_ipc.Semaphore, ctl: RingControl, flag: int):
-        self.sem = sem
-        self.ctl = ctl
-        self.flag = flag
+    def __init__(self, shm: Shm, flag_at: int, efd: int):
+        self.shm = shm
+        self.flag_at = flag_at
+        self.efd = efd
 
-    def notify(self) -> None:
-        full_fence()
-        if self.ctl.flag(self.flag):
-            self.sem.release()
+    def notify(self) -> bool:
+        return self.shm.notify(self.flag_at, self.efd)

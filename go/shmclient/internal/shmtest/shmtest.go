@@ -1,40 +1,8 @@
-// Package shmtest creates what the daemon creates (named semaphores, memfds) for the
-// tests of shmclient, which stand in for the daemon side of a session. It is a package
-// of its own because cgo is not allowed in _test.go files, and shmclient itself only
-// ever opens these objects.
+// Package shmtest creates what the daemon creates for a session (a memfd segment and
+// eventfds), for the tests of shmclient, which stand in for the daemon side of a session.
+// shmclient itself never creates these objects: it only receives them. Plain system
+// calls, no cgo.
 package shmtest
-
-/*
-#cgo linux LDFLAGS: -lpthread
-#define _GNU_SOURCE // memfd_create
-#include <errno.h>
-#include <fcntl.h>
-#include <semaphore.h>
-#include <stdlib.h>
-#include <sys/mman.h>
-
-static int td_sem_create(const char *name) {
-	sem_t *s = sem_open(name, O_CREAT | O_EXCL, 0600, 0);
-	if (s == SEM_FAILED) {
-		return errno;
-	}
-	sem_close(s);
-	return 0;
-}
-
-static int td_sem_unlink(const char *name) {
-	return sem_unlink(name) == 0 ? 0 : errno;
-}
-
-static int td_memfd_create(const char *name, int *err) {
-	int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
-	if (fd < 0) {
-		*err = errno;
-	}
-	return fd;
-}
-*/
-import "C"
 
 import (
 	"fmt"
@@ -42,37 +10,31 @@ import (
 	"unsafe"
 )
 
-// CreateSemaphore creates the named semaphore with value 0, like the daemon does at the
-// handshake; the caller opens it with the code under test and unlinks it.
-func CreateSemaphore(name string) error {
-	cname := C.CString(name)
-	defer C.free(unsafe.Pointer(cname))
-	if e := C.td_sem_create(cname); e != 0 {
-		return fmt.Errorf("sem_open(O_CREAT) %s: %w", name, syscall.Errno(e))
-	}
-	return nil
-}
+// Flags of memfd_create(2), eventfd(2) and fcntl(2) seals (the same on every Linux
+// architecture).
+const (
+	mfdCloexec      = 0x1
+	mfdAllowSealing = 0x2
+	efdCloexec      = syscall.O_CLOEXEC
+	efdNonblock     = syscall.O_NONBLOCK
+	fAddSeals       = 1033
+	fSealSeal       = 0x1
+	fSealShrink     = 0x2
+	fSealGrow       = 0x4
+)
 
-// UnlinkSemaphore removes the name; handles already open stay usable.
-func UnlinkSemaphore(name string) error {
-	cname := C.CString(name)
-	defer C.free(unsafe.Pointer(cname))
-	if e := C.td_sem_unlink(cname); e != 0 {
-		return fmt.Errorf("sem_unlink %s: %w", name, syscall.Errno(e))
-	}
-	return nil
-}
-
-// Memfd creates a memfd of size bytes holding data at its start, as the daemon creates a
-// session segment, and returns its descriptor (close-on-exec).
+// Memfd creates a memfd of size bytes holding data at its start, sealed against resizing,
+// as the daemon creates a session segment, and returns its descriptor (close-on-exec).
 func Memfd(name string, size int64, data []byte) (int, error) {
-	cname := C.CString(name)
-	defer C.free(unsafe.Pointer(cname))
-	var errno C.int
-	fd := int(C.td_memfd_create(cname, &errno))
-	if fd < 0 {
-		return -1, fmt.Errorf("memfd_create %s: %w", name, syscall.Errno(errno))
+	cname, err := syscall.BytePtrFromString(name)
+	if err != nil {
+		return -1, err
 	}
+	r, _, errno := syscall.Syscall(sysMemfdCreate, uintptr(unsafe.Pointer(cname)), mfdCloexec|mfdAllowSealing, 0)
+	if errno != 0 {
+		return -1, fmt.Errorf("memfd_create %s: %w", name, errno)
+	}
+	fd := int(r)
 	if err := syscall.Ftruncate(fd, size); err != nil {
 		syscall.Close(fd)
 		return -1, fmt.Errorf("ftruncate memfd %s: %w", name, err)
@@ -83,5 +45,44 @@ func Memfd(name string, size int64, data []byte) (int, error) {
 			return -1, fmt.Errorf("writing memfd %s: %w", name, err)
 		}
 	}
+	if _, _, errno := syscall.Syscall(syscall.SYS_FCNTL, uintptr(fd), fAddSeals, fSealShrink|fSealGrow|fSealSeal); errno != 0 {
+		syscall.Close(fd)
+		return -1, fmt.Errorf("sealing memfd %s: %w", name, errno)
+	}
 	return fd, nil
+}
+
+// Eventfd creates an eventfd in counter mode, non-blocking and close-on-exec, as the
+// daemon creates a session's wake-ups (SPEC §4.5).
+func Eventfd() (int, error) {
+	return eventfd(efdCloexec | efdNonblock)
+}
+
+// BlockingEventfd creates an eventfd without O_NONBLOCK, which the client must refuse.
+func BlockingEventfd() (int, error) {
+	return eventfd(efdCloexec)
+}
+
+func eventfd(flags uintptr) (int, error) {
+	r, _, errno := syscall.Syscall(syscall.SYS_EVENTFD2, 0, flags, 0)
+	if errno != 0 {
+		return -1, fmt.Errorf("eventfd2: %w", errno)
+	}
+	return int(r), nil
+}
+
+// Eventfds creates the four eventfds of a session (rd, rs, pd, ps).
+func Eventfds() ([4]int, error) {
+	var fds [4]int
+	for i := range fds {
+		fd, err := Eventfd()
+		if err != nil {
+			for _, f := range fds[:i] {
+				syscall.Close(f)
+			}
+			return fds, err
+		}
+		fds[i] = fd
+	}
+	return fds, nil
 }

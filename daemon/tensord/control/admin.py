@@ -11,11 +11,11 @@ import os
 import threading
 from typing import Any
 
-from .config import ConfigError, model_config
-from .contract.errors import BadRequestError, ModelFailedError, UnsupportedError
-from .executor import Executor
-from .models.loader import LoadError, load_model
-from .models.registry import Registry
+from ..config import ConfigError, model_config
+from ..contract.errors import BadRequestError, ModelFailedError, UnsupportedError
+from ..models.loader import LoadError, load_model
+from ..models.registry import Registry
+from ..serving.executor import Executor
 
 log = logging.getLogger(__name__)
 

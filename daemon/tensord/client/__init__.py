@@ -17,8 +17,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from .config import default_socket_path
-from .contract.descriptors import (
+from ..config import default_socket_path
+from ..contract.descriptors import (
     MAX_TENSORS,
     RequestDescriptor,
     TensorRef,
@@ -26,8 +26,8 @@ from .contract.descriptors import (
     decode_response,
     encode_descriptor,
 )
-from .contract.dtypes import ByteStrings, decode_byte_strings, from_torch, lookup
-from .contract.errors import (
+from ..contract.dtypes import ByteStrings, decode_byte_strings, from_torch, lookup
+from ..contract.errors import (
     BadRequestError,
     ConnectionClosedError,
     DeadlineError,
@@ -36,9 +36,9 @@ from .contract.errors import (
     TooLargeError,
     error_from_code,
 )
-from .contract.frames import PeerClosed, encode_frame, read_frame, read_frame_with_fds
-from .contract.layout import KIND_REQUEST, RECORD_HEADER_SIZE
-from .contract.messages import (
+from ..contract.frames import PeerClosed, encode_frame, read_frame, read_frame_with_fds
+from ..contract.layout import KIND_REQUEST, RECORD_HEADER_SIZE
+from ..contract.messages import (
     PROTOCOL_VERSION,
     Attached,
     Error,
@@ -55,17 +55,16 @@ from .contract.messages import (
     Unload,
     Welcome,
 )
-from .transport import records
-from .transport.ring import Record
-from .transport.segment import (
-    SEM_REQ_DATA,
-    SEM_REQ_SPACE,
-    SEM_RESP_DATA,
-    SEM_RESP_SPACE,
+from ..transport import records
+from ..transport.ring import Record
+from ..transport.segment import (
+    EFD_REQ_DATA,
+    EFD_REQ_SPACE,
+    EFD_RESP_DATA,
+    EFD_RESP_SPACE,
     Segment,
-    SessionNames,
 )
-from .transport.waiting import Notifier, Waiter
+from ..transport.waiting import Notifier, Waiter
 
 Value = torch.Tensor | ByteStrings
 
@@ -91,27 +90,27 @@ class Client:
         self._send(Hello(min_version=PROTOCOL_VERSION, max_version=PROTOCOL_VERSION,
                          client=name, request_ring=request_ring, response_ring=response_ring))
         welcome, fds = read_frame_with_fds(self.sock)
-        if not isinstance(welcome, Welcome) or len(fds) != 1:
+        if not isinstance(welcome, Welcome):
             for fd in fds:
                 os.close(fd)
             if isinstance(welcome, Error):
                 raise error_from_code(welcome.code, welcome.message, fatal=welcome.fatal)
-            raise ProtocolError(f"expected a welcome with one file descriptor, the daemon sent "
-                                f"{type(welcome).TYPE} with {len(fds)}", fatal=True)
-        (fd,) = fds
+            raise ProtocolError(f"expected a welcome, the daemon sent {type(welcome).TYPE}",
+                                fatal=True)
         self.welcome = welcome
-        names = SessionNames(welcome.session, tuple(welcome.semaphores))
-        self.seg = Segment.attach(fd, names, welcome.segment_size, welcome.request_ring,
+        self.seg = Segment.attach(fds, welcome.segment_size, welcome.request_ring,
                                   welcome.response_ring)
         self._send(Attached())
         self._expect(Ready)
         self.sock.settimeout(None)
         seg = self.seg
-        req, resp = seg.req_ctl, seg.resp_ctl
-        self._req_space = Waiter(seg.sems[SEM_REQ_SPACE], req, req.producer_waiting, spin)
-        self._req_data = Notifier(seg.sems[SEM_REQ_DATA], req, req.consumer_waiting)
-        self._resp_data = Waiter(seg.sems[SEM_RESP_DATA], resp, resp.consumer_waiting, spin)
-        self._resp_space = Notifier(seg.sems[SEM_RESP_SPACE], resp, resp.producer_waiting)
+        req, resp, shm, efds = seg.req_ctl, seg.resp_ctl, seg.shm, seg.efds
+        self._req_space = Waiter(shm, req.head_at, req.producer_waiting, efds[EFD_REQ_SPACE],
+                                 spin)
+        self._req_data = Notifier(shm, req.consumer_waiting, efds[EFD_REQ_DATA])
+        self._resp_data = Waiter(shm, resp.tail_at, resp.consumer_waiting,
+                                 efds[EFD_RESP_DATA], spin)
+        self._resp_space = Notifier(shm, resp.producer_waiting, efds[EFD_RESP_SPACE])
         self._ids = itertools.count(1)
         self._infer_lock = threading.Lock()
         self._send_lock = threading.Lock()
@@ -235,11 +234,11 @@ class Client:
             self._check_open()
             rid = next(self._ids)
             while (off := ring.try_reserve(record_len)) is None:
-                if not self._req_space.wait(lambda: ring.fits(record_len), self._stopped,
-                                            deadline):
+                if not self._req_space.wait(lambda: ring.fits(record_len), ring.head,
+                                            self._stopped, deadline):
                     self._check_open()
                     raise DeadlineError("timed out waiting for request ring space")
-            records.write(self.seg.buf, off, KIND_REQUEST, rid, record_len, desc,
+            records.write(self.seg, off, KIND_REQUEST, rid, record_len, desc,
                           list(zip(offsets, sizes, values.values())))
             ring.publish()
             self._req_data.notify()
@@ -251,13 +250,14 @@ class Client:
     def _await(self, rid: int, deadline: float | None) -> dict[str, Value]:
         ring = self.seg.responses
         while True:
-            if not self._resp_data.wait(ring.published, self._stopped, deadline):
+            if not self._resp_data.wait(ring.published, lambda: ring.read, self._stopped,
+                                        deadline):
                 self._check_open()
                 raise DeadlineError(f"no response to request {rid} before the deadline")
             result = None
             for rec in ring.poll():
                 try:
-                    if rec.header.request_id == rid:
+                    if rec.request_id == rid:
                         result = self._read_response(rec)
                 finally:
                     if ring.release(rec):
@@ -268,10 +268,10 @@ class Client:
     def _read_response(self, rec: Record) -> dict[str, Value]:
         buf = self.seg.buf
         d0 = rec.offset + RECORD_HEADER_SIZE
-        desc = decode_response(bytes(buf[d0:d0 + rec.header.desc_len]))
+        desc = decode_response(bytes(buf[d0:d0 + rec.desc_len]))
         if desc.error is not None:
             raise error_from_code(desc.error.code, desc.error.message)
-        check_refs(desc.outputs, rec.data_start, rec.header.record_len, "output")
+        check_refs(desc.outputs, rec.data_start, rec.record_len, "output")
         out: dict[str, Value] = {}
         for ref in desc.outputs:
             off = rec.offset + ref.offset

@@ -1,12 +1,15 @@
-"""Runs models: every forward pass, load and warm-up happens on one compute thread.
+"""Runs models: one compute thread per device runs every forward pass on that device; loads and
+warm-ups run on short-lived threads.
 
-Why one thread: PyTorch's CPU parallelism is OpenMP, and libgomp keeps a worker pool per
-thread that runs parallel regions. With a pool in every session thread there are more OpenMP
-threads than cores, libgomp stops spinning between regions, and each region pays a futex
+Why one thread per device: PyTorch's CPU parallelism is OpenMP, and libgomp keeps a worker pool
+per thread that runs parallel regions. With pools in several long-lived threads there are more
+OpenMP threads than cores, libgomp stops spinning between regions, and each region pays a futex
 wake-up: EfficientNet-Lite0 measured 2x slower (43 ms vs 22 ms p50) when run from a second
-thread while the first thread's pool was alive. One compute thread keeps one long-lived pool;
-loads run on short-lived threads whose pools go with them. Models that do no tensor math
-(identity) are run inline in the session thread instead, saving the hand-off.
+thread while the first thread's pool was alive. The CPU's compute thread keeps the one
+long-lived pool; a GPU's thread only queues kernels, so a slow CPU model never holds up a GPU
+model and the other way round. Models that do no tensor math (identity) run inline in the
+dispatcher, saving the hand-off. The thread that finishes a request also writes its response:
+nothing is handed back.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from typing import Any
 
 import torch
 
-from .contract.dtypes import ByteStrings
-from .contract.errors import DeadlineError, ModelFailedError, ShuttingDownError, TensordError
-from .models.base import Model
-from .models.signature import Value
+from ..contract.dtypes import ByteStrings
+from ..contract.errors import DeadlineError, ModelFailedError, ShuttingDownError, TensordError
+from ..models.base import Model
+from ..models.signature import Value
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +39,24 @@ class Cancelled(ShuttingDownError):
 class _Job:
     __slots__ = ("fn", "args", "done", "result", "error")
 
-    def __init__(self, fn: Callable, args: tuple):
+    def __init__(self, fn: Callable, args: tuple, wait: bool = True):
         self.fn = fn
         self.args = args
-        self.done = threading.Event()
+        self.done = threading.Event() if wait else None
         self.result: Any = None
         self.error: BaseException | None = None
 
 
 class ComputeThread:
-    def __init__(self) -> None:
+    def __init__(self, name: str = "compute") -> None:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="compute", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+
+    def submit(self, fn: Callable, *args: Any) -> None:
+        """Queue fn(*args) on the compute thread; its result is dropped, so fn reports its own
+        outcome (a request job writes its response)."""
+        self._jobs.put(_Job(fn, args, wait=False))
 
     def call(self, fn: Callable, *args: Any) -> Any:
         """Run fn(*args) on the compute thread and return its result (or raise its error)."""
@@ -67,13 +75,45 @@ class ComputeThread:
                 job.result = job.fn(*job.args)
             except BaseException as e:  # handed to the caller, raised in its thread
                 job.error = e
+                if job.done is None:
+                    log.exception("a compute job failed")
             finally:
-                job.done.set()
+                if job.done is not None:
+                    job.done.set()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
 
 
 class Executor:
     def __init__(self) -> None:
-        self.compute = ComputeThread()
+        self._threads: dict[str, ComputeThread] = {}
+        self._lock = threading.Lock()
+
+    def thread_for(self, device: str) -> ComputeThread:
+        """The compute thread of a device ("cpu", "cuda:0"), started on first use."""
+        t = self._threads.get(device)
+        if t is None:
+            with self._lock:
+                t = self._threads.get(device)
+                if t is None:
+                    t = self._threads[device] = ComputeThread(f"compute-{device}")
+        return t
+
+    def submit(self, model: Model, fn: Callable, *args: Any) -> None:
+        """Run fn(*args) where `model` runs: inline for models without tensor math, else
+        queued on its device's compute thread. fn writes its own response."""
+        if model.inline:
+            fn(*args)
+        else:
+            self.thread_for(model.device).submit(fn, *args)
+
+    def stop(self) -> None:
+        with self._lock:
+            threads, self._threads = list(self._threads.values()), {}
+        for t in threads:
+            t.stop()
 
     @staticmethod
     def aside(fn: Callable, *args: Any) -> Any:
@@ -96,21 +136,16 @@ class Executor:
             raise job.error
         return job.result
 
-    def run(self, model: Model, inputs: Sequence[Value], stream: Any = None,
+    @staticmethod
+    def run(model: Model, inputs: Sequence[Value], stream: Any = None,
             deadline: float | None = None,
             cancelled: Callable[[], bool] | None = None) -> tuple[list[Value], list[str]]:
-        """Returns the outputs (contiguous, still on the model's device: the session copies them
-        straight into its response ring) and their wire dtypes. `stream` (a CUDA stream) is
-        made current for the forward pass, so H2D copies and compute queue on it. `deadline`
-        (time.monotonic) and `cancelled` are checked when the job reaches the compute thread,
-        so work queued behind a long job is dropped if its caller is gone or out of time."""
-        if model.inline:
-            return self._run(model, inputs, None, deadline, cancelled)
-        return self.compute.call(self._run, model, inputs, stream, deadline, cancelled)
-
-    @staticmethod
-    def _run(model: Model, inputs: Sequence[Value], stream: Any, deadline: float | None,
-             cancelled: Callable[[], bool] | None):
+        """One forward pass, in the calling thread (a compute thread, or the dispatcher for
+        inline models). Returns the outputs (contiguous, still on the model's device: the
+        session copies them straight into its response ring) and their wire dtypes. `stream`
+        (a CUDA stream) is made current for the forward pass, so H2D copies and compute queue
+        on it. `deadline` (time.monotonic) and `cancelled` are checked first, so work queued
+        behind a long job is dropped if its caller is gone or out of time."""
         if cancelled is not None and cancelled():
             raise Cancelled(f"the session ended before model {model.name!r} ran")
         if deadline is not None and time.monotonic() > deadline:

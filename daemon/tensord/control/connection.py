@@ -1,0 +1,368 @@
+"""One client's control connection (SPEC §2): the handshake, control messages and the session's
+lifetime, as a state machine the control loop (server.py) drives from readiness events. It owns
+no thread: the session lives exactly as long as this connection."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .. import __version__
+from ..config import DaemonConfig
+from ..contract.errors import (
+    ErrorCode,
+    InternalError,
+    PermissionDeniedError,
+    ProtocolError,
+    ResourceError,
+    TensordError,
+    TooLargeError,
+    VersionError,
+)
+from ..contract.frames import MAX_FRAME, FrameBuffer, encode_frame
+from ..contract.layout import ring_capacity
+from ..contract.messages import (
+    SUPPORTED_VERSIONS,
+    Attached,
+    Goodbye,
+    Hello,
+    Load,
+    ModelList,
+    Models,
+    Ok,
+    Ping,
+    Pong,
+    Ready,
+    Reload,
+    Unload,
+    Welcome,
+    error_message,
+)
+from ..models.registry import Registry
+from ..serving.dispatcher import Dispatcher
+from ..serving.executor import Executor
+from ..serving.session import Session
+from ..transport.segment import Segment
+from .admin import ModelControl
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+# Replies a client has not read yet: past this it is not reading its socket, and is dropped
+# rather than buffered without bound.
+MAX_UNSENT = 4 << 20
+RECV_SIZE = 1 << 16
+
+HELLO, ATTACH, SERVING, CLOSED = range(4)
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return Peer(*struct.unpack("3i", raw))
+
+
+@dataclass
+class Services:
+    """What every connection shares; one per daemon."""
+
+    config: DaemonConfig
+    registry: Registry
+    executor: Executor
+    dispatcher: Dispatcher
+    sessions: SessionCounter
+    control: ModelControl
+    # Runs a slow job (an admin load) off the control loop, then calls back on the loop.
+    run_aside: Callable[[Callable[[], object], Callable[[object, BaseException | None], None]],
+                        None]
+    # Calls fn on the control loop from any thread.
+    call_soon: Callable[[Callable[[], None]], None]
+    # The connection wants (True) or no longer wants (False) to hear when it can write.
+    want_write: Callable[[Connection, bool], None]
+    # The connection is closing: stop watching its socket (before the socket closes).
+    forget: Callable[[Connection], None]
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, services: Services):
+        self.sock = sock
+        self.s = services
+        self.peer = peer_credentials(sock)
+        sock.setblocking(False)
+        self.state = HELLO
+        self.deadline: float | None = time.monotonic() + HANDSHAKE_TIMEOUT
+        self.session: Session | None = None
+        self._frames = FrameBuffer()
+        self._out = bytearray()
+        self._writing = False  # the loop watches for writability
+        self._seg: Segment | None = None
+        self._counted = False
+        self._client = ""
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self.state == CLOSED
+
+    # -- events from the control loop ---------------------------------------------------------
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.close(log_reason=f"read failed: {e}")
+            return
+        if not data:
+            self.close(log_reason="peer closed the connection")
+            return
+        self._frames.feed(data)
+        self._handle_frames()
+
+    def on_writable(self) -> None:
+        self._flush()
+
+    def on_deadline(self) -> None:
+        self.fail(ProtocolError(f"the handshake did not complete within "
+                                f"{HANDSHAKE_TIMEOUT:.0f} s", fatal=True))
+
+    def _handle_frames(self) -> None:
+        while self.state != CLOSED:
+            msg = None
+            try:
+                msg = self._frames.next()
+                if msg is None:
+                    return
+                self._handle(msg)
+            except TensordError as e:
+                if self.state != SERVING:
+                    e.fatal = True  # every handshake failure ends the connection
+                if e.fatal:
+                    self.fail(e)
+                    return
+                rid = getattr(msg, "id", 0) if msg is not None else getattr(e, "request_id", 0)
+                self.send(error_message(e, rid))
+            except OSError as e:
+                # Not the socket: the session could not be set up (mmap, fallocate, eventfds).
+                log.warning("connection of pid %d: %s", self.peer.pid, e)
+                self.fail(ResourceError(f"the daemon could not set up the session: {e}",
+                                        fatal=True))
+                return
+            except Exception as e:  # a daemon bug ends this connection only, with a reason
+                log.exception("connection of pid %d failed", self.peer.pid)
+                self.fail(InternalError(f"the daemon failed serving this connection: "
+                                        f"{type(e).__name__}: {e}", fatal=True))
+                return
+
+    # -- the protocol ---------------------------------------------------------------------------
+
+    def _handle(self, msg) -> None:
+        if self.state == HELLO:
+            if not isinstance(msg, Hello):
+                raise ProtocolError(f"expected hello, got {type(msg).TYPE}", fatal=True)
+            self._hello(msg)
+        elif self.state == ATTACH:
+            if not isinstance(msg, Attached):
+                raise ProtocolError(f"expected attached, got {type(msg).TYPE}", fatal=True)
+            self._attached()
+        elif isinstance(msg, Ping):
+            self.send(Pong(id=msg.id))
+        elif isinstance(msg, Models):
+            self.send(ModelList(id=msg.id, models=self.s.registry.infos()))
+        elif isinstance(msg, Goodbye):
+            self.close()
+        elif isinstance(msg, (Load, Unload, Reload)):
+            self._admin(msg)
+        else:
+            raise ProtocolError(
+                f"{type(msg).TYPE} is not a message a client sends after the handshake",
+                code=ErrorCode.BAD_MESSAGE)
+
+    def _hello(self, hello: Hello) -> None:
+        cfg = self.s.config
+        version = _choose_version(hello)
+        req = ring_capacity(hello.request_ring, cfg.default_ring)
+        resp = ring_capacity(hello.response_ring, cfg.default_ring)
+        if max(req, resp) > cfg.max_ring:
+            raise TooLargeError(
+                f"asked for rings of {req} and {resp} bytes; this daemon allows at most "
+                f"{cfg.max_ring} per ring (max_ring in its config)", fatal=True)
+        if not self.s.sessions.acquire():
+            raise ResourceError(
+                f"the daemon already serves max_sessions={cfg.max_sessions} sessions; close "
+                "idle clients or raise max_sessions", fatal=True)
+        self._counted = True
+        self._client = hello.client[:128]
+        session_id = secrets.token_hex(16)
+        self._seg = Segment.create(session_id, req, resp)
+        welcome = Welcome(version=version, session=session_id,
+                          segment_size=self._seg.header.segment_size, request_ring=req,
+                          response_ring=resp, max_frame=MAX_FRAME,
+                          daemon=f"tensord {__version__}")
+        self._send_with_fds(encode_frame(welcome), self._seg.descriptors())
+        self._seg.close_fd()  # the client holds its own descriptor of the segment now
+        self._session_id = session_id
+        self.state = ATTACH
+
+    def _attached(self) -> None:
+        seg, self._seg = self._seg, None
+        self.session = Session(self._session_id, seg, self.s.registry, self.s.executor,
+                               self._fatal_from_any_thread)
+        self.state = SERVING
+        self.deadline = None
+        self.s.dispatcher.add(self.session)
+        self.send(Ready())
+        h = seg.header
+        log.info("session %s: %r pid %d uid %d, rings %d/%d bytes", self.session.id[:8],
+                 self._client, self.peer.pid, self.peer.uid, h.request_ring_capacity,
+                 h.response_ring_capacity)
+
+    def _admin(self, msg) -> None:
+        if self.peer.uid not in self.s.config.admin_uids:
+            raise PermissionDeniedError(
+                f"{msg.TYPE} is an admin message; uid {self.peer.uid} is not in the daemon's "
+                "admin_uids (set [daemon] admin_uids in its config)")
+        control = self.s.control
+        if isinstance(msg, Load):
+            def job():
+                return control.load(msg.name, msg.config)
+        elif isinstance(msg, Reload):
+            def job():
+                return control.reload(msg.name)
+        else:
+            def job():
+                return control.unload(msg.name)
+
+        def done(_result, err: BaseException | None) -> None:
+            if self.state != SERVING:
+                return
+            if isinstance(err, TensordError):
+                self.send(error_message(err, msg.id))
+            elif err is not None:
+                self.send(error_message(InternalError(
+                    f"{msg.TYPE} failed inside the daemon: {type(err).__name__}: {err}"),
+                    msg.id))
+            else:
+                self.send(Ok(id=msg.id))
+
+        # A load takes seconds: only this client waits for it, never the control loop.
+        self.s.run_aside(job, done)
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def send(self, msg) -> None:
+        if self.state == CLOSED:
+            return
+        self._out += encode_frame(msg)
+        if len(self._out) > MAX_UNSENT:
+            self.close(log_reason=f"it does not read its socket ({len(self._out)} bytes of "
+                       "replies unsent)")
+            return
+        self._flush()
+
+    def _send_with_fds(self, data: bytes, fds: list[int]) -> None:
+        # The descriptors ride on the frame's first byte (SPEC §2.4); the socket is fresh and
+        # empty, so at least that byte goes at once.
+        sent = socket.send_fds(self.sock, [data], fds)
+        self._out += data[sent:]
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._out:
+            try:
+                n = self.sock.send(self._out)
+            except (BlockingIOError, InterruptedError):
+                if not self._writing:
+                    self._writing = True
+                    self.s.want_write(self, True)
+                return
+            except OSError as e:
+                self.close(log_reason=f"write failed: {e}")
+                return
+            del self._out[:n]
+        if self._writing:
+            self._writing = False
+            self.s.want_write(self, False)
+
+    # -- the end --------------------------------------------------------------------------------
+
+    def fail(self, err: TensordError) -> None:
+        """Tell the client why (best effort, without blocking), then close."""
+        err.fatal = True
+        log.info("closing connection of pid %d: %s", self.peer.pid, err)
+        self._out += encode_frame(error_message(err))
+        with contextlib.suppress(OSError):
+            self.sock.send(self._out)
+        self.close()
+
+    def _fatal_from_any_thread(self, err: TensordError) -> None:
+        """The dispatcher found the session's ring corrupt."""
+        self.s.call_soon(lambda: self.fail(err))
+
+    def goodbye(self, reason: str) -> None:
+        """The daemon is going away: say so (best effort) and close."""
+        if self.state == SERVING:
+            self._out += encode_frame(Goodbye(reason=reason))
+            with contextlib.suppress(OSError):
+                self.sock.send(self._out)
+        self.close()
+
+    def close(self, log_reason: str | None = None) -> None:
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        if log_reason:
+            log.debug("connection of pid %d ended: %s", self.peer.pid, log_reason)
+        if self._seg is not None:
+            self._seg.close()
+            self._seg = None
+        if self.session is not None:
+            self.s.dispatcher.remove(self.session)
+            self.session.end()
+            log.info("session %s closed after %d requests", self.session.id[:8],
+                     self.session.served)
+        if self._counted:
+            self.s.sessions.release()
+            self._counted = False
+        self.s.forget(self)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _choose_version(hello: Hello) -> int:
+    common = [v for v in SUPPORTED_VERSIONS if hello.min_version <= v <= hello.max_version]
+    if not common:
+        raise VersionError(
+            f"client speaks protocol versions {hello.min_version}..{hello.max_version}, this "
+            f"daemon speaks {list(SUPPORTED_VERSIONS)}: upgrade the older side", fatal=True)
+    return max(common)
+
+
+class SessionCounter:
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.count = 0
+
+    def acquire(self) -> bool:
+        if self.count >= self.limit:
+            return False
+        self.count += 1
+        return True
+
+    def release(self) -> None:
+        self.count -= 1
