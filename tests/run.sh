@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test: lint, pytest (real daemons, real Go binaries, real /dev/shm), go vet, gofmt and
-# `go test -race ./...` (which starts its own real daemon). Sets everything up first.
+# `go test -race ./...` (which starts its own real daemon), then bounded fuzzing of the decoders
+# (TENSORD_FUZZ_SECONDS per target, default 25; 6 targets). Sets everything up first.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -12,11 +13,20 @@ ruff check daemon tests protocol bench
 echo "== pytest"
 pytest -q tests
 echo "== go vet, gofmt"
-for m in go bench; do (cd "$m" && go vet ./... && test -z "$(gofmt -l .)") || { echo "go vet / gofmt failed in $m/"; exit 1; }; done
+for m in go bench go/cmd/tensord-gateway; do (cd "$m" && go vet ./... && test -z "$(gofmt -l .)") || { echo "go vet / gofmt failed in $m/"; exit 1; }; done
 echo "== go build, CGO_ENABLED=0 (the client is pure Go)"
-for m in go; do (cd "$m" && CGO_ENABLED=0 go build ./... && CGO_ENABLED=0 go vet ./...); done
+for m in go go/cmd/tensord-gateway; do (cd "$m" && CGO_ENABLED=0 go build ./... && CGO_ENABLED=0 go vet ./...); done
 echo "== go test -race"
 (cd go && TENSORD_PYTHON="$root/.venv/bin/python" go test -race -count=1 ./...)
+(cd go/cmd/tensord-gateway && go test -race -count=1 ./...)  # its own module (gRPC stays out of the client's go.mod)
 echo "== go test, CGO_ENABLED=0"
 (cd go && CGO_ENABLED=0 TENSORD_PYTHON="$root/.venv/bin/python" go test -count=1 ./...)
+fuzz=${TENSORD_FUZZ_SECONDS:-25}
+echo "== fuzz, ${fuzz} s per target: control frames, request descriptors, ring records (Python)"
+TENSORD_FUZZ_SECONDS=$fuzz pytest -q tests/test_fuzz.py
+echo "== fuzz, ${fuzz} s per target: frames, welcome, response descriptors (Go)"
+for t in FuzzReadFrame FuzzWelcome FuzzResponseDescriptor; do
+  # decoders only: TENSORD_PYTHON points nowhere, so TestMain starts no daemon
+  (cd go && TENSORD_PYTHON=/nonexistent go test -run '^$' -fuzz "^$t\$" -fuzztime "${fuzz}s" ./shmclient)
+done
 echo "== all tests passed"

@@ -13,10 +13,12 @@ import pytest
 import torch
 from conftest import start_daemon
 
+from tensord.config import load_config
 from tensord.contract.dtypes import ByteStrings
 from tensord.contract.errors import BadInputError
-from tensord.models.handler import Handler, HandlerModel, LoadContext
-from tensord.models.signature import Signature, Value
+from tensord.models.handler import HandlerModel
+from tensord.models.loader import load_model
+from tensord.models.signature import Value
 
 WHY = "the examples extra is not installed (TENSORD_EXTRAS=test,examples bash daemon/setup.sh)"
 for _module in ("PIL", "tokenizers", "safetensors", "efficientnet_lite_pytorch",
@@ -25,17 +27,22 @@ for _module in ("PIL", "tokenizers", "safetensors", "efficientnet_lite_pytorch",
 
 from PIL import Image  # noqa: E402
 
-from tensord.examples.efficientnet import Classifier, load_labels  # noqa: E402
-from tensord.examples.minilm import Embedder  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
+CONFIG = ROOT / "daemon/tensord/examples/models.toml"
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
-CPU_F32 = LoadContext(torch.device("cpu"), torch.float32, {})
 
 
-def serve(handler: Handler, name: str) -> HandlerModel:
-    return HandlerModel(name, handler, Signature(handler.inputs, handler.outputs), "cpu")
+def example(name: str, **changes) -> HandlerModel:
+    """A model of models.toml, loaded as the daemon loads it (on the CPU)."""
+    (mc,) = [m for m in load_config(str(CONFIG)).models if m.name == name]
+    mc.device = "cpu"
+    for k, v in changes.items():
+        if k == "options":
+            mc.options = {**mc.options, **v}
+        else:
+            setattr(mc, k, v)
+    return load_model(mc)
 
 
 def run(model: HandlerModel, *inputs: Value) -> list[Value]:
@@ -51,14 +58,12 @@ def strings(*items: bytes) -> ByteStrings:
     return ByteStrings(list(items), (len(items),))
 
 
-# ---- EfficientNet-Lite0 ------------------------------------------------------------------
+# ---- EfficientNet-Lite0 through vision.classify ------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def classifier() -> HandlerModel:
-    h = Classifier()
-    h.load(CPU_F32)
-    return serve(h, "efficientnet")
+    return example("efficientnet")
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +72,21 @@ def chelsea() -> bytes:
 
 
 def test_labels_file():
-    labels = load_labels()
+    labels = (ROOT / "daemon/tensord/examples/imagenet_classes.txt").read_text().splitlines()
     assert len(labels) == 1000
-    assert labels[0] == b"tench, Tinca tinca"
-    assert labels[281] == b"tabby, tabby cat"
-    assert labels[999] == b"toilet tissue, toilet paper, bathroom tissue"
+    assert labels[0] == "tench, Tinca tinca"
+    assert labels[281] == "tabby, tabby cat"
+    assert labels[999] == "toilet tissue, toilet paper, bathroom tissue"
+
+
+def test_metadata_publishes_kind_meaning_and_limits(classifier):
+    info = classifier.info()
+    assert info.kind == "vision.classify"
+    assert [(s.name, s.dtype, s.shape, s.meaning) for s in info.inputs] == \
+        [("image", "bytes", [-1], "image")]
+    assert [(s.name, s.meaning) for s in info.outputs] == \
+        [("labels", "labels"), ("scores", "scores"), ("classes", "classes")]
+    assert info.limits.max_pixels == 64_000_000 and "webp" in info.limits.formats
 
 
 @pytest.mark.parametrize("file", ["chelsea.png", "chelsea.jpg"])
@@ -82,7 +97,7 @@ def test_chelsea_is_a_cat(classifier, file):
     # The three tabby-ish classes take nearly all of the mass for this photo.
     assert set(classes[0, :3].tolist()) == {281, 282, 285}
     assert probs[0, :3].sum().item() > 0.8
-    top = load_labels()
+    top = (ROOT / "daemon/tensord/examples/imagenet_classes.txt").read_bytes().splitlines()
     assert labels.items == [top[c] for c in classes[0].tolist()]
 
 
@@ -118,10 +133,9 @@ def test_truncated_images_are_bad_input(classifier, chelsea):
 
 
 def test_too_many_pixels_is_bad_input(chelsea):
-    h = Classifier()
-    h.load(LoadContext(torch.device("cpu"), torch.float32, {"max_pixels": 100_000}))
+    small = example("efficientnet", options={"max_pixels": 100_000}, warmup=False)
     with pytest.raises(BadInputError, match=r"image 0: 451x300 pixels"):
-        run(serve(h, "efficientnet"), strings(chelsea))
+        run(small, strings(chelsea))
 
 
 def test_odd_image_modes(classifier):
@@ -136,14 +150,9 @@ def test_empty_batch(classifier):
     assert labels.shape == probs.shape == classes.shape == (0, 5)
 
 
-def test_example_inputs_are_valid(classifier):
-    run(classifier, *classifier.handler.example_inputs())
-
-
 def test_bf16_still_sees_a_cat(chelsea):
-    h = Classifier()
-    h.load(LoadContext(torch.device("cpu"), torch.bfloat16, {}))
-    _, probs, classes = run(serve(h, "efficientnet"), strings(chelsea))
+    low = example("efficientnet", precision="bf16")
+    _, probs, classes = run(low, strings(chelsea))
     assert probs.dtype == torch.float32
     assert classes[0, 0].item() in CAT_CLASSES
 
@@ -158,14 +167,12 @@ def _solid_png(rgb: tuple[int, int, int]) -> bytes:
     return _encode(Image.new("RGB", (300, 200), rgb))
 
 
-# ---- all-MiniLM-L6-v2 --------------------------------------------------------------------
+# ---- all-MiniLM-L6-v2 through text.embed -------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def embedder() -> HandlerModel:
-    h = Embedder()
-    h.load(CPU_F32)
-    return serve(h, "minilm")
+    return example("minilm")
 
 
 def embed(model: HandlerModel, *texts: str) -> torch.Tensor:
@@ -177,6 +184,7 @@ def test_embeddings_have_unit_norm(embedder):
     e = embed(embedder, "A man is playing a guitar.", "", "日本語のテキスト 🙂", "word " * 1000)
     assert e.shape == (4, 384) and e.dtype == torch.float32
     assert torch.allclose(e.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert embedder.info().limits.max_tokens == 256
 
 
 def test_paraphrase_ranks_above_unrelated(embedder):
@@ -213,17 +221,12 @@ def test_empty_text_batch(embedder):
     assert out.shape == (0, 384)
 
 
-def test_minilm_example_inputs_are_valid(embedder):
-    run(embedder, *embedder.handler.example_inputs())
-
-
 def test_minilm_bf16_close_to_f32(embedder):
-    h = Embedder()
-    h.load(LoadContext(torch.device("cpu"), torch.bfloat16, {"max_tokens": 64}))
+    low = example("minilm", precision="bf16", options={"max_tokens": 64})
     texts = ("A man is playing a guitar.", "The stock market fell sharply today.")
-    low = embed(serve(h, "minilm"), *texts)
-    assert low.dtype == torch.float32
-    assert torch.all((low * embed(embedder, *texts)).sum(dim=1) > 0.99)
+    out = embed(low, *texts)
+    assert out.dtype == torch.float32
+    assert torch.all((out * embed(embedder, *texts)).sum(dim=1) > 0.99)
 
 
 # ---- through the daemon, from the Go examples --------------------------------------------

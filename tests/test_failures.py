@@ -33,6 +33,7 @@ from tensord.contract.errors import (
 )
 from tensord.contract.frames import encode_frame, read_frame, read_frame_with_fds
 from tensord.contract.layout import KIND_REQUEST, REQ_CONTROL
+from tensord.contract.messages import PROTOCOL_VERSION as V
 from tensord.contract.messages import Attached, Error, Hello, Ping, Pong, Ready, Welcome
 from tensord.transport import records
 from tensord.transport.segment import EFD_REQ_DATA, Segment
@@ -52,7 +53,7 @@ def connect(path: str) -> socket.socket:
 def handshake(path: str) -> tuple[socket.socket, Segment]:
     """A client done by hand, so tests can break the protocol at any step."""
     s = connect(path)
-    s.sendall(encode_frame(Hello(3, 3, "raw", 65536, 65536)))
+    s.sendall(encode_frame(Hello(V, V, "raw", 65536, 65536)))
     w, fds = read_frame_with_fds(s)
     assert isinstance(w, Welcome)
     seg = Segment.attach(fds, w.segment_size, w.request_ring, w.response_ring)
@@ -105,7 +106,7 @@ def test_malformed_body_is_fatal(daemon, body):
 def test_handshake_has_one_deadline_however_slowly_bytes_arrive(daemon):
     s = connect(daemon.path)
     s.settimeout(30)
-    hello = encode_frame(Hello(3, 3, "trickle", 0, 0))
+    hello = encode_frame(Hello(V, V, "trickle", 0, 0))
     t0 = time.monotonic()
     for b in hello:  # one byte every 2 s: each recv is quick, the whole is not
         s.send(bytes([b]))
@@ -127,20 +128,21 @@ def test_version_mismatch_is_fatal_and_says_which(daemon):
     s = connect(daemon.path)
     s.sendall(encode_frame(Hello(7, 9, "future", 0, 0)))
     err = expect_fatal(s, "VERSION")
-    assert "7..9" in err.message and "[3]" in err.message
+    assert "7..9" in err.message and f"[{V}]" in err.message
 
 
-def test_version_2_client_is_refused_naming_both_versions(daemon):
+def test_previous_version_client_is_refused_naming_both_versions(daemon):
     s = connect(daemon.path)
-    s.sendall(encode_frame(Hello(2, 2, "old", 0, 0)))
+    s.sendall(encode_frame(Hello(V - 1, V - 1, "old", 0, 0)))
     err = expect_fatal(s, "VERSION")
-    assert "2..2" in err.message and "[3]" in err.message and "upgrade" in err.message
+    assert f"{V - 1}..{V - 1}" in err.message and f"[{V}]" in err.message and \
+        "upgrade" in err.message
 
 
 def test_client_gone_during_handshake_leaves_nothing(daemon):
     before = daemon.open_fds()
     s = connect(daemon.path)
-    s.sendall(encode_frame(Hello(3, 3, "quitter", 0, 0)))
+    s.sendall(encode_frame(Hello(V, V, "quitter", 0, 0)))
     w, fds = read_frame_with_fds(s)
     assert isinstance(w, Welcome) and len(fds) == 5
     for fd in fds:
@@ -155,7 +157,7 @@ def test_client_gone_during_handshake_leaves_nothing(daemon):
 
 def test_client_cannot_resize_its_segment(daemon):
     s = connect(daemon.path)
-    s.sendall(encode_frame(Hello(3, 3, "resizer", 65536, 65536)))
+    s.sendall(encode_frame(Hello(V, V, "resizer", 65536, 65536)))
     w, (fd, *efds) = read_frame_with_fds(s)
     for e in efds:
         os.close(e)
@@ -422,20 +424,20 @@ def test_deadline_is_checked_when_the_model_would_run(slow_daemon):
         busy = threading.Thread(target=a.infer, args=("gate", {"x": torch.ones(1)}),
                                 kwargs={"timeout": 120})
         busy.start()
-        wait_for(d.gate / "started")  # the compute thread is held at the gate
+        wait_for(d.gate / "started")  # the gate model's worker is held at the gate
         late = {}
 
         def call_b():
             try:
-                b.infer("slow", {"x": torch.ones(1, 256), "n": torch.tensor(1)}, timeout=60,
+                b.infer("gate", {"x": torch.ones(1)}, timeout=60,
                         budget=0.2)
             except Exception as e:  # recorded for the assertion below
                 late["err"] = e
 
         t = threading.Thread(target=call_b)
         t.start()
-        # b's request waits behind the gate; its 0.2 s budget is long gone after 2 s (a lower
-        # bound, so no timing can make this flaky), then the gate opens.
+        # b's request waits in the queue behind the gate; its 0.2 s budget is long gone
+        # after 2 s (a lower bound, so no timing can make this flaky), then the gate opens.
         time.sleep(2.0)
         (d.gate / "open").touch()
         busy.join()
@@ -444,6 +446,24 @@ def test_deadline_is_checked_when_the_model_would_run(slow_daemon):
         assert "time budget ran out" in str(late["err"])
         assert b.infer("slow", {"x": torch.ones(1, 256), "n": torch.tensor(1)},
                        timeout=30)["y"].shape == (1, 256)
+
+
+def test_a_slow_model_does_not_hold_up_another(slow_daemon):
+    """Each model has its own worker: while the gate holds one forward pass, another model
+    serves."""
+    d = slow_daemon
+    with Client(d.path) as a, Client(d.path) as b:
+        busy = threading.Thread(target=a.infer, args=("gate", {"x": torch.ones(1)}),
+                                kwargs={"timeout": 120})
+        busy.start()
+        wait_for(d.gate / "started")
+        for _ in range(5):
+            assert b.infer("slow", {"x": torch.ones(1, 256), "n": torch.tensor(1)},
+                           timeout=60)["y"].shape == (1, 256)
+        assert busy.is_alive(), "the gate still holds its request"
+        (d.gate / "open").touch()
+        busy.join()
+
 
 def test_model_raising_is_a_model_failed_error(slow_daemon):
     with Client(slow_daemon.path) as c:

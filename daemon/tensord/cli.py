@@ -8,7 +8,7 @@ import resource
 import signal
 import sys
 
-from . import export
+from . import export, ops
 from .config import ConfigError, DaemonConfig, load_config
 
 
@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", help="TOML config file")
     serve.add_argument("--log-level", default="INFO")
     export.add_parser(sub)
+    ops.add_parsers(sub)
     args = p.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(), stream=sys.stderr,
                         format="tensord %(levelname)s %(name)s: %(message)s")
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.cmd == "export":
         return export.run(args)
+    if hasattr(args, "op"):
+        return ops.run(args)
     return 2
 
 
@@ -36,14 +39,24 @@ def _serve(args) -> int:
     from .models.builtin import builtin_models
     from .models.loader import LoadError, load_model, warm_up
     from .models.registry import Registry
-    from .sdnotify import notify
-    from .serving.executor import Executor
+    from .sdnotify import listen_fds, notify
+    from .serving.executor import Executor, set_cpu_threads
 
     _raise_fd_limit()
+    inherited = None
     try:
+        # Socket activation (tensord.socket): the manager made the socket; clients that
+        # connect while the models load wait in its queue.
+        fds = listen_fds()
+        if len(fds) > 1:
+            raise ConfigError(f"the service manager passed {len(fds)} sockets; tensord takes "
+                              "one (one ListenStream= in tensord.socket)")
+        inherited = fds[0] if fds else None
         cfg = load_config(args.config) if args.config else DaemonConfig()
         if args.socket:
             cfg.socket = args.socket
+        threads = set_cpu_threads(cfg.threads)
+        logging.getLogger("tensord").info("CPU models use %d intra-op threads", threads)
         executor = Executor()
         # Loads run aside: this main thread must not keep an OpenMP pool (see executor.py).
         builtins = executor.aside(builtin_models) if cfg.builtin_models else []
@@ -51,17 +64,21 @@ def _serve(args) -> int:
             executor.aside(warm_up, m)
         registry = Registry(builtins)
         for mc in cfg.models:
+            notify(f"STATUS=loading model {mc.name}")
             registry.add(executor.aside(load_model, mc), mc)
         server = Server(cfg, registry, executor)
-        server.listen()
-    except (ConfigError, AddressInUse, LoadError) as e:
+        server.listen(inherited)
+    except (ConfigError, AddressInUse, LoadError, OSError) as e:
         logging.getLogger("tensord").error("%s", e)
         return 1
     signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
     signal.signal(signal.SIGINT, lambda *_: server.shutdown())
+    signal.signal(signal.SIGHUP, lambda *_: server.reload_config())
+    # Signals whose default would end the daemon without a word: ignored.
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGIO):
+        signal.signal(sig, signal.SIG_IGN)
     notify("READY=1")
-    server.serve_forever()
-    notify("STOPPING=1")
+    server.serve_forever()  # tells the manager STOPPING=1 as it starts to shut down
     return 0
 
 

@@ -25,7 +25,9 @@ def default_socket_path() -> str:
     return "/tmp/tensord.sock"
 
 
-SOURCES = ("torchscript", "export", "handler")
+# The built-in handlers (models/builtin_handlers/) serve a network from configuration alone.
+BUILTIN_HANDLERS = ("vision.classify", "text.classify", "text.embed")
+SOURCES = ("torchscript", "export", "handler", "builtin", *BUILTIN_HANDLERS)
 PRECISION_NAMES = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -41,6 +43,19 @@ class ModelConfig:
     inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    # Built-in handlers: the network as a Python factory instead of a `path`, and their files
+    # (a path, or "package:NAME/file" inside an installed package).
+    module: str = ""  # "package.module:factory" returning a torch.nn.Module
+    labels: str = ""  # one class name per line
+    tokenizer: str = ""  # a Hugging Face tokenizer.json
+    # Scheduling (serving/scheduler.py): batching is off while max_batch_size <= 1.
+    max_batch_size: int = 0  # 0: the model's own default (1, or the built-in's)
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: list[int] = field(default_factory=list)
+    max_queue: int = 1024
+    instances: int = 1
+    max_input_bytes: int = 0  # a request whose inputs are larger is TOO_LARGE; 0: no limit
+    max_batch_bytes: int = 0  # input bytes one forward pass may join; 0: no limit
 
 
 @dataclass
@@ -53,9 +68,26 @@ class DaemonConfig:
     spin_us: int = 0
     admin_uids: list[int] = field(default_factory=lambda: [os.getuid()])
     builtin_models: bool = True
+    threads: int = 0  # PyTorch intra-op threads on the CPU; 0: half the cores this process may use
+    # health: a model whose forward pass has run longer than this is reported not ready
+    stuck_after_s: float = 60.0
+    # SIGTERM: how long queued and running requests may take to finish before the daemon exits
+    drain_grace_s: float = 10.0
+    # Bounds no client gets past (control/limits.py); 0: no such bound.
+    max_pending: int = 64  # connections that have not sent hello; past it the oldest is refused
+    max_sessions_per_uid: int = 0
+    max_memory: int = 0  # bytes of session segments, all sessions together
+    max_memory_per_uid: int = 0
+    # Admin loads are code execution (SPEC §2.6). For admins other than root and the daemon's
+    # own user: the handlers/modules they may name (None: those named in [[models]] at start;
+    # "pkg.mod:Class", "pkg.mod:*", "*") and the directories their model files must be in.
+    allow_handlers: list[str] | None = None
+    model_dirs: list[str] = field(default_factory=list)
+    metrics: str = ""  # Prometheus listener: "" (off), "127.0.0.1:9464", "unix:/path"
     models: list[ModelConfig] = field(default_factory=list)
     # Where relative model paths resolve: the config file's directory (admin `load` too).
     base_dir: str = field(default_factory=os.getcwd)
+    path: str = ""  # the config file (SIGHUP re-reads it); "" when there is none
 
     def socket_path(self) -> str:
         return self.socket or default_socket_path()
@@ -66,10 +98,17 @@ class ConfigError(ValueError):
 
 
 _DAEMON_KEYS = {"socket", "socket_mode", "default_ring", "max_ring", "max_sessions", "spin_us",
-                "admin_uids", "builtin_models"}
+                "admin_uids", "builtin_models", "threads", "stuck_after_s", "drain_grace_s",
+                "max_pending",
+                "max_sessions_per_uid", "max_memory", "max_memory_per_uid", "allow_handlers",
+                "model_dirs", "metrics"}
+_STR_LISTS = {"allow_handlers", "model_dirs"}
 _MODEL_TYPES = {"name": str, "source": str, "path": str, "handler": str, "device": str,
                 "precision": str, "warmup": bool, "inputs": list, "outputs": list,
-                "options": dict}
+                "options": dict, "max_batch_size": int, "max_queue_delay_us": int,
+                "preferred_batch_sizes": list, "max_queue": int, "instances": int,
+                "max_input_bytes": int, "max_batch_bytes": int,
+                "module": str, "labels": str, "tokenizer": str}
 
 
 def model_config(table: dict[str, Any], base_dir: str, what: str) -> ModelConfig:
@@ -89,6 +128,14 @@ def model_config(table: dict[str, Any], base_dir: str, what: str) -> ModelConfig
         raise ConfigError(f"{what}: unknown source {mc.source!r}; known: {', '.join(SOURCES)}")
     if mc.precision not in PRECISION_NAMES:
         raise ConfigError(f"{what}: precision must be one of {', '.join(PRECISION_NAMES)}")
+    for key in ("max_batch_size", "max_queue_delay_us", "max_queue", "instances",
+                "max_input_bytes", "max_batch_bytes"):
+        if getattr(mc, key) < 0 or isinstance(getattr(mc, key), bool):
+            raise ConfigError(f"{what}.{key} must be a non-negative integer")
+    if mc.max_queue < 1 or mc.instances < 1:
+        raise ConfigError(f"{what}: max_queue and instances must be at least 1")
+    if not all(type(n) is int and n >= 1 for n in mc.preferred_batch_sizes):
+        raise ConfigError(f"{what}.preferred_batch_sizes must hold positive integers")
     for key in ("inputs", "outputs"):
         if len(getattr(mc, key)) > MAX_TENSORS:
             raise ConfigError(f"{what} declares {len(getattr(mc, key))} {key}; the protocol "
@@ -97,8 +144,13 @@ def model_config(table: dict[str, Any], base_dir: str, what: str) -> ModelConfig
         raise ConfigError(f"{what}: source {mc.source!r} needs a path")
     if mc.source == "handler" and ":" not in mc.handler:
         raise ConfigError(f"{what}: source 'handler' needs handler = \"package.module:Class\"")
-    if mc.path and not os.path.isabs(mc.path):
-        mc.path = os.path.join(base_dir, mc.path)
+    if mc.source in BUILTIN_HANDLERS and bool(mc.path) == bool(mc.module):
+        raise ConfigError(f"{what}: source {mc.source!r} needs a path (TorchScript or "
+                          "torch.export file) or a module (\"package.module:factory\"), not both")
+    for key in ("path", "labels", "tokenizer"):
+        v = getattr(mc, key)
+        if v and not v.startswith("package:") and not os.path.isabs(v):
+            setattr(mc, key, os.path.join(base_dir, v))
     return mc
 
 
@@ -112,15 +164,28 @@ def load_config(path: str) -> DaemonConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     base = os.path.dirname(os.path.abspath(path))
-    cfg = DaemonConfig(base_dir=base)
+    cfg = DaemonConfig(base_dir=base, path=os.path.abspath(path))
     daemon = raw.pop("daemon", {})
     for k, v in daemon.items():
         if k not in _DAEMON_KEYS:
             raise ConfigError(f"{path}: unknown key [daemon].{k}; known: {sorted(_DAEMON_KEYS)}")
+        if k in _STR_LISTS:
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise ConfigError(f"{path}: [daemon].{k} must be a list of strings")
+            setattr(cfg, k, v)
+            continue
         want = type(getattr(cfg, k))
+        if want is float and type(v) is int:
+            v = float(v)  # TOML writes 60 for 60.0
         if not isinstance(v, want) or (want is int and isinstance(v, bool)):
             raise ConfigError(f"{path}: [daemon].{k} must be a {want.__name__}")
         setattr(cfg, k, v)
+    cfg.model_dirs = [os.path.join(base, p) for p in cfg.model_dirs]
+    for k in ("max_sessions_per_uid", "max_memory", "max_memory_per_uid"):
+        if getattr(cfg, k) < 0:
+            raise ConfigError(f"{path}: [daemon].{k} must be 0 (no bound) or positive")
+    if cfg.max_pending < 1:
+        raise ConfigError(f"{path}: [daemon].max_pending must be at least 1")
     for i, m in enumerate(raw.pop("models", [])):
         cfg.models.append(model_config(m, base, f"{path}: models[{i}]"))
     if raw:

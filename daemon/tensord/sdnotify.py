@@ -1,18 +1,54 @@
-"""systemd readiness notification: one datagram to $NOTIFY_SOCKET, no libsystemd needed."""
+"""The systemd protocols the daemon speaks, without libsystemd: readiness, status and watchdog
+notifications (one datagram each to $NOTIFY_SOCKET) and socket activation (LISTEN_FDS)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
+SD_LISTEN_FDS_START = 3
+
 
 def notify(state: str) -> bool:
+    """Send one notification ("READY=1", "STATUS=...", "WATCHDOG=1", ...); False when there is
+    no manager to tell, or it cannot be told (a notification is never worth failing for)."""
     addr = os.environ.get("NOTIFY_SOCKET")
     if not addr:
         return False
     if addr.startswith("@"):
         addr = "\0" + addr[1:]  # abstract namespace
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(addr)
-        s.sendall(state.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+    except OSError:
+        return False
     return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 notifications the manager wants (half its WatchdogSec=, as
+    sd_watchdog_enabled(3) advises), or None when it wants none."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+def listen_fds() -> list[socket.socket]:
+    """Sockets the manager passed (socket activation, sd_listen_fds(3)): descriptors 3, 4, ...
+    when LISTEN_PID is this process. The variables are removed so that children do not
+    inherit them; the descriptors are made close-on-exec."""
+    pid, n = os.environ.get("LISTEN_PID", ""), os.environ.get("LISTEN_FDS", "")
+    for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(k, None)
+    if pid != str(os.getpid()) or not n.isdigit():
+        return []
+    out = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(n)):
+        with contextlib.suppress(OSError):
+            os.set_inheritable(fd, False)
+        out.append(socket.socket(fileno=fd))
+    return out

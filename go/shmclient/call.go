@@ -23,7 +23,7 @@ import (
 // 32 bits): a response finds its call without a map, and a late response to a request
 // whose caller gave up finds the slot reused under another id and is released unread.
 type call struct {
-	c    *Client
+	s    *session
 	slot uint32
 	life atomic.Uint64 // starts at 1; bumped once when the request ends
 	// ch carries the verdict on the response (nil: parsed into the call) from whoever
@@ -64,28 +64,28 @@ const (
 )
 
 // getCall takes a call off the free list (or makes one) for a new request.
-func (c *Client) getCall() (*call, error) {
-	c.mu.Lock()
-	if c.closeErr != nil {
-		err := c.closeErr
-		c.mu.Unlock()
+func (s *session) getCall() (*call, error) {
+	s.mu.Lock()
+	if s.closeErr != nil {
+		err := s.closeErr
+		s.mu.Unlock()
 		return nil, err
 	}
 	var cl *call
-	if n := len(c.free); n > 0 {
-		cl = c.free[n-1]
-		c.free[n-1] = nil
-		c.free = c.free[:n-1]
+	if n := len(s.free); n > 0 {
+		cl = s.free[n-1]
+		s.free[n-1] = nil
+		s.free = s.free[:n-1]
 	} else {
-		if len(c.calls) == math.MaxUint32 {
-			c.mu.Unlock()
-			return nil, fmt.Errorf("%w: %d requests in flight", ErrOverloaded, len(c.calls))
+		if len(s.calls) == math.MaxUint32 {
+			s.mu.Unlock()
+			return nil, fmt.Errorf("%w: %d requests in flight", ErrOverloaded, len(s.calls))
 		}
-		cl = &call{c: c, slot: uint32(len(c.calls)), ch: make(chan error, 1)}
+		cl = &call{s: s, slot: uint32(len(s.calls)), ch: make(chan error, 1)}
 		cl.life.Store(1)
-		c.calls = append(c.calls, cl)
+		s.calls = append(s.calls, cl)
 	}
-	c.mu.Unlock()
+	s.mu.Unlock()
 	cl.id = uint64(uint32(cl.life.Load()))<<32 | uint64(cl.slot)
 	cl.state = stateReserved
 	return cl, nil
@@ -97,28 +97,29 @@ func (cl *call) end(life uint64) bool { return cl.life.CompareAndSwap(life, life
 
 // recycle puts an ended call back on the free list. Its buffers keep their capacity;
 // views handed out in its previous lifetimes are dead (the documentation says so).
-func (c *Client) recycle(cl *call) {
+func (s *session) recycle(cl *call) {
 	cl.rec = nil // model stays, for reuseString
 	cl.inputs, cl.outputs = cl.inputs[:0], cl.outputs[:0]
-	c.mu.Lock()
-	c.free = append(c.free, cl)
-	c.mu.Unlock()
+	s.mu.Lock()
+	s.free = append(s.free, cl)
+	s.mu.Unlock()
 }
 
 // take hands the call waiting for response id to the reader that read it, or returns nil
 // when there is none: its caller gave up, or the session is ending (shutdown takes every
 // pending call). Whoever takes a call sends on its channel, unless it is the waiter.
-func (c *Client) take(id uint64) *call {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.inFlight > 0 {
-		c.inFlight--
+func (s *session) take(id uint64) *call {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.inFlight > 0 {
+		s.inFlight--
+		s.checkIdleLocked()
 	}
 	slot := id & math.MaxUint32
-	if slot >= uint64(len(c.calls)) {
+	if slot >= uint64(len(s.calls)) {
 		return nil
 	}
-	cl := c.calls[slot]
+	cl := s.calls[slot]
 	if !cl.pending || cl.id != id {
 		return nil
 	}
@@ -170,6 +171,7 @@ func planRecord(model string, specs []TensorSpec) (desc requestDesc, dataStart, 
 	desc.Model = model
 	desc.Inputs, _, dataStart, recLen, err = planRecordInto(nil, nil, model, specs)
 	desc.TimeoutUS = math.MaxUint64
+	desc.Priority = uint64(PriorityHigh) // sized for the longest descriptor, like the timeout
 	return desc, dataStart, recLen, err
 }
 
@@ -198,7 +200,8 @@ func planRecordInto(refs []tensorRef, udims []uint64, model string, specs []Tens
 		refs = append(refs, tensorRef{Name: name, DType: s.DType.String(),
 			Shape: udims[start:len(udims):len(udims)], NBytes: specNBytes(s)})
 	}
-	desc := requestDesc{Model: model, TimeoutUS: math.MaxUint64, Inputs: refs}
+	// Sized with the longest timeout and a priority: both are known only at Send.
+	desc := requestDesc{Model: model, TimeoutUS: math.MaxUint64, Inputs: refs, Priority: uint64(PriorityHigh)}
 	start := align64(recordHeaderSize)
 	for {
 		end := start

@@ -1,19 +1,22 @@
 package shmclient
 
 import (
-	"net"
+	"context"
 	"os"
 	"sync"
 	"sync/atomic"
-	"time"
 )
 
 // The Client and its lifetime. The rest of the client is split by job:
 //
+//	session.go    one connection to the daemon and what lives as long as it
+//	reconnect.go  replacing a session that ended, and waiting for one
+//	retry.go      making a call again when that is safe (SafeToRetry)
 //	handshake.go  Dial: hello, welcome (segment + eventfds), attached, ready
 //	control.go    the control socket: reader goroutine, request/reply, Ping
 //	models.go     model metadata and its cache
 //	admin.go      Load, Unload, Reload
+//	health.go     Health; stats.go  Stats
 //	request.go    Request and Response (the zero-copy path) and Infer
 //	call.go       the pooled per-request state behind them
 //	reader.go     who reads the response ring, and parsing responses
@@ -34,124 +37,104 @@ func DefaultSocketPath() string {
 	return "/tmp/tensord.sock"
 }
 
-// Client is one session with the daemon. It is safe for concurrent use; share one
-// Client between goroutines rather than dialling many (each session costs the daemon a
+// Client is a connection to the daemon that outlives the daemon's restarts. It holds one
+// session (SPEC §2.5) at a time; when the session ends (the daemon exited, crashed or was
+// restarted, a fatal error) or the daemon says it is draining, the Client dials again with
+// backoff, and calls made meanwhile wait for the new session within their own context
+// instead of failing (see WithReconnect). It is safe for concurrent use; share one Client
+// between goroutines rather than dialling many (each session costs the daemon a
 // shared-memory segment).
 type Client struct {
-	opts    options
-	conn    net.Conn
-	welcome welcomeMsg
-	seg     *segment
-	req     producer
-	resp    consumer
+	opts   options
+	path   string
+	models modelCache
+	cur    atomic.Pointer[session] // the latest session; never nil
 
-	writeMu sync.Mutex // control-socket writes
-	// ringLock admits one request-ring writer at a time, so at most one goroutine waits
-	// for request-ring space (on the rs eventfd); a channel so that waiting honours ctx.
-	ringLock chan struct{}
-	nextID   atomic.Uint64 // ids of control messages
+	mu      sync.Mutex
+	changed chan struct{} // closed, and replaced, when cur is replaced or the Client ends
+	lastErr error         // why there is no usable session, while there is none
+	err     error         // why the Client ended, once it has
+	done    chan struct{} // closed when the Client ends
+	closed  bool          // Close was called
+	// closing is cancelled by Close: it stops the supervisor and a dial in progress.
+	closing       context.Context
+	stopReconnect context.CancelFunc
+	superDone     chan struct{} // closed when the supervisor has returned
 
-	// The response ring's reader role (see reader.go): held by a goroutine in Wait or by
-	// readResponses; channels so that waiting for it composes with select.
-	readerTok  chan struct{} // capacity 1: full while someone reads
-	readerKick chan struct{} // capacity 1: wakes readResponses
-
-	mu         sync.Mutex
-	pendingCtl map[uint64]chan ctlResult
-	calls      []*call       // every call this client made, indexed by slot (call.go)
-	free       []*call       // calls not in use; the last one freed is reused first
-	inFlight   int           // requests published whose responses have not been read
-	waiters    int           // goroutines in Request.Wait
-	closeErr   error         // set once, when the session ends
-	done       chan struct{} // closed when the session ends
-	closing    bool          // Close was called
-
-	models atomic.Pointer[map[string]*ModelInfo]
-	wg     sync.WaitGroup
+	inHandler atomic.Bool // the supervisor is running a handler (see Close)
 }
 
-// Session returns the session id the daemon assigned.
-func (c *Client) Session() string { return c.welcome.Session }
+// Session returns the id the daemon assigned to the current session (or, while the
+// Client reconnects, to the last one).
+func (c *Client) Session() string { return c.cur.Load().welcome.Session }
 
-// Daemon returns the daemon's name and version, e.g. "tensord 0.1.0".
-func (c *Client) Daemon() string { return c.welcome.Daemon }
+// Daemon returns the daemon's name and version, e.g. "tensord 0.1.0", as the current (or
+// last) session's daemon said.
+func (c *Client) Daemon() string { return c.cur.Load().welcome.Daemon }
 
-// RingSizes returns the capacities the daemon granted.
+// RingSizes returns the capacities the daemon granted the current (or last) session.
 func (c *Client) RingSizes() (request, response int) {
-	return int(c.welcome.RequestRing), int(c.welcome.ResponseRing)
+	w := &c.cur.Load().welcome
+	return int(w.RequestRing), int(w.ResponseRing)
 }
 
-// Err returns nil while the session is usable, else why it ended (wrapping ErrClosed).
+// Err returns nil while the Client is usable, connected or reconnecting, else why it
+// ended for good (wrapping ErrClosed): Close was called; with WithReconnect(false) its
+// session ended; or reconnecting failed WithMaxReconnects times in a row.
 func (c *Client) Err() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.closeErr
+	return c.err
 }
 
-// Done is closed when the session ends (Close, daemon exit, fatal error).
+// Done is closed when the Client ends for good (see Err). A session that ends while the
+// Client reconnects does not close it.
 func (c *Client) Done() <-chan struct{} { return c.done }
 
-// ended reports, without a lock, whether the session is over.
-func (c *Client) ended() bool {
-	select {
-	case <-c.done:
-		return true
-	default:
-		return false
-	}
-}
-
-// Close says goodbye and ends the session. Pending calls fail with ErrClosed. Views
-// (Response outputs, Request inputs) stay readable until released: the segment is
-// unmapped, and the session's eventfds closed, when the last one is. Close waits for the
-// client's goroutines to exit; a Client that is closed and whose views are all released
-// holds no descriptor.
+// Close says goodbye to the daemon and ends the Client: reconnecting stops, and pending
+// and later calls fail with ErrClosed. Views (Response outputs, Request inputs) stay
+// readable until released: a session's segment is unmapped, and its eventfds closed,
+// when the last one is. Close waits for the Client's goroutines to exit, except for a
+// disconnect or reconnect handler running at the time (which may itself call Close); a
+// Client that is closed and whose views are all released holds no descriptor.
 func (c *Client) Close() error {
 	c.mu.Lock()
-	already := c.closeErr != nil || c.closing
-	c.closing = true
-	c.mu.Unlock()
-	if !already {
-		c.writeMsgBy(&goodbyeMsg{Type: "goodbye", Reason: "client closed"}, time.Now().Add(time.Second))
-		c.shutdown(nil)
+	first := !c.closed
+	if first {
+		c.closed = true
+		c.stopReconnect()
 	}
-	c.wg.Wait()
+	s := c.cur.Load() // final: the supervisor installs no session once closing is cancelled
+	c.mu.Unlock()
+	s.close(nil)
+	if first {
+		if !c.inHandler.Load() {
+			<-c.superDone
+		}
+		c.finish(errClientClosed)
+	}
 	return nil
 }
 
-// shutdown ends the session once: every pending and future call fails with err.
-func (c *Client) shutdown(err error) {
+// finish ends the Client once, with err.
+func (c *Client) finish(err error) {
 	c.mu.Lock()
-	if c.closeErr != nil {
-		c.mu.Unlock()
+	defer c.mu.Unlock()
+	if c.err != nil {
 		return
 	}
-	if err == nil {
-		err = &closedError{msg: "shmclient: client closed"}
-	}
-	c.closeErr = err
+	c.err = err
 	close(c.done)
-	ctl := c.pendingCtl
-	c.pendingCtl = map[uint64]chan ctlResult{}
-	for _, cl := range c.calls {
-		if cl.pending {
-			// Taking it off pending makes this the one send on cl.ch (call.go), which
-			// has room for it.
-			cl.pending = false
-			cl.ch <- err
-		}
+	close(c.changed)
+}
+
+// session returns the session new work goes to, waiting for one while the Client
+// reconnects. work: a request for the rings, which a draining session does not take;
+// control messages may still use a draining session.
+func (c *Client) session(ctx context.Context, work bool) (*session, error) {
+	s := c.cur.Load()
+	if s.takesWork() || !work && !s.ended() {
+		return s, nil
 	}
-	c.mu.Unlock()
-	for _, ch := range ctl {
-		ch <- ctlResult{err: err}
-	}
-	// Wake whoever sleeps on the client's two eventfds (the response reader, a writer
-	// waiting for request space) so that they see the end at once. The client's own
-	// segment reference, dropped below, keeps the eventfds open until then.
-	c.resp.data.post()
-	c.req.space.post()
-	c.conn.Close()
-	// The mapping and the eventfds outlive this reference while views or ring readers
-	// hold theirs.
-	c.seg.release()
+	return c.waitSession(ctx, work)
 }

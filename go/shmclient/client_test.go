@@ -41,16 +41,22 @@ type daemonProc struct {
 // startDaemon starts `python -m tensord serve --socket dir/d.sock` and waits until the
 // socket accepts connections.
 func startDaemon(dir string) (*daemonProc, error) {
+	return startDaemonOn(dir, filepath.Join(dir, "d.sock"))
+}
+
+// startDaemonOn starts a daemon on the socket sock, logging to a new file in dir, and
+// waits until the socket accepts connections: how a test restarts a daemon it stopped,
+// on the same path.
+func startDaemonOn(dir, sock string) (*daemonProc, error) {
 	py := pythonPath()
 	if _, err := os.Stat(py); err != nil {
 		return nil, fmt.Errorf("no python for the daemon at %s (create the venv at the repository root, or set TENSORD_PYTHON): %v", py, err)
 	}
-	sock := filepath.Join(dir, "d.sock")
-	logPath := filepath.Join(dir, "daemon.log")
-	logf, err := os.Create(logPath)
+	logf, err := os.CreateTemp(dir, "daemon-*.log")
 	if err != nil {
 		return nil, err
 	}
+	logPath := logf.Name()
 	defer logf.Close()
 	cmd := exec.Command(py, "-m", "tensord", "serve", "--socket", sock)
 	cmd.Stdout, cmd.Stderr = logf, logf
@@ -176,10 +182,33 @@ func TestDialPingModels(t *testing.T) {
 	}
 }
 
+// TestDialNoDaemon: no socket file, and a socket file nobody listens on (a daemon that
+// died): ErrUnavailable with the system call's error, ErrClosed for older callers, safe
+// to retry, and a message that says what to run.
 func TestDialNoDaemon(t *testing.T) {
-	_, err := Dial(testCtx(t), filepath.Join(t.TempDir(), "nobody.sock"))
-	if !errors.Is(err, ErrClosed) {
-		t.Fatalf("got %v, want ErrClosed", err)
+	dir := t.TempDir()
+	stale := filepath.Join(dir, "stale.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: stale, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.SetUnlinkOnClose(false)
+	ln.Close()
+	for _, tc := range []struct {
+		path  string
+		errno syscall.Errno
+	}{{filepath.Join(dir, "nobody.sock"), syscall.ENOENT}, {stale, syscall.ECONNREFUSED}} {
+		_, err := Dial(testCtx(t), tc.path)
+		if !errors.Is(err, ErrUnavailable) || !errors.Is(err, ErrClosed) || !errors.Is(err, tc.errno) {
+			t.Errorf("%s: got %v, want ErrUnavailable, ErrClosed and %v", tc.path, err, tc.errno)
+		}
+		if !SafeToRetry(err) || errors.Is(err, ErrMayHaveRun) {
+			t.Errorf("%s: %v: SafeToRetry %v, ErrMayHaveRun %v; want true, false", tc.path, err, SafeToRetry(err), errors.Is(err, ErrMayHaveRun))
+		}
+		msg := err.Error()
+		if !strings.Contains(msg, "`tensord serve`") || !strings.Contains(msg, tc.path) || strings.Contains(strings.ToLower(msg), "python") {
+			t.Errorf("%s: message %q should name the socket and `tensord serve`, and nothing of Python", tc.path, msg)
+		}
 	}
 }
 

@@ -17,122 +17,162 @@ type ctlResult struct {
 	err error
 }
 
-func (c *Client) writeMsg(msg any) error { return c.writeMsgBy(msg, time.Time{}) }
+func (s *session) writeMsg(msg any) error { return s.writeMsgBy(msg, time.Time{}) }
 
 // writeMsgBy writes one frame, giving up at deadline (zero: never).
-func (c *Client) writeMsgBy(msg any, deadline time.Time) error {
+func (s *session) writeMsgBy(msg any, deadline time.Time) error {
 	frame, err := appendFrame(nil, msg)
 	if err != nil {
 		return err
 	}
-	c.writeMu.Lock()
-	defer c.writeMu.Unlock()
-	c.conn.SetWriteDeadline(deadline)
-	_, err = c.conn.Write(frame)
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	s.conn.SetWriteDeadline(deadline)
+	_, err = s.conn.Write(frame)
 	return err
 }
 
 // readControl owns the socket's read side: it dispatches replies by id and turns EOF,
 // read errors, fatal errors and goodbyes into the end of the session.
-func (c *Client) readControl() {
-	defer c.wg.Done()
+func (s *session) readControl() {
+	defer s.wg.Done()
 	for {
-		body, err := readFrame(c.conn, maxFrame)
+		body, err := readFrame(s.conn, maxFrame)
 		if err != nil {
-			c.mu.Lock()
-			closing := c.closing
-			c.mu.Unlock()
+			s.mu.Lock()
+			closing := s.closing
+			s.mu.Unlock()
 			switch {
 			case closing:
-				c.shutdown(nil)
+				s.shutdown(nil)
 			case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET):
-				c.shutdown(&closedError{msg: "shmclient: the daemon closed the connection (it exited, crashed or restarted); Dial again once it is running"})
+				s.shutdown(&closedError{msg: "shmclient: the daemon closed the connection (it exited, crashed or restarted)" + s.redialHint()})
 			case errors.Is(err, ErrProtocol):
-				c.shutdown(&closedError{msg: "shmclient: unreadable frame from the daemon, session closed", cause: err})
+				s.shutdown(&closedError{msg: "shmclient: unreadable frame from the daemon, session closed", cause: err})
 			default:
-				c.shutdown(&closedError{msg: "shmclient: reading from the daemon failed, session closed", cause: err})
+				s.shutdown(&closedError{msg: "shmclient: reading from the daemon failed, session closed", cause: err})
 			}
 			return
 		}
 		typ, msg, err := decodeMessage(body)
 		if err != nil {
-			c.shutdown(&closedError{msg: "shmclient: malformed message from the daemon, session closed", cause: err})
+			s.shutdown(&closedError{msg: "shmclient: malformed message from the daemon, session closed", cause: err})
 			return
 		}
 		switch m := msg.(type) {
 		case *errorMsg:
 			derr := &DaemonError{Code: m.Code, Name: m.Name, Message: m.Message, Fatal: m.Fatal}
 			if m.ID != 0 {
-				c.deliverCtl(m.ID, ctlResult{err: derr})
+				s.deliverCtl(m.ID, ctlResult{err: derr})
 			}
 			if m.Fatal {
-				c.shutdown(&closedError{msg: "shmclient: the daemon ended the session with a fatal error", cause: derr})
+				s.shutdown(&closedError{msg: "shmclient: the daemon ended the session with a fatal error", cause: derr})
 				return
 			}
 		case *goodbyeMsg:
-			c.shutdown(&closedError{msg: "shmclient: the daemon ended the session (goodbye: " + m.Reason + "); Dial again once it is running", cause: ErrShuttingDown})
+			s.shutdown(&closedError{msg: "shmclient: the daemon ended the session (goodbye: " + m.Reason + ")" + s.redialHint(), cause: ErrShuttingDown})
 			return
 		case *idMsg:
-			c.deliverCtl(m.ID, ctlResult{msg: m})
+			s.deliverCtl(m.ID, ctlResult{msg: m})
 		case *modelListMsg:
-			c.deliverCtl(m.ID, ctlResult{msg: m})
+			s.deliverCtl(m.ID, ctlResult{msg: m})
+		case *modelStatsMsg:
+			s.deliverCtl(m.ID, ctlResult{msg: m})
+		case *healthReportMsg:
+			s.deliverCtl(m.ID, ctlResult{msg: m})
+		case *drainingMsg:
+			s.startDraining()
 		default:
-			c.shutdown(&closedError{msg: "shmclient: unexpected message from the daemon, session closed", cause: protocolErrorf("%s after the handshake", typ)})
+			s.shutdown(&closedError{msg: "shmclient: unexpected message from the daemon, session closed", cause: protocolErrorf("%s after the handshake", typ)})
 			return
 		}
 	}
 }
 
-func (c *Client) deliverCtl(id uint64, r ctlResult) {
-	c.mu.Lock()
-	ch := c.pendingCtl[id]
-	delete(c.pendingCtl, id)
-	c.mu.Unlock()
+// redialHint says what to do about a session that ended, when the Client does not do it.
+func (s *session) redialHint() string {
+	if s.opts.reconnect {
+		return ""
+	}
+	return "; Dial again once it is running"
+}
+
+func (s *session) deliverCtl(id uint64, r ctlResult) {
+	s.mu.Lock()
+	ch := s.pendingCtl[id]
+	delete(s.pendingCtl, id)
+	s.checkIdleLocked()
+	s.mu.Unlock()
 	if ch != nil {
 		ch <- r // buffered: never blocks
 	}
 }
 
-// call sends a control request and waits for its reply.
-func (c *Client) call(ctx context.Context, id uint64, msg any) (any, error) {
+// call sends a control request and waits for its reply. Its errors say whether the
+// daemon may have acted on the request (SafeToRetry).
+func (s *session) call(ctx context.Context, id uint64, msg any) (any, error) {
 	ch := make(chan ctlResult, 1)
-	c.mu.Lock()
-	if c.closeErr != nil {
-		err := c.closeErr
-		c.mu.Unlock()
-		return nil, err
+	s.mu.Lock()
+	if s.closeErr != nil {
+		err := s.closeErr
+		s.mu.Unlock()
+		return nil, &notRunError{err: err, gone: true}
 	}
-	c.pendingCtl[id] = ch
-	c.mu.Unlock()
+	s.pendingCtl[id] = ch
+	s.mu.Unlock()
 	dl, _ := ctx.Deadline() // zero (no deadline) when ctx has none
-	if err := c.writeMsgBy(msg, dl); err != nil {
+	if err := s.writeMsgBy(msg, dl); err != nil {
 		// A failed write may have sent part of a frame: the stream cannot be trusted.
-		c.shutdown(&closedError{msg: "shmclient: writing to the daemon failed, session closed", cause: err})
-		c.mu.Lock()
-		closeErr := c.closeErr
-		c.mu.Unlock()
-		return nil, closeErr
+		s.shutdown(&closedError{msg: "shmclient: writing to the daemon failed, session closed", cause: err})
+		return nil, mayHaveRun(s.Err())
 	}
 	select {
 	case r := <-ch:
-		return r.msg, r.err
+		if r.err != nil {
+			return nil, mayHaveRun(r.err) // a DaemonError keeps its own answer
+		}
+		return r.msg, nil
 	case <-ctx.Done():
-		c.mu.Lock()
-		delete(c.pendingCtl, id)
-		c.mu.Unlock()
-		return nil, ctx.Err()
+		s.mu.Lock()
+		delete(s.pendingCtl, id)
+		s.checkIdleLocked()
+		s.mu.Unlock()
+		return nil, mayHaveRun(ctx.Err())
+	}
+}
+
+// control runs a control request that only reads (models, ping, stats, health) on the
+// current session, even a draining one: while the Client reconnects it waits for the
+// next session, and when the session ends before the reply it asks the next one, since
+// asking twice changes nothing.
+func control[T any](ctx context.Context, c *Client, fn func(*session, context.Context) (T, error)) (T, error) {
+	for {
+		s, err := c.session(ctx, false)
+		if err != nil {
+			var zero T
+			return zero, err
+		}
+		v, err := fn(s, ctx)
+		if err == nil || !c.opts.reconnect || ctx.Err() != nil || !s.ended() || !errors.Is(err, ErrClosed) {
+			return v, err
+		}
 	}
 }
 
 // Ping round-trips a ping over the control socket.
 func (c *Client) Ping(ctx context.Context) error {
-	id := c.nextID.Add(1)
-	msg, err := c.call(ctx, id, &idMsg{Type: "ping", ID: id})
+	_, err := control(ctx, c, (*session).ping)
+	return err
+}
+
+func (s *session) ping(ctx context.Context) (struct{}, error) {
+	id := s.nextID.Add(1)
+	msg, err := s.call(ctx, id, &idMsg{Type: "ping", ID: id})
 	if err != nil {
-		return fmt.Errorf("shmclient: ping: %w", err)
+		return struct{}{}, fmt.Errorf("shmclient: ping: %w", err)
 	}
 	if m, ok := msg.(*idMsg); !ok || m.Type != "pong" {
-		return fmt.Errorf("shmclient: ping: %w", protocolErrorf("reply is not a pong"))
+		return struct{}{}, mayHaveRun(fmt.Errorf("shmclient: ping: %w", protocolErrorf("reply is not a pong")))
 	}
-	return nil
+	return struct{}{}, nil
 }

@@ -31,6 +31,7 @@ type requestDesc struct {
 	Model     string      `msgpack:"model"`
 	TimeoutUS uint64      `msgpack:"timeout_us"`
 	Inputs    []tensorRef `msgpack:"inputs"`
+	Priority  uint64      `msgpack:"priority,omitempty"` // SPEC §4.4: written only when not 0
 }
 
 type descError struct {
@@ -90,10 +91,13 @@ func decodeResponseDescGeneral(b []byte) (*responseDesc, error) {
 
 // requestDescLen returns the length of the canonical encoding of d.
 func requestDescLen(d *requestDesc) int {
-	n := 1 + // fixmap of 3
+	n := 1 + // fixmap of 3 (4 with a priority)
 		strLen("model") + strLen(d.Model) +
 		strLen("timeout_us") + uintLen(d.TimeoutUS) +
 		strLen("inputs") + arrayHeaderLen(len(d.Inputs))
+	if d.Priority != 0 {
+		n += strLen("priority") + uintLen(d.Priority)
+	}
 	for i := range d.Inputs {
 		in := &d.Inputs[i]
 		n += 1 + // fixmap of 5
@@ -112,7 +116,11 @@ func requestDescLen(d *requestDesc) int {
 // appendRequestDesc appends the canonical encoding of d to b; it writes in place when b
 // has room for requestDescLen(d) more bytes.
 func appendRequestDesc(b []byte, d *requestDesc) []byte {
-	b = append(b, 0x80|3)
+	if d.Priority != 0 {
+		b = append(b, 0x80|4)
+	} else {
+		b = append(b, 0x80|3)
+	}
 	b = appendStr(b, "model")
 	b = appendStr(b, d.Model)
 	b = appendStr(b, "timeout_us")
@@ -135,6 +143,10 @@ func appendRequestDesc(b []byte, d *requestDesc) []byte {
 		b = appendUint(b, in.Offset)
 		b = appendStr(b, "nbytes")
 		b = appendUint(b, in.NBytes)
+	}
+	if d.Priority != 0 {
+		b = appendStr(b, "priority")
+		b = appendUint(b, d.Priority)
 	}
 	return b
 }

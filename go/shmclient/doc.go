@@ -7,7 +7,7 @@
 // reads response records from the other, and the two processes wake each other with four
 // eventfds. The daemon passes the segment (a sealed memfd) and the eventfds to the client
 // as descriptors at the handshake, so nothing of a session has a name in /dev/shm, needs
-// an owner, or outlives the two processes. protocol/SPEC.md (protocol version 3) in the
+// an owner, or outlives the two processes. protocol/SPEC.md (protocol version 4) in the
 // tensord repository is the contract this package implements.
 //
 // # Usage
@@ -47,8 +47,24 @@
 // ends, calls return promptly with an error wrapping ctx.Err(); a request already
 // published is answered by the daemon later and its response is released by the
 // client. The context's deadline is also sent to the daemon as the request's time
-// budget. When the daemon exits or dies, every pending and later call fails with an
-// error wrapping ErrClosed; Dial again to continue.
+// budget.
+//
+// Every error of a call also says whether the request certainly did not run in the
+// daemon, so that making it again cannot run it twice (SafeToRetry), or may have run
+// (errors.Is(err, ErrMayHaveRun)): see the list in errors.go.
+//
+// # Restarts
+//
+// A Client outlives its daemon. When the daemon exits, dies or restarts, or says it is
+// draining (a SIGTERM: it finishes what it has, then stops), the Client dials again with
+// jittered, capped backoff, and calls made meanwhile wait for the new session within
+// their own context; the model metadata is fetched again from the new daemon. Requests
+// that were in flight when a daemon died fail with ErrClosed and ErrMayHaveRun; those in
+// flight when it started draining finish. WithRetry(true) also makes Infer again when
+// the daemon refused it without running it and may take it later (it was stopping, or
+// the model's queue was full). WithReconnect(false) restores a Client that ends with its
+// session; WithReconnectWait, WithMaxReconnectWait, WithMaxReconnects,
+// WithDisconnectHandler and WithReconnectHandler tune and observe reconnecting.
 //
 // # Memory
 //

@@ -141,7 +141,7 @@ const unhookedSleep = time.Millisecond
 // and the hook that makes a cancellation post the eventfd slept on.
 type ctxWait struct {
 	ctx    context.Context
-	c      *Client
+	s      *session
 	reader bool // the eventfd slept on: pd (the response reader) or rs (a writer)
 	sleeps int
 	unhook func() bool
@@ -171,9 +171,9 @@ func (w *ctxWait) check() (time.Duration, error) {
 		// The method values are made here, not before: made earlier they would be
 		// allocated on every call, hook or not.
 		if w.reader {
-			w.unhook = context.AfterFunc(w.ctx, w.c.wakeReader)
+			w.unhook = context.AfterFunc(w.ctx, w.s.wakeReader)
 		} else {
-			w.unhook = context.AfterFunc(w.ctx, w.c.wakeWriter)
+			w.unhook = context.AfterFunc(w.ctx, w.s.wakeWriter)
 		}
 	}
 	return limit, nil

@@ -88,3 +88,38 @@ func ExampleClient_NewRequest() {
 	// Output:
 	// [4] [0 1 4 9]
 }
+
+// A long-running program keeps one Client for its lifetime: the Client reconnects by
+// itself when the daemon restarts, and each call's deadline bounds its wait for a session
+// as well as the call. Retry safety tells what to do with a call that failed anyway.
+func ExampleWithReconnect() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := shmclient.Dial(ctx, "",
+		shmclient.WithReconnect(true), // the default
+		shmclient.WithReconnectWait(100*time.Millisecond),
+		shmclient.WithMaxReconnectWait(time.Second),
+		shmclient.WithMaxReconnects(-1), // never give up (the default)
+		shmclient.WithRetry(true),       // make again what the daemon refused unrun
+		shmclient.WithDisconnectHandler(func(err error) { log.Printf("tensord: disconnected: %v", err) }),
+		shmclient.WithReconnectHandler(func() { log.Print("tensord: reconnected") }),
+	)
+	if err != nil {
+		log.Fatal(err) // errors.Is(err, shmclient.ErrUnavailable): no daemon at the socket
+	}
+	defer c.Close()
+
+	callCtx, callCancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer callCancel()
+	out, err := c.Infer(callCtx, "mlp", shmclient.FromFloat32("x", []int64{1, 16}, make([]float32, 16)))
+	switch {
+	case err == nil:
+		fmt.Println(out[0].Name, out[0].Shape)
+	case shmclient.SafeToRetry(err):
+		fmt.Println("did not run; safe to send again:", err)
+	default: // errors.Is(err, shmclient.ErrMayHaveRun)
+		fmt.Println("may have run:", err)
+	}
+	// Output:
+	// y [1 4]
+}

@@ -34,6 +34,12 @@ type fakeSession struct {
 	fds   func(t testing.TB, seg int, efds [4]int) []int
 	after func(conn net.Conn) // what the daemon does once the welcome is sent; nil: serve
 	want  error               // what Dial's error must wrap
+
+	// For sessions that go on (after == nil):
+	models []string          // the models model_list names (nil: identity), each like identity
+	push   <-chan any        // control messages to send the client (draining, goodbye, ...)
+	gate   chan struct{}     // if set, each request is answered only after a receive from it
+	fail   func() *descError // if set and it returns an error, a request is answered with it
 }
 
 type fakeDaemon struct {
@@ -137,7 +143,7 @@ func (d *fakeDaemon) serve(t testing.TB, fs fakeSession) {
 		drain(conn)
 		return
 	}
-	serveSession(t, conn, seg, efds)
+	serveSession(t, conn, seg, efds, &fs)
 }
 
 func containsFD(fds []int, fd int) bool {
@@ -170,7 +176,7 @@ func writeFrame(conn net.Conn, msg any) error {
 
 // serveSession plays a working daemon: attached → ready, models, ping, goodbye, and the
 // rings, until the client hangs up.
-func serveSession(t testing.TB, conn net.Conn, segFD int, efds [4]int) {
+func serveSession(t testing.TB, conn net.Conn, segFD int, efds [4]int, fs *fakeSession) {
 	if _, err := readFrame(conn, maxFrame); err != nil { // attached
 		return
 	}
@@ -181,6 +187,7 @@ func serveSession(t testing.TB, conn net.Conn, segFD int, efds [4]int) {
 	}
 	defer syscall.Munmap(mem)
 	rings := newFakeRings(mem, efds)
+	rings.gate, rings.fail = fs.gate, fs.fail
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -191,8 +198,33 @@ func serveSession(t testing.TB, conn net.Conn, segFD int, efds [4]int) {
 		rings.stop()
 		wg.Wait()
 	}()
-	if err := writeFrame(conn, &typeOnlyMsg{Type: "ready"}); err != nil {
+	// Replies and pushed messages are written by two goroutines.
+	var writeMu sync.Mutex
+	send := func(msg any) error {
+		writeMu.Lock()
+		defer writeMu.Unlock()
+		return writeFrame(conn, msg)
+	}
+	if fs.push != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case msg := <-fs.push:
+					send(msg)
+				case <-rings.quit:
+					return
+				}
+			}
+		}()
+	}
+	if err := send(&typeOnlyMsg{Type: "ready"}); err != nil {
 		return
+	}
+	names := fs.models
+	if names == nil {
+		names = []string{"identity"}
 	}
 	for {
 		body, err := readFrame(conn, maxFrame)
@@ -208,12 +240,16 @@ func serveSession(t testing.TB, conn net.Conn, segFD int, efds [4]int) {
 		case *idMsg:
 			switch m.Type {
 			case "ping":
-				writeFrame(conn, &idMsg{Type: "pong", ID: m.ID})
+				send(&idMsg{Type: "pong", ID: m.ID})
 			case "models":
 				any := []wireSpec{{Name: "x", DType: "any"}}
-				writeFrame(conn, &modelListMsg{Type: "model_list", ID: m.ID, Models: []wireModel{
-					{Name: "identity", Version: 1, Device: "cpu", Inputs: any, Outputs: []wireSpec{{Name: "y", DType: "any"}}},
-				}})
+				var models []wireModel
+				for _, name := range names {
+					models = append(models, wireModel{Name: name, Version: 1, Device: "cpu", Inputs: any, Outputs: []wireSpec{{Name: "y", DType: "any"}}})
+				}
+				send(&modelListMsg{Type: "model_list", ID: m.ID, Models: models})
+			case "health":
+				send(&healthReportMsg{Type: "health_report", ID: m.ID, Ready: true, Models: []wireModelHealth{}})
 			}
 		case *goodbyeMsg:
 			return
@@ -229,6 +265,8 @@ type fakeRings struct {
 	resp producer
 	efds [numEventfds]eventfd
 	quit chan struct{}
+	gate chan struct{}
+	fail func() *descError
 
 	// The last request descriptor and what was made of it, so that a stream of like
 	// requests costs the fake daemon no allocation (the client's allocations are counted
@@ -274,7 +312,23 @@ func (f *fakeRings) serve(t testing.TB) {
 			}
 			return
 		}
-		if err := f.answer(rec, stop); err != nil {
+		if f.gate != nil {
+			select {
+			case <-f.gate:
+			case <-f.quit:
+				return
+			}
+		}
+		var derr *descError
+		if f.fail != nil {
+			derr = f.fail()
+		}
+		if derr != nil {
+			err = f.answerError(rec, derr, stop)
+		} else {
+			err = f.answer(rec, stop)
+		}
+		if err != nil {
 			if !errors.Is(err, errStopped) {
 				t.Errorf("fake daemon: %v", err)
 			}
@@ -320,6 +374,24 @@ func (f *fakeRings) answer(rec record, stop func() (time.Duration, error)) error
 	putRecordHeader(out, recordHeader{Len: uint32(f.recLen), Kind: kindResponse, RequestID: rec.hdr.RequestID, DescLen: uint32(len(f.respDesc))})
 	copy(out[recordHeaderSize:], f.respDesc)
 	copy(out[f.dataOff:], rec.body[f.in.Offset:f.in.Offset+f.in.NBytes])
+	f.resp.commit(pos, false)
+	return nil
+}
+
+// answerError answers a request with an error descriptor.
+func (f *fakeRings) answerError(rec record, e *descError, stop func() (time.Duration, error)) error {
+	enc, err := marshal(nil, &responseDesc{Error: e})
+	if err != nil {
+		return err
+	}
+	n := align64(recordHeaderSize + uint64(len(enc)))
+	pos, err := f.resp.reserve(n, stop)
+	if err != nil {
+		return err
+	}
+	out := f.resp.slice(pos, n)
+	putRecordHeader(out, recordHeader{Len: uint32(n), Kind: kindResponse, RequestID: rec.hdr.RequestID, DescLen: uint32(len(enc))})
+	copy(out[recordHeaderSize:], enc)
 	f.resp.commit(pos, false)
 	return nil
 }

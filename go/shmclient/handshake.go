@@ -15,73 +15,97 @@ import (
 // Dial connects to the daemon at socketPath (empty: DefaultSocketPath) and performs the
 // handshake of SPEC §2.4: hello; welcome, which brings the session's segment and its four
 // eventfds as descriptors; mapping the segment; attached; ready. ctx bounds the whole
-// handshake.
+// handshake. Dial fails when the first session cannot be had (ErrUnavailable: no daemon
+// at the socket); once it has succeeded, the Client reconnects by itself (WithReconnect).
 func Dial(ctx context.Context, socketPath string, opts ...Option) (*Client, error) {
 	o := defaultOptions()
 	for _, opt := range opts {
 		if err := opt(&o); err != nil {
-			return nil, err
+			return nil, notRun(err)
 		}
 	}
 	if socketPath == "" {
 		socketPath = DefaultSocketPath()
 	}
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "unix", socketPath)
-	if err != nil {
-		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
-			return nil, fmt.Errorf("%w: no tensord daemon at %s (start one with `python -m tensord serve`, or point TENSORD_SOCKET at its socket): %v", ErrClosed, socketPath, err)
-		}
-		if errors.Is(err, syscall.EACCES) {
-			return nil, fmt.Errorf("%w: not allowed to connect to %s: add this user to the socket's group (the systemd unit uses tensord), or run as the daemon's user: %v", ErrPermission, socketPath, err)
-		}
-		return nil, fmt.Errorf("shmclient: dial %s: %w", socketPath, err)
-	}
 	c := &Client{
-		opts:       o,
+		opts:      o,
+		path:      socketPath,
+		changed:   make(chan struct{}),
+		done:      make(chan struct{}),
+		superDone: make(chan struct{}),
+	}
+	c.closing, c.stopReconnect = context.WithCancel(context.Background())
+	s, err := c.dialSession(ctx)
+	if err != nil {
+		c.stopReconnect()
+		return nil, notRun(err)
+	}
+	c.cur.Store(s)
+	go c.supervise()
+	return c, nil
+}
+
+// dialSession connects and performs the handshake: a new session, serving, with the
+// model metadata cache refreshed from its daemon.
+func (c *Client) dialSession(ctx context.Context) (*session, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", c.path)
+	if err != nil {
+		if errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM) {
+			return nil, fmt.Errorf("%w: not allowed to connect to %s: add this user to the socket's group (the systemd unit uses tensord), or run as the daemon's user: %v", ErrPermission, c.path, syscallErr(err))
+		}
+		return nil, &unavailableError{path: c.path, err: err}
+	}
+	s := &session{
+		opts:       c.opts,
+		models:     &c.models,
 		conn:       conn,
 		ringLock:   make(chan struct{}, 1),
 		readerTok:  make(chan struct{}, 1),
 		readerKick: make(chan struct{}, 1),
 		pendingCtl: make(map[uint64]chan ctlResult),
 		done:       make(chan struct{}),
+		drainCh:    make(chan struct{}),
+		idle:       make(chan struct{}, 1),
 	}
-	if err := c.handshake(ctx); err != nil {
+	if err := s.handshake(ctx); err != nil {
 		conn.Close()
-		if c.seg != nil {
-			c.seg.release() // unmaps and closes the eventfds
+		if s.seg != nil {
+			s.seg.release() // unmaps and closes the eventfds
 		}
 		if ctx.Err() != nil && !errors.As(err, new(*DaemonError)) {
-			return nil, fmt.Errorf("shmclient: handshake with %s: %w", socketPath, ctx.Err())
+			return nil, fmt.Errorf("shmclient: handshake with %s: %w", c.path, ctx.Err())
 		}
-		return nil, fmt.Errorf("shmclient: handshake with %s: %w", socketPath, err)
+		return nil, fmt.Errorf("shmclient: handshake with %s: %w", c.path, err)
 	}
-	c.seg.acquire() // the response reader's reference
-	c.wg.Add(2)
-	go c.readControl()
-	go c.readResponses()
-	// Prime the metadata cache so inputs are validated before they are written. A daemon
-	// that cannot list models is still usable; the daemon validates everything anyway.
-	if _, err := c.Models(ctx); err != nil && errors.Is(err, ErrClosed) {
-		c.Close()
+	s.seg.acquire() // the response reader's reference
+	s.wg.Add(2)
+	go s.readControl()
+	go s.readResponses()
+	// Prime the metadata cache so inputs are validated before they are written: a new
+	// daemon may serve other models, or other versions of them. A daemon that cannot list
+	// models is still usable; the daemon validates everything anyway.
+	c.models.store(nil)
+	if _, err := s.listModels(ctx); err != nil && errors.Is(err, ErrClosed) {
+		s.close(nil)
 		return nil, err
 	}
-	return c, nil
+	return s, nil
 }
 
-func (c *Client) handshake(ctx context.Context) error {
+func (s *session) handshake(ctx context.Context) error {
 	// Deadlines on the socket make the blocking reads below honour ctx. The cancel hook
 	// is fenced by a flag so that a cancel racing with success cannot poison the socket
 	// for the session that follows.
 	dl, _ := ctx.Deadline()
-	c.conn.SetReadDeadline(dl)
+	s.conn.SetReadDeadline(dl)
 	var hookMu sync.Mutex
 	finished := false
 	stop := context.AfterFunc(ctx, func() {
 		hookMu.Lock()
 		defer hookMu.Unlock()
 		if !finished {
-			c.conn.SetReadDeadline(time.Unix(1, 0))
+			s.conn.SetReadDeadline(time.Unix(1, 0))
 		}
 	})
 	defer func() {
@@ -91,18 +115,18 @@ func (c *Client) handshake(ctx context.Context) error {
 		hookMu.Unlock()
 	}()
 
-	err := c.writeMsgBy(&helloMsg{
+	err := s.writeMsgBy(&helloMsg{
 		Type: "hello", MinVersion: protocolVersion, MaxVersion: protocolVersion,
-		Client: c.opts.name, RequestRing: c.opts.requestRing, ResponseRing: c.opts.responseRing,
+		Client: s.opts.name, RequestRing: s.opts.requestRing, ResponseRing: s.opts.responseRing,
 	}, dl)
 	if err != nil {
 		return err
 	}
-	w, fds, err := c.readWelcome()
+	w, fds, err := s.readWelcome()
 	if err != nil {
 		return err
 	}
-	c.welcome = *w
+	s.welcome = *w
 	if err := checkWelcome(w); err != nil {
 		// The descriptors are ours until attachSegment takes them: every session refused
 		// here would otherwise leave the daemon's segment and eventfds open in this process.
@@ -113,40 +137,40 @@ func (c *Client) handshake(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	c.seg = seg
+	s.seg = seg
 	if err := seg.check(w); err != nil {
 		return err
 	}
-	c.req = producer{
+	s.req = producer{
 		r:     seg.ring(offReqControl, headerSize, w.RequestRing),
 		data:  &seg.efds[efdReqData],
 		space: &seg.efds[efdReqSpace],
-		spin:  c.opts.spin,
+		spin:  s.opts.spin,
 	}
-	c.resp = consumer{
+	s.resp = consumer{
 		r:     seg.ring(offRespControl, headerSize+w.RequestRing, w.ResponseRing),
 		data:  &seg.efds[efdRespData],
 		space: &seg.efds[efdRespSpace],
-		spin:  c.opts.spin,
+		spin:  s.opts.spin,
 	}
-	if err := c.writeMsgBy(&typeOnlyMsg{Type: "attached"}, dl); err != nil {
+	if err := s.writeMsgBy(&typeOnlyMsg{Type: "attached"}, dl); err != nil {
 		return err
 	}
-	if _, err := c.readHandshakeMsg("ready"); err != nil {
+	if _, err := s.readHandshakeMsg("ready"); err != nil {
 		return err
 	}
 	// Counters start where the daemon left them (0 for a fresh session).
-	t := atomic.LoadUint64(c.req.r.tail)
-	c.req.reserved, c.req.published = t, t
-	h := atomic.LoadUint64(c.resp.r.head)
-	c.resp.head, c.resp.readPos, c.resp.lastTail = h, h, h
+	t := atomic.LoadUint64(s.req.r.tail)
+	s.req.reserved, s.req.published = t, t
+	h := atomic.LoadUint64(s.resp.r.head)
+	s.resp.head, s.resp.readPos, s.resp.lastTail = h, h, h
 	hookMu.Lock()
 	defer hookMu.Unlock()
 	finished = true
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	return c.conn.SetReadDeadline(time.Time{})
+	return s.conn.SetReadDeadline(time.Time{})
 }
 
 // checkWelcome checks what the welcome says before anything is mapped.
@@ -160,10 +184,10 @@ func checkWelcome(w *welcomeMsg) error {
 // readWelcome reads the welcome and the descriptors that come with it (SPEC §2.4): exactly
 // five, the segment and the eventfds rd, rs, pd, ps. On error every descriptor that
 // arrived is closed.
-func (c *Client) readWelcome() (*welcomeMsg, []int, error) {
-	uc, ok := c.conn.(*net.UnixConn)
+func (s *session) readWelcome() (*welcomeMsg, []int, error) {
+	uc, ok := s.conn.(*net.UnixConn)
 	if !ok {
-		return nil, nil, fmt.Errorf("shmclient: the control connection is a %T, not a Unix socket", c.conn)
+		return nil, nil, fmt.Errorf("shmclient: the control connection is a %T, not a Unix socket", s.conn)
 	}
 	body, fds, err := readFrameFDs(uc, maxFrame)
 	if err != nil {
@@ -189,8 +213,8 @@ func handshakeReadErr(err error, want string) error {
 	return err
 }
 
-func (c *Client) readHandshakeMsg(want string) (any, error) {
-	body, err := readFrame(c.conn, maxFrame)
+func (s *session) readHandshakeMsg(want string) (any, error) {
+	body, err := readFrame(s.conn, maxFrame)
 	if err != nil {
 		return nil, handshakeReadErr(err, want)
 	}

@@ -176,7 +176,7 @@ func TestFakeSessionCloseLeavesNoFDs(t *testing.T) {
 		}
 		c.Close()
 		// A view held past Close keeps the mapping and the eventfds.
-		if c.seg.efds[efdRespData].fd < 0 {
+		if c.sess().seg.efds[efdRespData].fd < 0 {
 			t.Error("eventfds closed while a view is held")
 		}
 		resp.Release()

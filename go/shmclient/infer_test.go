@@ -327,7 +327,7 @@ func TestTooLarge(t *testing.T) {
 	if !errors.Is(err, ErrTooLarge) || !strings.Contains(err.Error(), "WithRingSize(131072") {
 		t.Fatalf("got %v, want ErrTooLarge naming WithRingSize(131072, ...)", err)
 	}
-	if *c.req.r.tail != 0 {
+	if *c.sess().req.r.tail != 0 {
 		t.Fatal("something was written for a record that cannot fit")
 	}
 	if _, err := c.Infer(testCtx(t), "identity", FromUint8("x", []int64{1000}, make([]byte, 1000))); err != nil {
@@ -359,7 +359,7 @@ func TestCancel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tail := *c.req.r.tail
+	tail := *c.sess().req.r.tail
 	dctx, dcancel := context.WithTimeout(ctx, 50*time.Millisecond)
 	// Space never comes while block is held: returning at all is honouring the deadline.
 	_, err = c.Infer(dctx, "identity", FromUint8("x", []int64{30000}, make([]byte, 30000)))
@@ -367,7 +367,7 @@ func TestCancel(t *testing.T) {
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("got %v, want context.DeadlineExceeded", err)
 	}
-	if *c.req.r.tail != tail {
+	if *c.sess().req.r.tail != tail {
 		t.Fatal("a request whose deadline passed while waiting for space was written")
 	}
 	block.Abandon()
@@ -391,9 +391,10 @@ func TestCancel(t *testing.T) {
 	// Cancel once the request is published and its caller waits for the response, which
 	// cannot come while held is: returning at all is returning at once.
 	eventually(t, "the request to be sent and waited for", func() bool {
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		return c.inFlight == 1 && c.waiters == 1
+		s := c.sess()
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.inFlight == 1 && s.waiters == 1
 	})
 	cancel()
 	select {
@@ -452,18 +453,19 @@ func TestViewsOutliveClose(t *testing.T) {
 	if err := c.Ping(ctx); !errors.Is(err, ErrClosed) {
 		t.Fatalf("Ping after Close: %v", err)
 	}
-	if c.seg.mem == nil {
+	if c.sess().seg.mem == nil {
 		t.Fatal("segment unmapped while a view is held")
 	}
 	resp.Release()
-	if c.seg.mem != nil {
+	if c.sess().seg.mem != nil {
 		t.Fatal("segment still mapped after the last view was released")
 	}
 }
 
-// TestDaemonKilled SIGKILLs a daemon of its own while requests are in flight.
+// TestDaemonKilled SIGKILLs a daemon of its own while requests are in flight, with a
+// Client that does not reconnect (reconnect_test.go has those that do).
 func TestDaemonKilled(t *testing.T) {
-	d, c := ownDaemon(t)
+	d, c := ownDaemon(t, WithReconnect(false))
 	ctx := testCtx(t)
 	held, err := c.Infer(ctx, "identity", FromFloat32("x", []int64{2}, []float32{4, 5}))
 	if err != nil {
@@ -528,22 +530,23 @@ func TestDaemonKilled(t *testing.T) {
 	}
 	heldResp.Release()
 	c.Close()
-	if c.seg.mem != nil {
+	if c.sess().seg.mem != nil {
 		t.Fatal("segment still mapped after Close and the last release")
 	}
 	// Nothing of a session has a name (SPEC §2.5): once the client lets go of its
 	// descriptors, nothing of the dead daemon's session is left.
-	for i := range c.seg.efds {
-		if c.seg.efds[i].fd >= 0 {
+	for i := range c.sess().seg.efds {
+		if c.sess().seg.efds[i].fd >= 0 {
 			t.Fatalf("eventfd %d still open after Close and the last release", i)
 		}
 	}
 }
 
-// TestDaemonShutdown stops a daemon of its own with SIGTERM: the client is told goodbye
-// and every call fails with ErrClosed (and ErrShuttingDown, which says why).
+// TestDaemonShutdown stops a daemon of its own with SIGTERM: a client that does not
+// reconnect is told goodbye and every call fails with ErrClosed (and ErrShuttingDown,
+// which says why).
 func TestDaemonShutdown(t *testing.T) {
-	d, c := ownDaemon(t)
+	d, c := ownDaemon(t, WithReconnect(false))
 	ctx := testCtx(t)
 	if _, err := c.Infer(ctx, "identity", FromFloat32("x", []int64{1}, []float32{1})); err != nil {
 		t.Fatal(err)
@@ -581,7 +584,7 @@ func eventually(t *testing.T, what string, cond func() bool) {
 
 // ownDaemon starts a daemon for one test (which may kill it) and dials it; both are
 // cleaned up when the test ends.
-func ownDaemon(t *testing.T) (*daemonProc, *Client) {
+func ownDaemon(t *testing.T, opts ...Option) (*daemonProc, *Client) {
 	t.Helper()
 	needDaemon(t)
 	d, err := startDaemon(t.TempDir())
@@ -589,7 +592,7 @@ func ownDaemon(t *testing.T) (*daemonProc, *Client) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { d.kill(syscall.SIGKILL) })
-	c, err := Dial(testCtx(t), d.socket)
+	c, err := Dial(testCtx(t), d.socket, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}

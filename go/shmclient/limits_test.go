@@ -19,9 +19,12 @@ func manyInputs(n int) []Tensor {
 }
 
 func TestTooManyInputsRefused(t *testing.T) {
-	// A client that is not connected: the request must be refused before anything
-	// touches the (absent) rings or socket.
+	// A client whose session is over and that does not reconnect: the request must be
+	// refused before anything touches the (absent) rings or socket.
+	s := &session{done: make(chan struct{})}
+	close(s.done)
 	c := &Client{done: make(chan struct{})}
+	c.cur.Store(s)
 	_, err := c.Infer(context.Background(), "m", manyInputs(maxTensors+1)...)
 	if !errors.Is(err, ErrBadRequest) || !strings.Contains(err.Error(), "65 inputs") {
 		t.Fatalf("Infer with %d inputs: %v, want ErrBadRequest naming the count", maxTensors+1, err)
@@ -48,7 +51,7 @@ func TestTooManyInputsThroughDaemon(t *testing.T) {
 	if !errors.Is(err, ErrBadRequest) || errors.As(err, &derr) {
 		t.Fatalf("got %v, want the client's own ErrBadRequest", err)
 	}
-	if tail := *c.req.r.tail; tail != 0 {
+	if tail := *c.sess().req.r.tail; tail != 0 {
 		t.Fatalf("request ring tail %d: something was written", tail)
 	}
 	if _, err := c.Infer(ctx, "identity", FromFloat32("x", []int64{1}, []float32{1})); err != nil {
@@ -85,7 +88,7 @@ func TestTooManyOutputsRefused(t *testing.T) {
 	putRecordHeader(rec, recordHeader{Len: uint32(len(rec)), Kind: kindResponse, RequestID: 7, DescLen: uint32(len(b))})
 	copy(rec[recordHeaderSize:], b)
 	cl := &call{}
-	err := (&Client{}).parseOutputs(cl, record{hdr: getRecordHeader(rec), body: rec})
+	err := (&session{}).parseOutputs(cl, record{hdr: getRecordHeader(rec), body: rec})
 	if !errors.Is(err, ErrProtocol) || len(cl.outputs) != 0 {
 		t.Fatalf("response with %d outputs: %v, %v; want ErrProtocol", maxTensors+1, cl.outputs, err)
 	}

@@ -15,9 +15,10 @@ import (
 // fields in declaration order, so the declaration order below IS the canonical key order
 // of SPEC §2.3; do not reorder fields. Only keys the SPEC calls optional carry omitempty.
 
-// protocolVersion 3: the session's segment (a sealed memfd) and its four wake-up eventfds
-// arrive as descriptors with the welcome frame (SCM_RIGHTS); welcome names nothing.
-const protocolVersion = 3
+// protocolVersion 4: model info carries kind, limits and each tensor's meaning. (Version 3:
+// the session's segment, a sealed memfd, and its four wake-up eventfds arrive as descriptors
+// with the welcome frame, SCM_RIGHTS.)
+const protocolVersion = 4
 
 // Limits of SPEC §7 that the client checks before sending.
 const (
@@ -61,9 +62,18 @@ type idMsg struct {
 }
 
 type wireSpec struct {
-	Name  string  `msgpack:"name"`
-	DType string  `msgpack:"dtype"`
-	Shape []int64 `msgpack:"shape"` // nil = any rank; must stay without omitempty
+	Name    string  `msgpack:"name"`
+	DType   string  `msgpack:"dtype"`
+	Shape   []int64 `msgpack:"shape"` // nil = any rank; must stay without omitempty
+	Meaning string  `msgpack:"meaning"`
+}
+
+type wireLimits struct {
+	MaxBatch  uint64   `msgpack:"max_batch"`
+	MaxBytes  uint64   `msgpack:"max_bytes"`
+	MaxPixels uint64   `msgpack:"max_pixels"`
+	MaxTokens uint64   `msgpack:"max_tokens"`
+	Formats   []string `msgpack:"formats"`
 }
 
 type wireModel struct {
@@ -72,6 +82,8 @@ type wireModel struct {
 	Device  string     `msgpack:"device"`
 	Inputs  []wireSpec `msgpack:"inputs"`
 	Outputs []wireSpec `msgpack:"outputs"`
+	Kind    string     `msgpack:"kind"`
+	Limits  wireLimits `msgpack:"limits"`
 }
 
 type modelListMsg struct {
@@ -162,8 +174,14 @@ func messageFor(typ string) (any, bool) {
 		return &welcomeMsg{}, true
 	case "attached", "ready":
 		return &typeOnlyMsg{}, true
-	case "models", "ping", "pong", "ok":
+	case "models", "ping", "pong", "ok", "stats", "health":
 		return &idMsg{}, true
+	case "health_report":
+		return &healthReportMsg{}, true
+	case "draining":
+		return &drainingMsg{}, true
+	case "model_stats":
+		return &modelStatsMsg{}, true
 	case "model_list":
 		return &modelListMsg{}, true
 	case "load":

@@ -4,41 +4,69 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"sync/atomic"
 )
 
-// ModelInfo is a model's metadata (SPEC §2.4 model info).
+// ModelInfo is a model's metadata (SPEC §2.4 model info). Check tests inputs against its
+// signature and Limits before they are sent.
 type ModelInfo struct {
 	Name    string
 	Version uint64
 	Device  string
+	// Kind says what serves the model: "torchscript", "export", "handler" (a Python
+	// handler), "builtin", or a built-in handler: "vision.classify", "text.classify",
+	// "text.embed".
+	Kind    string
 	Inputs  []TensorSpec
 	Outputs []TensorSpec
+	Limits  ModelLimits
+}
+
+// ModelLimits are what a model refuses beyond (SPEC §2.4); a zero field is no limit.
+type ModelLimits struct {
+	MaxBatch  uint64   // items per request: the first dimension of each input
+	MaxBytes  uint64   // bytes of one item of a Bytes input (an image file, a text)
+	MaxPixels uint64   // width × height of one decoded image
+	MaxTokens uint64   // tokens of a text the model reads; longer texts are truncated, not refused
+	Formats   []string // image formats it decodes, lower case: "png", "jpeg", "webp"
 }
 
 // Models lists the daemon's models, sorted by name, and refreshes the metadata the
-// client validates inputs against.
+// client validates inputs against. While the Client reconnects it waits for the next
+// session; a session that ends before the reply is asked again on the next one.
 func (c *Client) Models(ctx context.Context) ([]ModelInfo, error) {
-	id := c.nextID.Add(1)
-	msg, err := c.call(ctx, id, &idMsg{Type: "models", ID: id})
+	return control(ctx, c, (*session).listModels)
+}
+
+func (s *session) listModels(ctx context.Context) ([]ModelInfo, error) {
+	id := s.nextID.Add(1)
+	msg, err := s.call(ctx, id, &idMsg{Type: "models", ID: id})
 	if err != nil {
 		return nil, fmt.Errorf("shmclient: models: %w", err)
 	}
 	ml, ok := msg.(*modelListMsg)
 	if !ok {
-		return nil, fmt.Errorf("shmclient: models: %w", protocolErrorf("reply is not a model_list"))
+		return nil, mayHaveRun(fmt.Errorf("shmclient: models: %w", protocolErrorf("reply is not a model_list")))
 	}
 	out := make([]ModelInfo, len(ml.Models))
 	cache := make(map[string]*ModelInfo, len(ml.Models))
 	for i, m := range ml.Models {
-		out[i] = ModelInfo{Name: m.Name, Version: m.Version, Device: m.Device,
-			Inputs: specsFromWire(m.Inputs), Outputs: specsFromWire(m.Outputs)}
+		out[i] = infoFromWire(m)
 		// The cache gets its own copy: the caller may modify what it is returned.
-		cache[m.Name] = &ModelInfo{Name: m.Name, Version: m.Version, Device: m.Device,
-			Inputs: specsFromWire(m.Inputs), Outputs: specsFromWire(m.Outputs)}
+		c := infoFromWire(m)
+		cache[m.Name] = &c
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
-	c.models.Store(&cache)
+	s.models.store(cache)
 	return out, nil
+}
+
+func infoFromWire(m wireModel) ModelInfo {
+	l := m.Limits
+	return ModelInfo{Name: m.Name, Version: m.Version, Device: m.Device, Kind: m.Kind,
+		Inputs: specsFromWire(m.Inputs), Outputs: specsFromWire(m.Outputs),
+		Limits: ModelLimits{MaxBatch: l.MaxBatch, MaxBytes: l.MaxBytes, MaxPixels: l.MaxPixels,
+			MaxTokens: l.MaxTokens, Formats: append([]string(nil), l.Formats...)}}
 }
 
 // specsFromWire keeps a dtype this client does not know as InvalidDType, which input
@@ -47,22 +75,37 @@ func specsFromWire(ws []wireSpec) []TensorSpec {
 	out := make([]TensorSpec, len(ws))
 	for i, w := range ws {
 		dt, _ := ParseDType(w.DType)
-		out[i] = TensorSpec{Name: w.Name, DType: dt, Shape: w.Shape}
+		out[i] = TensorSpec{Name: w.Name, DType: dt, Shape: w.Shape, Meaning: w.Meaning}
 	}
 	return out
 }
 
-func (c *Client) modelInfo(name string) *ModelInfo {
-	if m := c.models.Load(); m != nil {
+// modelCache is the metadata inputs are checked against before they are written: the
+// Client's, shared by its sessions, refreshed by every model_list and emptied when a new
+// session starts (its daemon may serve other models).
+type modelCache struct {
+	p atomic.Pointer[map[string]*ModelInfo]
+}
+
+func (mc *modelCache) store(m map[string]*ModelInfo) {
+	if m == nil {
+		mc.p.Store(nil)
+		return
+	}
+	mc.p.Store(&m)
+}
+
+func (mc *modelCache) get(name string) *ModelInfo {
+	if m := mc.p.Load(); m != nil {
 		return (*m)[name]
 	}
 	return nil
 }
 
-// forgetModel drops cached metadata the daemon contradicted (unloaded or reloaded).
-func (c *Client) forgetModel(name string) {
+// forget drops cached metadata the daemon contradicted (unloaded or reloaded).
+func (mc *modelCache) forget(name string) {
 	for {
-		old := c.models.Load()
+		old := mc.p.Load()
 		if old == nil || (*old)[name] == nil {
 			return
 		}
@@ -72,7 +115,7 @@ func (c *Client) forgetModel(name string) {
 				m[k] = v
 			}
 		}
-		if c.models.CompareAndSwap(old, &m) {
+		if mc.p.CompareAndSwap(old, &m) {
 			return
 		}
 	}

@@ -17,13 +17,29 @@ type options struct {
 	requestRing  uint64
 	responseRing uint64
 	spin         time.Duration
+
+	reconnect        bool
+	reconnectWait    time.Duration
+	maxReconnectWait time.Duration
+	maxReconnects    int
+	onDisconnect     func(error)
+	onReconnect      func()
+	retry            bool
 }
+
+// Reconnect defaults: the first pause between attempts, and the cap the pauses double
+// up to.
+const (
+	DefaultReconnectWait    = 50 * time.Millisecond
+	DefaultMaxReconnectWait = 2 * time.Second
+)
 
 // maxClientName is hello's limit on the client name (SPEC §2.4), in bytes.
 const maxClientName = 128
 
 func defaultOptions() options {
-	return options{name: defaultName(os.Args)}
+	return options{name: defaultName(os.Args), reconnect: true, reconnectWait: DefaultReconnectWait,
+		maxReconnectWait: DefaultMaxReconnectWait, maxReconnects: -1}
 }
 
 // defaultName names the client after its program. The daemon decodes the name as
@@ -91,6 +107,94 @@ func WithName(name string) Option {
 			return fmt.Errorf("shmclient: WithName: name %q is not valid UTF-8", name)
 		}
 		o.name = name
+		return nil
+	}
+}
+
+// WithReconnect turns reconnecting on (the default) or off. On, when the session ends
+// (the daemon exited, crashed, restarted or said goodbye, or a fatal error) or the daemon
+// says it is draining, the Client dials again with backoff (WithReconnectWait,
+// WithMaxReconnectWait) until it has a new session or WithMaxReconnects attempts in a row
+// failed. Calls made meanwhile (Infer, NewRequest, Models, Health, ...) wait for the new
+// session within their context instead of failing; the model metadata is fetched again
+// from the new daemon. Requests already sent when a session ends fail (ErrClosed,
+// ErrMayHaveRun); on a draining session they finish first. Off, the Client ends with its
+// session (Done, Err), and calls fail at once once it has.
+func WithReconnect(on bool) Option {
+	return func(o *options) error {
+		o.reconnect = on
+		return nil
+	}
+}
+
+// WithReconnectWait sets the first pause between attempts to reconnect (default 50ms).
+// Each failed attempt doubles it, up to WithMaxReconnectWait, and every pause is jittered
+// by ±50% so that the clients of a restarted daemon do not dial it in step. The first
+// attempt after a session that served a while is made at once.
+func WithReconnectWait(d time.Duration) Option {
+	return func(o *options) error {
+		if d <= 0 {
+			return fmt.Errorf("shmclient: WithReconnectWait(%v): must be positive", d)
+		}
+		o.reconnectWait = d
+		return nil
+	}
+}
+
+// WithMaxReconnectWait caps the pause between attempts to reconnect (default 2s).
+func WithMaxReconnectWait(d time.Duration) Option {
+	return func(o *options) error {
+		if d <= 0 {
+			return fmt.Errorf("shmclient: WithMaxReconnectWait(%v): must be positive", d)
+		}
+		o.maxReconnectWait = d
+		return nil
+	}
+}
+
+// WithMaxReconnects sets how many attempts to reconnect may fail in a row before the
+// Client gives up and ends (Done, Err; calls fail with ErrClosed and, when no daemon was
+// there, ErrUnavailable). -1, the default, never gives up; 0 gives up at once.
+func WithMaxReconnects(n int) Option {
+	return func(o *options) error {
+		if n < -1 {
+			return fmt.Errorf("shmclient: WithMaxReconnects(%d): use -1 for no limit", n)
+		}
+		o.maxReconnects = n
+		return nil
+	}
+}
+
+// WithDisconnectHandler sets a function called, with the reason, when a session stops
+// taking new calls: it ended (the error matches ErrClosed), or the daemon is draining
+// (it matches ErrShuttingDown). It is called once per session, not for Close, on the
+// Client's reconnecting goroutine: keep it short, since reconnecting waits for it.
+func WithDisconnectHandler(f func(err error)) Option {
+	return func(o *options) error {
+		o.onDisconnect = f
+		return nil
+	}
+}
+
+// WithReconnectHandler sets a function called each time the Client has a new session,
+// after its model metadata was fetched, on the Client's reconnecting goroutine.
+func WithReconnectHandler(f func()) Option {
+	return func(o *options) error {
+		o.onReconnect = f
+		return nil
+	}
+}
+
+// WithRetry makes Infer make a failed call again, within its context and after a backoff pause (WithReconnectWait, WithMaxReconnectWait),
+// when the error says that it certainly did not run (SafeToRetry) and that it may succeed
+// later: the daemon was stopping (ErrShuttingDown) or its session ended before the call
+// was sent (ErrClosed), while the Client reconnects; or the model's queue was full
+// (ErrOverloaded). Default off: such errors are returned. A call that may have run
+// (ErrMayHaveRun) is never made again. The zero-copy path (NewRequest, Request) is not
+// retried: its inputs live in the session they were written to.
+func WithRetry(on bool) Option {
+	return func(o *options) error {
+		o.retry = on
 		return nil
 	}
 }

@@ -27,41 +27,41 @@ import (
 
 // readResponses is the fallback reader described above; it holds a segment reference
 // for the session's lifetime.
-func (c *Client) readResponses() {
-	defer c.wg.Done()
-	defer c.seg.release()
+func (s *session) readResponses() {
+	defer s.wg.Done()
+	defer s.seg.release()
 	stop := func() (time.Duration, error) {
 		select {
-		case <-c.done:
+		case <-s.done:
 			return 0, ErrClosed
 		default:
 		}
-		if !c.unattended() {
+		if !s.unattended() {
 			return 0, errIdle
 		}
 		return 0, nil
 	}
 	for {
 		select {
-		case <-c.readerKick:
-		case <-c.done:
+		case <-s.readerKick:
+		case <-s.done:
 			return
 		}
 		select {
-		case c.readerTok <- struct{}{}:
-		case <-c.done:
+		case s.readerTok <- struct{}{}:
+		case <-s.done:
 			return
 		}
 		var err error
 		for err == nil {
 			var rec record
-			if rec, err = c.resp.next(kindResponse, stop); err == nil {
-				c.dispatch(rec)
+			if rec, err = s.resp.next(kindResponse, stop); err == nil {
+				s.dispatch(rec)
 			}
 		}
-		<-c.readerTok
+		<-s.readerTok
 		if errors.Is(err, ErrProtocol) {
-			c.shutdown(&closedError{msg: "shmclient: the response ring is corrupt, session closed", cause: err})
+			s.shutdown(&closedError{msg: "shmclient: the response ring is corrupt, session closed", cause: err})
 		}
 		if !errors.Is(err, errIdle) {
 			return
@@ -73,28 +73,28 @@ func (c *Client) readResponses() {
 var errIdle = errors.New("no responses to read")
 
 // unattended reports whether responses are due that no goroutine in Wait will read.
-func (c *Client) unattended() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.inFlight > 0 && c.waiters == 0
+func (s *session) unattended() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.inFlight > 0 && s.waiters == 0
 }
 
 // enterWait and leaveWait count the goroutines in Wait. Leaving is when responses can
 // become unattended, so leaveWait kicks readResponses then.
-func (c *Client) enterWait() {
-	c.mu.Lock()
-	c.waiters++
-	c.mu.Unlock()
+func (s *session) enterWait() {
+	s.mu.Lock()
+	s.waiters++
+	s.mu.Unlock()
 }
 
-func (c *Client) leaveWait() {
-	c.mu.Lock()
-	c.waiters--
-	kick := c.inFlight > 0 && c.waiters == 0
-	c.mu.Unlock()
+func (s *session) leaveWait() {
+	s.mu.Lock()
+	s.waiters--
+	kick := s.inFlight > 0 && s.waiters == 0
+	s.mu.Unlock()
 	if kick {
 		select {
-		case c.readerKick <- struct{}{}:
+		case s.readerKick <- struct{}{}:
 		default: // a kick is already pending
 		}
 	}
@@ -105,74 +105,74 @@ func (c *Client) leaveWait() {
 // read whatever was there, when ctx or the session ends or a corrupt ring ends the
 // session; the verdict then comes on cl.ch (an error from shutdown), or the caller gives
 // up on ctx.
-func (c *Client) readFor(ctx context.Context, cl *call) (verdict error, ok bool) {
+func (s *session) readFor(ctx context.Context, cl *call) (verdict error, ok bool) {
 	// The reader must keep the mapping (and the eventfds) alive, like any view.
-	if !c.seg.acquire() {
+	if !s.seg.acquire() {
 		return nil, false
 	}
-	defer c.seg.release()
-	cw := ctxWait{ctx: ctx, c: c, reader: true}
+	defer s.seg.release()
+	cw := ctxWait{ctx: ctx, s: s, reader: true}
 	defer cw.done()
 	stop := func() (time.Duration, error) {
-		if c.ended() {
+		if s.ended() {
 			return 0, ErrClosed
 		}
 		return cw.check()
 	}
 	for {
-		rec, err := c.resp.next(kindResponse, stop)
+		rec, err := s.resp.next(kindResponse, stop)
 		if err != nil {
 			if errors.Is(err, ErrProtocol) {
-				c.shutdown(&closedError{msg: "shmclient: the response ring is corrupt, session closed", cause: err})
+				s.shutdown(&closedError{msg: "shmclient: the response ring is corrupt, session closed", cause: err})
 			}
 			return nil, false
 		}
 		if rec.hdr.RequestID != cl.id {
-			c.dispatch(rec)
+			s.dispatch(rec)
 			continue
 		}
-		if c.take(cl.id) == nil {
+		if s.take(cl.id) == nil {
 			// shutdown took it first and sends its error on the channel.
-			c.resp.release(rec.seq)
+			s.resp.release(rec.seq)
 			return nil, false
 		}
-		return c.parseInto(cl, rec), true
+		return s.parseInto(cl, rec), true
 	}
 }
 
 // wakeReader posts the eventfd the response reader sleeps on.
-func (c *Client) wakeReader() {
-	if c.seg.acquire() {
-		c.resp.data.post()
-		c.seg.release()
+func (s *session) wakeReader() {
+	if s.seg.acquire() {
+		s.resp.data.post()
+		s.seg.release()
 	}
 }
 
 // dispatch hands a response read by one goroutine to the call it answers.
-func (c *Client) dispatch(rec record) {
-	cl := c.take(rec.hdr.RequestID)
+func (s *session) dispatch(rec record) {
+	cl := s.take(rec.hdr.RequestID)
 	if cl == nil {
 		// Its caller gave up (ctx) or the session is closing: nobody will read it.
-		c.resp.release(rec.seq)
+		s.resp.release(rec.seq)
 		return
 	}
-	cl.ch <- c.parseInto(cl, rec) // the one send after take; cl.ch has room
+	cl.ch <- s.parseInto(cl, rec) // the one send after take; cl.ch has room
 }
 
 // parseInto parses a RESPONSE record into cl's outputs. On success cl holds the record
 // (cl.seq) and a segment reference for its views, both given back by Response.Release; on
 // error it holds neither, and the error is the request's (a *DaemonError, or ErrProtocol
 // for a response this client cannot use).
-func (c *Client) parseInto(cl *call, rec record) error {
-	err := c.parseOutputs(cl, rec)
-	if err == nil && !c.seg.acquire() {
-		err = c.Err()
+func (s *session) parseInto(cl *call, rec record) error {
+	err := s.parseOutputs(cl, rec)
+	if err == nil && !s.seg.acquire() {
+		err = s.Err()
 		if err == nil {
 			err = ErrClosed
 		}
 	}
 	if err != nil {
-		c.resp.release(rec.seq)
+		s.resp.release(rec.seq)
 		return err
 	}
 	cl.seq = rec.seq
@@ -183,7 +183,7 @@ func (c *Client) parseInto(cl *call, rec record) error {
 // call's buffers. Everything is checked against the record's bounds first: a daemon bug
 // must not turn into a wild slice. Errors here fail only this request (SPEC §4.8's rule
 // for sound headers with unsound descriptors, applied to the daemon).
-func (c *Client) parseOutputs(cl *call, rec record) error {
+func (s *session) parseOutputs(cl *call, rec record) error {
 	descEnd := uint64(recordHeaderSize) + uint64(rec.hdr.DescLen)
 	b := rec.body[recordHeaderSize:descEnd]
 	refs, rdims, ok := decodeOutputsInto(b, cl.refs, cl.rdims)

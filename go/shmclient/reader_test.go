@@ -65,20 +65,22 @@ func TestPipelinedSends(t *testing.T) {
 }
 
 func waiters(c *Client) int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.waiters
+	s := c.sess()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.waiters
 }
 
 // checkRingsIdle waits until every response has been read and released.
 func checkRingsIdle(t *testing.T, c *Client) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
+	s := c.sess()
 	for {
-		c.mu.Lock()
-		inFlight, waiters := c.inFlight, c.waiters
-		c.mu.Unlock()
-		head, tail := atomic.LoadUint64(c.resp.r.head), atomic.LoadUint64(c.resp.r.tail)
+		s.mu.Lock()
+		inFlight, waiters := s.inFlight, s.waiters
+		s.mu.Unlock()
+		head, tail := atomic.LoadUint64(s.resp.r.head), atomic.LoadUint64(s.resp.r.tail)
 		if inFlight == 0 && waiters == 0 && head == tail {
 			return
 		}
@@ -143,7 +145,7 @@ func TestCancelWhileReading(t *testing.T) {
 	}()
 	// Cancel once both wait and one of them reads the ring; no response can come before
 	// resp is released, so returning at all is returning at once.
-	eventually(t, "both Waits, one reading", func() bool { return waiters(c) == 2 && len(c.readerTok) == 1 })
+	eventually(t, "both Waits, one reading", func() bool { return waiters(c) == 2 && len(c.sess().readerTok) == 1 })
 	cancel()
 	select {
 	case err := <-done:
@@ -184,7 +186,7 @@ func TestCloseWhileReading(t *testing.T) {
 	}()
 	// Close once the Wait reads the ring itself; its response cannot come while resp is
 	// held, so returning at all is returning at once.
-	eventually(t, "the Wait to read", func() bool { return waiters(c) == 1 && len(c.readerTok) == 1 })
+	eventually(t, "the Wait to read", func() bool { return waiters(c) == 1 && len(c.sess().readerTok) == 1 })
 	c.Close()
 	select {
 	case err := <-done:

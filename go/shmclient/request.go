@@ -59,10 +59,10 @@ func (r *Response) Release() {
 	if cl == nil || !cl.end(r.life) {
 		return
 	}
-	c := cl.c
-	c.resp.release(cl.seq)
-	c.seg.release() // the views' reference
-	c.recycle(cl)
+	s := cl.s
+	s.resp.release(cl.seq)
+	s.seg.release() // the views' reference
+	s.recycle(cl)
 }
 
 // call returns the call if the handle is still current, else nil.
@@ -78,9 +78,37 @@ var errStaleRequest = errors.New("shmclient: Request used after it ended (Abando
 // NewRequest reserves a record for model with inputs of the given specs and returns it
 // with each input's Data pointing into shared memory, to be filled in place (the memory
 // holds stale bytes until then). It validates the specs like Infer and waits for ring
-// space as long as ctx allows.
+// space, and while the Client reconnects for the next session, as long as ctx allows.
+//
+// The record belongs to the session it was reserved in. If that session ends, or its
+// daemon starts draining, before Send, Send fails without sending it (the error matches
+// ErrClosed or ErrShuttingDown, and SafeToRetry reports true): make a new Request, which
+// goes to the next session.
 func (c *Client) NewRequest(ctx context.Context, model string, specs ...TensorSpec) (Request, error) {
 	return c.newRequest(ctx, model, specs)
+}
+
+// newRequest reserves a record in a session that takes work, waiting for one while the
+// Client reconnects, and reserving again in the next session when the one it found ends
+// before the record could be reserved.
+func (c *Client) newRequest(ctx context.Context, model string, specs []TensorSpec) (Request, error) {
+	for {
+		s := c.cur.Load()
+		if !s.takesWork() {
+			// Refuse what no session would take before waiting for one.
+			if err := checkSpecs(model, specs, nil); err != nil {
+				return Request{}, notRun(err)
+			}
+			var err error
+			if s, err = c.waitSession(ctx, true); err != nil {
+				return Request{}, err
+			}
+		}
+		req, err := s.newRequest(ctx, model, specs)
+		if err == nil || !c.opts.reconnect || ctx.Err() != nil || !isGone(err) {
+			return req, err
+		}
+	}
 }
 
 // Input returns input i (in the order given to NewRequest); its Data is the record's
@@ -119,24 +147,26 @@ func (r Request) Do(ctx context.Context) (Response, error) {
 func (r Request) Send(ctx context.Context) error {
 	cl := r.call()
 	if cl == nil {
-		return errStaleRequest
+		return notRun(errStaleRequest)
 	}
 	if cl.state != stateReserved {
-		return fmt.Errorf("shmclient: Request.Send called after Send")
+		return notRun(errors.New("shmclient: Request.Send called after Send"))
 	}
-	c := cl.c
+	s := cl.s
 	var timeoutUS uint64
 	if dl, ok := ctx.Deadline(); ok {
 		d := time.Until(dl)
 		if d <= 0 {
+			err := notRun(fmt.Errorf("shmclient: model %q: %w", cl.model, context.DeadlineExceeded))
 			r.Abandon()
-			return fmt.Errorf("shmclient: model %q: %w", cl.model, context.DeadlineExceeded)
+			return err
 		}
 		timeoutUS = uint64((d + time.Microsecond - 1) / time.Microsecond)
 	}
 	if err := ctx.Err(); err != nil {
+		err = notRun(fmt.Errorf("shmclient: model %q: %w", cl.model, err))
 		r.Abandon()
-		return fmt.Errorf("shmclient: model %q: %w", cl.model, err)
+		return err
 	}
 
 	// The descriptor is encoded once, straight into the record, now that timeout_us is
@@ -144,28 +174,37 @@ func (r Request) Send(ctx context.Context) error {
 	// valid; the length check catches requestDescLen and appendRequestDesc disagreeing
 	// (a bug) before it could publish a torn record.
 	cl.desc.TimeoutUS = timeoutUS
+	cl.desc.Priority = uint64(priorityFrom(ctx))
 	room := cl.rec[recordHeaderSize:recordHeaderSize:cl.dataStart]
 	n := requestDescLen(&cl.desc)
 	if n > cap(room) || len(appendRequestDesc(room, &cl.desc)) != n {
 		r.Abandon()
-		return fmt.Errorf("shmclient: internal error: descriptor of %d bytes does not fit its reserved %d", n, cap(room))
+		return notRun(fmt.Errorf("shmclient: internal error: descriptor of %d bytes does not fit its reserved %d", n, cap(room)))
 	}
 	putRecordHeader(cl.rec, recordHeader{Len: uint32(len(cl.rec)), Kind: kindRequest, RequestID: cl.id, DescLen: uint32(n)})
 
-	c.mu.Lock()
-	if c.closeErr != nil {
-		err := c.closeErr
-		c.mu.Unlock()
+	// Published or not is decided under the lock that orders it with the session's end
+	// and with the daemon's draining message: a request published before either is in
+	// flight (and counted); one after is never sent.
+	s.mu.Lock()
+	if s.closeErr != nil || s.draining.Load() {
+		var err error
+		if s.closeErr != nil {
+			err = &notRunError{err: fmt.Errorf("shmclient: model %q: not sent: %w", cl.model, s.closeErr), gone: true}
+		} else {
+			err = &notRunError{err: fmt.Errorf("shmclient: model %q: not sent: %w", cl.model, errDraining), gone: true}
+		}
+		s.mu.Unlock()
 		r.Abandon()
 		return err
 	}
 	cl.pending = true
-	c.inFlight++
-	c.mu.Unlock()
+	s.inFlight++
+	s.mu.Unlock()
 	cl.state = stateSent
 	cl.rec = nil
-	c.req.commit(cl.pos, false)
-	c.seg.release() // the record is the daemon's now; our input views are dead
+	s.req.commit(cl.pos, false)
+	s.seg.release() // the record is the daemon's now; our input views are dead
 	return nil
 }
 
@@ -175,21 +214,21 @@ func (r Request) Send(ctx context.Context) error {
 func (r Request) Wait(ctx context.Context) (Response, error) {
 	cl := r.call()
 	if cl == nil {
-		return Response{}, errStaleRequest
+		return Response{}, mayHaveRun(errStaleRequest)
 	}
 	if cl.state != stateSent {
-		return Response{}, fmt.Errorf("shmclient: Request.Wait called without Send, or twice")
+		return Response{}, mayHaveRun(errors.New("shmclient: Request.Wait called without Send, or twice"))
 	}
 	cl.state = stateWaiting
-	c := cl.c
-	c.enterWait()
-	defer c.leaveWait()
+	s := cl.s
+	s.enterWait()
+	defer s.leaveWait()
 	// Read the response ring ourselves when nobody else is (reader.go); otherwise
 	// whoever is delivers on cl.ch.
 	select {
 	case err := <-cl.ch:
 		return r.finish(err)
-	case c.readerTok <- struct{}{}:
+	case s.readerTok <- struct{}{}:
 		// The previous reader may have delivered ours just before handing over (select
 		// picks among ready cases at random). Nobody else reads while we hold the
 		// token, so if cl.ch is empty now, the response is still to come.
@@ -198,9 +237,9 @@ func (r Request) Wait(ctx context.Context) (Response, error) {
 		select {
 		case err = <-cl.ch:
 		default:
-			err, ok = c.readFor(ctx, cl)
+			err, ok = s.readFor(ctx, cl)
 		}
-		<-c.readerTok
+		<-s.readerTok
 		if ok {
 			return r.finish(err)
 		}
@@ -213,38 +252,40 @@ func (r Request) Wait(ctx context.Context) (Response, error) {
 		}
 	case <-ctx.Done():
 	}
-	c.mu.Lock()
+	s.mu.Lock()
 	pending := cl.pending
 	cl.pending = false
-	c.mu.Unlock()
+	s.mu.Unlock()
 	if !pending {
 		// A reader already took it: its verdict is (being) sent on cl.ch.
 		if err := <-cl.ch; err == nil {
-			c.resp.release(cl.seq)
-			c.seg.release()
+			s.resp.release(cl.seq)
+			s.seg.release()
 		}
 	}
 	// Otherwise whoever reads the response finds no waiter and releases it on arrival
 	// (readResponses, kicked as this Wait returns, if no other Wait is reading). Either
 	// way nothing more will be sent on cl.ch.
-	err := fmt.Errorf("shmclient: model %q: %w", cl.model, ctx.Err())
+	err := mayHaveRun(fmt.Errorf("shmclient: model %q: %w", cl.model, ctx.Err()))
 	if cl.end(r.life) {
-		c.recycle(cl)
+		s.recycle(cl)
 	}
 	return Response{}, err
 }
 
-// finish turns the verdict on a response into Wait's result.
+// finish turns the verdict on a response into Wait's result: the daemon's error, which
+// says itself whether the model ran, or the session's end or an unusable response, after
+// which it may have.
 func (r Request) finish(err error) (Response, error) {
 	cl := r.cl
 	if err != nil {
 		if errors.Is(err, ErrUnknownModel) {
-			cl.c.forgetModel(cl.model)
+			cl.s.models.forget(cl.model)
 		}
 		if cl.end(r.life) {
-			cl.c.recycle(cl)
+			cl.s.recycle(cl)
 		}
-		return Response{}, err
+		return Response{}, mayHaveRun(err)
 	}
 	cl.state = stateAnswered
 	return Response{Outputs: cl.outputs, cl: cl, life: r.life}, nil
@@ -257,18 +298,24 @@ func (r Request) Abandon() {
 	if cl == nil || cl.state != stateReserved || !cl.end(r.life) {
 		return
 	}
-	c := cl.c
-	c.req.commit(cl.pos, true)
-	c.seg.release()
-	c.recycle(cl)
+	s := cl.s
+	s.req.commit(cl.pos, true)
+	s.seg.release()
+	s.recycle(cl)
 }
 
 // Infer runs model on inputs and returns copies of its outputs: the convenience path,
 // which copies inputs into the ring and outputs out of it. Use NewRequest to avoid the
 // copies for large tensors.
+//
+// Infer owns its inputs until it returns, so it never fails for want of a session: while
+// the Client reconnects, or when the session ends or drains before the request was sent,
+// it waits for the next session and sends it there, as long as ctx allows. With
+// WithRetry(true) it also makes again a request the daemon answered without running it
+// and may run later (ErrShuttingDown, ErrOverloaded): see SafeToRetry.
 func (c *Client) Infer(ctx context.Context, model string, inputs ...Tensor) ([]Tensor, error) {
 	if len(inputs) > maxTensors {
-		return nil, fmt.Errorf("%w: model %s: %d inputs, the limit is %d per request", ErrBadRequest, strconv.Quote(model), len(inputs), maxTensors)
+		return nil, notRun(fmt.Errorf("%w: model %s: %d inputs, the limit is %d per request", ErrBadRequest, strconv.Quote(model), len(inputs), maxTensors))
 	}
 	// On the stack, whatever the count: a heap slice would make the inputs' names and
 	// shapes escape (see validate.go).
@@ -277,11 +324,22 @@ func (c *Client) Infer(ctx context.Context, model string, inputs ...Tensor) ([]T
 	var buf [maxTensors]TensorSpec
 	for i, t := range inputs {
 		if err := t.checkData(); err != nil {
-			return nil, badInputf("model %s: %v", strconv.Quote(model), err)
+			return nil, notRun(badInputf("model %s: %v", strconv.Quote(model), err))
 		}
 		buf[i] = TensorSpec{Name: t.Name, DType: t.DType, Shape: t.Shape, NBytes: int64(len(t.Data))}
 	}
 	specs := buf[:len(inputs)]
+	var b backoff
+	for {
+		out, err := c.infer(ctx, model, specs, inputs)
+		if err == nil || !c.again(ctx, err, &b) {
+			return out, err
+		}
+	}
+}
+
+// infer is one attempt of Infer.
+func (c *Client) infer(ctx context.Context, model string, specs []TensorSpec, inputs []Tensor) ([]Tensor, error) {
 	req, err := c.newRequest(ctx, model, specs)
 	if err != nil {
 		return nil, err
@@ -313,74 +371,85 @@ func (t Tensor) cloneOne() Tensor {
 	return Tensor{Name: t.Name, DType: t.DType, Shape: shape, Data: data}
 }
 
-func (c *Client) newRequest(ctx context.Context, model string, specs []TensorSpec) (Request, error) {
+// newRequest reserves a record in this session. Nothing is sent, so every error it
+// returns is safe to retry; one that the session's end caused says so (isGone), and the
+// Client reserves again in the next session.
+func (s *session) newRequest(ctx context.Context, model string, specs []TensorSpec) (Request, error) {
+	req, err := s.reserveRequest(ctx, model, specs)
+	if err != nil {
+		return Request{}, &notRunError{err: err, gone: s.ended()}
+	}
+	return req, nil
+}
+
+func (s *session) reserveRequest(ctx context.Context, model string, specs []TensorSpec) (Request, error) {
 	// Until the call holds its copy, errors quote model rather than keep it (see
 	// validate.go).
 	if err := ctx.Err(); err != nil {
 		return Request{}, fmt.Errorf("shmclient: model %s: %w", strconv.Quote(model), err)
 	}
-	if c.ended() {
-		return Request{}, c.Err()
+	if s.ended() {
+		return Request{}, s.Err()
 	}
-	if err := checkSpecs(model, specs, c.modelInfo(model)); err != nil {
-		if c.modelInfo(model) == nil || !errors.Is(err, ErrBadInput) {
+	if err := checkSpecs(model, specs, s.models.get(model)); err != nil {
+		if s.models.get(model) == nil || !errors.Is(err, ErrBadInput) {
 			return Request{}, err
 		}
 		// The cached signature may predate a reload: refresh it once before refusing.
-		if _, rerr := c.Models(ctx); rerr != nil {
+		if _, rerr := s.listModels(ctx); rerr != nil {
 			return Request{}, err
 		}
-		if err := checkSpecs(model, specs, c.modelInfo(model)); err != nil {
+		if err := checkSpecs(model, specs, s.models.get(model)); err != nil {
 			return Request{}, err
 		}
 	}
-	cl, err := c.getCall()
+	cl, err := s.getCall()
 	if err != nil {
 		return Request{}, err
 	}
 	life := cl.life.Load()
 	fail := func(err error) (Request, error) {
 		cl.end(life)
-		c.recycle(cl)
+		s.recycle(cl)
 		return Request{}, err
 	}
 	recLen, err := cl.plan(model, specs)
 	if err != nil {
 		return fail(err)
 	}
-	if capacity := c.req.r.capacity; recLen > capacity {
+	if capacity := s.req.r.capacity; recLen > capacity {
 		return fail(fmt.Errorf("%w: model %q: the request record needs %d bytes but the request ring holds %d; Dial with WithRingSize(%d, 0) or larger",
 			ErrTooLarge, cl.model, recLen, capacity, ringSizeFor(recLen)))
 	}
-	if !c.seg.acquire() {
-		return fail(c.Err())
+	if !s.seg.acquire() {
+		return fail(s.Err())
 	}
-	pos, err := c.reserve(ctx, cl.model, recLen)
+	pos, err := s.reserve(ctx, cl.model, recLen)
 	if err != nil {
-		c.seg.release()
+		s.seg.release()
 		return fail(err)
 	}
-	cl.pos, cl.rec = pos, c.req.slice(pos, recLen)
+	cl.pos, cl.rec = pos, s.req.slice(pos, recLen)
 	cl.setInputs(specs)
 	return Request{cl: cl, life: life}, nil
 }
 
 // reserve reserves n bytes of the request ring as the one writer (ringLock), waiting for
 // space while ctx allows.
-func (c *Client) reserve(ctx context.Context, model string, n uint64) (uint64, error) {
+func (s *session) reserve(ctx context.Context, model string, n uint64) (uint64, error) {
 	select {
-	case c.ringLock <- struct{}{}:
+	case s.ringLock <- struct{}{}:
 	case <-ctx.Done():
 		return 0, fmt.Errorf("shmclient: model %q: %w", model, ctx.Err())
-	case <-c.done:
-		return 0, c.Err()
+	case <-s.done:
+		return 0, s.Err()
 	}
-	defer func() { <-c.ringLock }()
-	cw := ctxWait{ctx: ctx, c: c}
+	defer func() { <-s.ringLock }()
+	cw := ctxWait{ctx: ctx, s: s}
 	defer cw.done()
 	stop := func() (time.Duration, error) {
-		if c.ended() {
-			return 0, c.Err()
+		if s.ended() {
+			return 0, s.Err()
 		}
 		d, err := cw.check()
 		if err != nil {
@@ -388,14 +457,14 @@ func (c *Client) reserve(ctx context.Context, model string, n uint64) (uint64, e
 		}
 		return d, nil
 	}
-	return c.req.reserve(n, stop)
+	return s.req.reserve(n, stop)
 }
 
 // wakeWriter posts the eventfd a writer waiting for request-ring space sleeps on.
-func (c *Client) wakeWriter() {
-	if c.seg.acquire() {
-		c.req.space.post()
-		c.seg.release()
+func (s *session) wakeWriter() {
+	if s.seg.acquire() {
+		s.req.space.post()
+		s.seg.release()
 	}
 }
 

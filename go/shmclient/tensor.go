@@ -32,6 +32,10 @@ type TensorSpec struct {
 	DType  DType
 	Shape  []int64
 	NBytes int64 // Bytes dtype only, NewRequest only
+	// Meaning says what the values are, in model metadata (SPEC §2.4): "image" (encoded
+	// image files), "pixels" (u8 [N,H,W,3] RGB), "text" (UTF-8 strings), "labels", "scores",
+	// "classes", "logits", "embedding"; "" when the model does not say.
+	Meaning string
 }
 
 // NumElements is the product of Shape (1 for a scalar).

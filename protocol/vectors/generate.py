@@ -67,18 +67,24 @@ def alt_frame(value_pairs):
 
 def cases():
     ident = m.ModelInfo("identity", 1, "cpu", [m.TensorSpec("x", "any", None)],
-                        [m.TensorSpec("y", "any", None)])
+                        [m.TensorSpec("y", "any", None)], kind="builtin")
     mlp = m.ModelInfo("mlp", 3, "cuda:0", [m.TensorSpec("x", "f32", [-1, 16])],
-                      [m.TensorSpec("y", "f32", [-1, 4])])
+                      [m.TensorSpec("y", "f32", [-1, 4])], kind="torchscript")
+    resnet = m.ModelInfo(
+        "resnet", 2, "cpu", [m.TensorSpec("image", "bytes", [-1], "image")],
+        [m.TensorSpec("labels", "bytes", [-1, 5], "labels"),
+         m.TensorSpec("scores", "f32", [-1, 5], "scores")], kind="vision.classify",
+        limits=m.ModelLimits(max_batch=64, max_bytes=33554432, max_pixels=40000000,
+                             formats=["png", "jpeg", "webp"]))
     sess = "00112233445566778899aabbccddeeff"
     out = [
-        frame("hello", m.Hello(3, 3, "vectors", 0, 1 << 20)),
-        frame("welcome", m.Welcome(3, sess, 4096 + (1 << 24) + (1 << 20), 1 << 24, 1 << 20,
+        frame("hello", m.Hello(4, 4, "vectors", 0, 1 << 20)),
+        frame("welcome", m.Welcome(4, sess, 4096 + (1 << 24) + (1 << 20), 1 << 24, 1 << 20,
                                    1 << 20, "tensord 0.1.0")),
         frame("attached", m.Attached()),
         frame("ready", m.Ready()),
         frame("models", m.Models(1)),
-        frame("model_list", m.ModelList(1, [ident, mlp])),
+        frame("model_list", m.ModelList(1, [ident, mlp, resnet])),
         frame("ping", m.Ping(7), alt=[alt_frame([("type", "ping"), ("id", 7)])]),
         frame("pong", m.Pong(4294967296)),
         frame("load", m.Load(9, "resnet", {"source": "torchscript", "path": "/m/r.pt"})),
@@ -92,8 +98,22 @@ def cases():
         frame("error_fatal", m.Error(0, 10, "BAD_RECORD", "record length 12 is not a multiple "
                                      "of 64", True)),
         frame("goodbye", m.Goodbye("client closed")),
+        frame("stats", m.Stats(12)),
+        frame("model_stats", m.ModelStats(12, [
+            m.ModelStat("identity", 1, 0, 0, 0, 0, 0, 0, [], 0, 0, 0),
+            m.ModelStat("mlp", 2, 3, 1600, 1, 4, 2, 391, [[1, 77], [8, 73], [64, 2]], 233934,
+                        164254, 68577)])),
+        frame("draining", m.Draining(10000)),
+        frame("health", m.Health(13)),
+        frame("health_report", m.HealthReport(13, False, False, "model 'slow' has run one "
+                                              "forward pass for 95 s", [
+            m.ModelHealth("mlp", 1, True, 0, 0),
+            m.ModelHealth("slow", 4, False, 7, 95021)])),
         desc("request_one_input", "request_descriptor",
              RequestDescriptor("identity", 0, [TensorRef("x", "f32", [2, 3], 64, 24)])),
+        desc("request_high_priority", "request_descriptor",
+             RequestDescriptor("mlp", 5000, [TensorRef("x", "f32", [1, 16], 64, 64)],
+                               priority=1)),
         desc("request_many_inputs", "request_descriptor",
              RequestDescriptor("bert", 250000, [
                  TensorRef("ids", "i64", [1, 128], 128, 1024),

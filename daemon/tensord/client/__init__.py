@@ -33,6 +33,7 @@ from ..contract.errors import (
     DeadlineError,
     PermissionDeniedError,
     ProtocolError,
+    ShuttingDownError,
     TooLargeError,
     error_from_code,
 )
@@ -41,17 +42,23 @@ from ..contract.layout import KIND_REQUEST, RECORD_HEADER_SIZE
 from ..contract.messages import (
     PROTOCOL_VERSION,
     Attached,
+    Draining,
     Error,
     Goodbye,
+    Health,
+    HealthReport,
     Hello,
     Load,
     ModelInfo,
     ModelList,
     Models,
+    ModelStat,
+    ModelStats,
     Ping,
     Pong,
     Ready,
     Reload,
+    Stats,
     Unload,
     Welcome,
 )
@@ -87,9 +94,19 @@ class Client:
             raise PermissionDeniedError(
                 f"not allowed to connect to {self.path}: add this user to the socket's group "
                 "(the systemd unit uses `tensord`), or run as the daemon's user") from None
-        self._send(Hello(min_version=PROTOCOL_VERSION, max_version=PROTOCOL_VERSION,
-                         client=name, request_ring=request_ring, response_ring=response_ring))
-        welcome, fds = read_frame_with_fds(self.sock)
+        self.draining = False
+        try:
+            self._send(Hello(min_version=PROTOCOL_VERSION, max_version=PROTOCOL_VERSION,
+                             client=name, request_ring=request_ring,
+                             response_ring=response_ring))
+            welcome, fds = read_frame_with_fds(self.sock)
+        except (TimeoutError, PeerClosed, ConnectionError) as e:
+            self.sock.close()
+            what = (f"did not answer within {timeout:g} s" if isinstance(e, TimeoutError)
+                    else "closed the connection")
+            raise ConnectionClosedError(
+                f"the daemon at {self.path} {what} during the handshake: is it stopped or "
+                "overloaded? (`tensord health` tells)") from None
         if not isinstance(welcome, Welcome):
             for fd in fds:
                 os.close(fd)
@@ -144,6 +161,11 @@ class Client:
                 if isinstance(msg, Error) and msg.fatal:
                     reason = f"the daemon ended the session: {msg.name}: {msg.message}"
                     break
+                if isinstance(msg, Draining):
+                    # Finish what was sent; new calls go to the daemon that replaces this one.
+                    self.draining = True
+                    threading.Thread(target=self._leave_after_drain, daemon=True).start()
+                    continue
                 if isinstance(msg, Goodbye):
                     reason = f"the daemon said goodbye: {msg.reason}"
                     break
@@ -175,6 +197,12 @@ class Client:
             raise error_from_code(reply.code, reply.message)
         return reply
 
+    def _leave_after_drain(self) -> None:
+        """Once the call in flight (if any) is answered, say goodbye: the draining daemon
+        may end the session then, knowing nothing more will be sent on it (SPEC draining)."""
+        with self._infer_lock, contextlib.suppress(OSError):
+            self._send(Goodbye(reason="the daemon is draining"))
+
     def _check_open(self) -> None:
         if self._closed_reason:
             raise ConnectionClosedError(self._closed_reason)
@@ -183,6 +211,19 @@ class Client:
         reply = self._call(Models(id=next(self._ids)))
         assert isinstance(reply, ModelList)
         return reply.models
+
+    def stats(self) -> list[ModelStat]:
+        """Every model's scheduling counters: queue length, batch sizes, queue and compute
+        time, served, rejected, expired (SPEC `model_stats`)."""
+        reply = self._call(Stats(id=next(self._ids)))
+        assert isinstance(reply, ModelStats)
+        return reply.models
+
+    def health(self) -> HealthReport:
+        """Whether the daemon can serve: not draining, no model stuck in a forward pass."""
+        reply = self._call(Health(id=next(self._ids)))
+        assert isinstance(reply, HealthReport)
+        return reply
 
     def ping(self) -> None:
         assert isinstance(self._call(Ping(id=next(self._ids))), Pong)
@@ -202,11 +243,14 @@ class Client:
     # -- inference -------------------------------------------------------------------------
 
     def infer(self, model: str, inputs: Mapping[str, Value | np.ndarray],
-              timeout: float | None = None, budget: float | None = None) -> dict[str, Value]:
+              timeout: float | None = None, budget: float | None = None,
+              priority: int = 0) -> dict[str, Value]:
         """Run `model`; returns its outputs by name, copied out of shared memory. `timeout`
         bounds the wait here; `budget` (default: `timeout`) is the time the daemon is told it
         has (SPEC `timeout_us`), after which it answers DEADLINE instead of running the
-        model."""
+        model. `priority` 1 (high) is served before 0 (normal) in the model's queue."""
+        if timeout is not None and timeout < 0 or budget is not None and budget < 0:
+            raise BadRequestError("timeout and budget must not be negative (None: no limit)")
         if len(inputs) > MAX_TENSORS:
             raise BadRequestError(f"{len(inputs)} inputs; a request carries at most "
                                   f"{MAX_TENSORS} (SPEC §7)")
@@ -221,7 +265,8 @@ class Client:
         def encode(offsets: list[int]) -> bytes:
             return encode_descriptor(RequestDescriptor(model=model, timeout_us=timeout_us,
                 inputs=[TensorRef(n, d, list(v.shape), o, s) for n, d, v, o, s
-                        in zip(names, dtypes, values.values(), offsets, sizes)]))
+                        in zip(names, dtypes, values.values(), offsets, sizes)],
+                priority=priority or None))
 
         record_len, desc, offsets = records.plan(sizes, encode)
         ring = self.seg.requests
@@ -232,6 +277,9 @@ class Client:
         deadline = time.monotonic() + timeout if timeout else None
         with self._infer_lock:
             self._check_open()
+            if self.draining:
+                raise ShuttingDownError(f"the daemon at {self.path} is draining (stopping): "
+                                        "connect again once it has been replaced")
             rid = next(self._ids)
             while (off := ring.try_reserve(record_len)) is None:
                 if not self._req_space.wait(lambda: ring.fits(record_len), ring.head,
@@ -252,7 +300,8 @@ class Client:
         while True:
             if not self._resp_data.wait(ring.published, lambda: ring.read, self._stopped,
                                         deadline):
-                self._check_open()
+                if self._closed_reason:  # after publishing: the model may have run
+                    raise ConnectionClosedError(self._closed_reason, ran=None)
                 raise DeadlineError(f"no response to request {rid} before the deadline")
             result = None
             for rec in ring.poll():
@@ -316,4 +365,6 @@ def _as_value(v) -> Value:
     return v.detach().cpu().contiguous()
 
 
-__all__ = ["Client", "ByteStrings"]
+from .reconnect import ReconnectingClient  # noqa: E402  (it builds on Client)
+
+__all__ = ["Client", "ReconnectingClient", "ByteStrings"]

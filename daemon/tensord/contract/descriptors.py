@@ -29,11 +29,15 @@ class TensorRef:
     nbytes: int
 
 
+PRIORITIES = 2  # 0 normal (the default, not written), 1 high
+
+
 @dataclass
 class RequestDescriptor:
     model: str
     timeout_us: int
     inputs: list[TensorRef]
+    priority: int | None = field(default=None, metadata={"omit_none": True})
 
 
 @dataclass
@@ -74,6 +78,8 @@ def decode_request(data: bytes) -> RequestDescriptor:
             raise BadRequestError(f"name {s[:40]!r}... is longer than {MAX_NAME} bytes")
     if desc.timeout_us < 0:
         raise BadRequestError("timeout_us is negative")
+    if desc.priority is not None and not 0 <= desc.priority < PRIORITIES:
+        raise BadRequestError(f"priority {desc.priority} is not 0 (normal) or 1 (high)")
     return desc
 
 
@@ -93,9 +99,12 @@ def _fast_request(value) -> RequestDescriptor | None:
                     or not all(type(d) is int for d in shape)):
                 return None
             refs.append(TensorRef(name, dtype, shape, offset, nbytes))
-    except (KeyError, TypeError):
+        priority = value.get("priority")
+        if priority is not None and type(priority) is not int:
+            return None
+    except (KeyError, TypeError, AttributeError):
         return None
-    return RequestDescriptor(model, timeout_us, refs)
+    return RequestDescriptor(model, timeout_us, refs, priority)
 
 
 def decode_response(data: bytes) -> ResponseDescriptor:
@@ -118,7 +127,10 @@ def check_refs(refs: list[TensorRef], data_start: int, record_len: int, what: st
         dt = lookup(t.dtype)
         if len(t.shape) > MAX_RANK:
             raise BadInputError(f"{what} {t.name!r}: rank {len(t.shape)} exceeds {MAX_RANK}")
-        if any(d < 0 or d > MAX_DIM for d in t.shape) or numel(t.shape) > MAX_DIM:
+        # max(d, 1): a tensor with a 0 dimension holds nothing, but its other dimensions
+        # still make strides, which overflow (torch: "Stride calculation overflowed")
+        if any(d < 0 or d > MAX_DIM for d in t.shape) or \
+                numel([max(d, 1) for d in t.shape]) > MAX_DIM:
             raise BadInputError(f"{what} {t.name!r}: shape {t.shape} has a negative or "
                                 "impossibly large dimension")
         if t.offset % ALIGN:

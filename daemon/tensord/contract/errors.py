@@ -24,20 +24,32 @@ class ErrorCode(IntEnum):
     INTERNAL = 16
 
 
+# SPEC §6 "ran? no": the daemon guarantees the model did not run for a request answered so.
+NOT_RUN = frozenset({1, 2, 3, 4, 6, 7, 8, 11, 12, 13, 14, 15})
+
+
 class TensordError(Exception):
-    """An error with a protocol code. `fatal` means the connection ends with it."""
+    """An error with a protocol code. `fatal` means the connection ends with it. `ran` is
+    False when the request certainly did not run (safe to retry), None when it may have."""
 
     code: ErrorCode = ErrorCode.INTERNAL
 
-    def __init__(self, message: str, *, code: ErrorCode | None = None, fatal: bool = False):
+    def __init__(self, message: str, *, code: ErrorCode | None = None, fatal: bool = False,
+                 ran: bool | None = ...):  # type: ignore[assignment]
         super().__init__(message)
         if code is not None:
             self.code = code
         self.message = message
         self.fatal = fatal
+        self.ran = (False if int(self.code) in NOT_RUN else None) if ran is ... else ran
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
+
+
+def safe_to_retry(err: BaseException) -> bool:
+    """Whether a failed call certainly did not run, so retrying it cannot run it twice."""
+    return isinstance(err, TensordError) and err.ran is False
 
 
 class ProtocolError(TensordError):

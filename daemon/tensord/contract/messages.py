@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .codec import WireTypeError, from_wire, to_wire
 from .errors import ErrorCode, ProtocolError
 
-# Version 3: wake-ups are eventfds that ride with the segment's memfd on the welcome frame
-# (SCM_RIGHTS); `welcome` lost its `semaphores` field (SPEC §9).
-PROTOCOL_VERSION = 3
-SUPPORTED_VERSIONS = (3,)
+# Version 4: model info carries what serves a model (`kind`), what each tensor means and the
+# model's limits (SPEC §9). Version 3: wake-ups are eventfds that ride with the segment's memfd
+# on the welcome frame (SCM_RIGHTS).
+PROTOCOL_VERSION = 4
+SUPPORTED_VERSIONS = (4,)
 
 
 @dataclass
@@ -19,6 +23,17 @@ class TensorSpec:
     name: str
     dtype: str
     shape: list[int] | None
+    meaning: str = ""  # SPEC §2.4: "image", "pixels", "text", "labels", ...; "" = not stated
+
+
+@dataclass
+class ModelLimits:
+    """SPEC §2.4 model limits; 0 (or no formats) = no such limit."""
+    max_batch: int = 0  # items per request (first dimension of each input)
+    max_bytes: int = 0  # bytes of one item of a bytes input (an image file, a text)
+    max_pixels: int = 0  # width x height of one image
+    max_tokens: int = 0  # tokens of a text the model reads; longer texts are truncated
+    formats: list[str] = field(default_factory=list)  # image formats decoded, e.g. "png"
 
 
 @dataclass
@@ -28,6 +43,8 @@ class ModelInfo:
     device: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    kind: str = ""  # what serves it: "torchscript", "export", "handler", "vision.classify", ...
+    limits: ModelLimits = field(default_factory=ModelLimits)
 
 
 @dataclass
@@ -131,10 +148,72 @@ class Goodbye:
     reason: str
 
 
+@dataclass
+class Stats:
+    TYPE: ClassVar[str] = "stats"
+    id: int
+
+
+@dataclass
+class ModelStat:
+    """One model's scheduling counters since it was loaded (SPEC §2.4 model_stats)."""
+
+    name: str
+    version: int
+    queued: int  # requests waiting now
+    served: int
+    failed: int
+    rejected: int  # OVERLOADED at admission
+    expired: int  # DEADLINE while queued
+    batches: int
+    batch_sizes: list[list[int]]  # [size, count] pairs, ascending size
+    queue_us: int  # total time requests waited in the queue
+    compute_us: int  # total forward-pass time of all batches
+    max_queue_us: int
+
+
+@dataclass
+class ModelStats:
+    TYPE: ClassVar[str] = "model_stats"
+    id: int
+    models: list[ModelStat]
+
+
+@dataclass
+class Draining:
+    TYPE: ClassVar[str] = "draining"
+    grace_ms: int
+
+
+@dataclass
+class Health:
+    TYPE: ClassVar[str] = "health"
+    id: int
+
+
+@dataclass
+class ModelHealth:
+    name: str
+    version: int
+    ready: bool  # False while a forward pass has run longer than stuck_after_s
+    queued: int
+    running_ms: int  # age of its oldest forward pass running now; 0 when none
+
+
+@dataclass
+class HealthReport:
+    TYPE: ClassVar[str] = "health_report"
+    id: int
+    ready: bool
+    draining: bool
+    reason: str
+    models: list[ModelHealth]
+
+
 MESSAGE_TYPES: dict[str, type] = {
     cls.TYPE: cls
     for cls in (Hello, Welcome, Attached, Ready, Models, ModelList, Ping, Pong, Load, Unload,
-                Reload, Ok, Error, Goodbye)
+                Reload, Ok, Error, Goodbye, Stats, ModelStats, Draining, Health, HealthReport)
 }
 
 Message = Any  # one of the dataclasses above
@@ -156,9 +235,33 @@ def decode_message(value: dict) -> Message:
             code=ErrorCode.BAD_MESSAGE,
         )
     try:
-        return from_wire(cls, value, t)
+        msg = from_wire(cls, value, t)
     except WireTypeError as e:
         raise ProtocolError(str(e), code=ErrorCode.BAD_MESSAGE) from None
+    _check_ranges(msg, t)
+    return msg
+
+
+U64 = 1 << 64
+
+
+@functools.cache
+def _int_fields(cls: type) -> tuple[tuple[str, int], ...]:
+    """(field, lowest value) for each integer field of a message: the SPEC makes every one a
+    uint, and every `id` positive (0 means "none" only in `error`)."""
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, 1 if f.name == "id" and cls is not Error else 0)
+                 for f in dataclasses.fields(cls) if hints[f.name] is int)
+
+
+def _check_ranges(msg: Message, t: str) -> None:
+    for name, low in _int_fields(type(msg)):
+        v = getattr(msg, name)
+        if not low <= v < U64:
+            what = "a positive integer" if low else "an unsigned integer"
+            sign = "negative, " if v < 0 else ""
+            raise ProtocolError(f"{t}.{name} is {v} ({sign}out of range): it must be {what} "
+                                "below 2**64", code=ErrorCode.BAD_MESSAGE)
 
 
 def error_message(err, request_id: int = 0) -> Error:

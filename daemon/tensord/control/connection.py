@@ -5,6 +5,7 @@ no thread: the session lives exactly as long as this connection."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import secrets
 import socket
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .. import __version__
+from .. import __version__, metrics
 from ..config import DaemonConfig
 from ..contract.errors import (
     ErrorCode,
@@ -26,32 +27,40 @@ from ..contract.errors import (
     VersionError,
 )
 from ..contract.frames import MAX_FRAME, FrameBuffer, encode_frame
-from ..contract.layout import ring_capacity
+from ..contract.layout import ring_capacity, segment_size
 from ..contract.messages import (
     SUPPORTED_VERSIONS,
     Attached,
+    Draining,
     Goodbye,
+    Health,
     Hello,
     Load,
     ModelList,
     Models,
+    ModelStats,
     Ok,
     Ping,
     Pong,
     Ready,
     Reload,
+    Stats,
     Unload,
     Welcome,
     error_message,
 )
 from ..models.registry import Registry
+from ..ratelog import RateLimited
 from ..serving.dispatcher import Dispatcher
 from ..serving.executor import Executor
 from ..serving.session import Session
 from ..transport.segment import Segment
 from .admin import ModelControl
+from .limits import Admission, Grant
 
 log = logging.getLogger(__name__)
+# Refused and failed connections: any local user can cause as many as they like.
+_refusals = RateLimited(log)
 
 HANDSHAKE_TIMEOUT = 10.0
 # Replies a client has not read yet: past this it is not reading its socket, and is dropped
@@ -82,17 +91,26 @@ class Services:
     registry: Registry
     executor: Executor
     dispatcher: Dispatcher
-    sessions: SessionCounter
+    admission: Admission
     control: ModelControl
     # Runs a slow job (an admin load) off the control loop, then calls back on the loop.
     run_aside: Callable[[Callable[[], object], Callable[[object, BaseException | None], None]],
                         None]
+    # Every model's scheduling counters (SPEC `model_stats`).
+    stats: Callable[[], list]
+    # The daemon's readiness (SPEC `health_report`).
+    health: Callable[[int], object]
     # Calls fn on the control loop from any thread.
     call_soon: Callable[[Callable[[], None]], None]
     # The connection wants (True) or no longer wants (False) to hear when it can write.
     want_write: Callable[[Connection, bool], None]
     # The connection is closing: stop watching its socket (before the socket closes).
     forget: Callable[[Connection], None]
+    # Out of descriptors: refuse up to n other connections still waiting for their
+    # handshake, the longest-waiting first; returns how many were refused.
+    make_room: Callable[[Connection, int], int]
+    # Sessions or admission counts changed (gauges, systemd STATUS=).
+    changed: Callable[[], None]
 
 
 class Connection:
@@ -108,7 +126,7 @@ class Connection:
         self._out = bytearray()
         self._writing = False  # the loop watches for writability
         self._seg: Segment | None = None
-        self._counted = False
+        self._grant: Grant | None = None
         self._client = ""
 
     def fileno(self) -> int:
@@ -138,8 +156,10 @@ class Connection:
         self._flush()
 
     def on_deadline(self) -> None:
-        self.fail(ProtocolError(f"the handshake did not complete within "
-                                f"{HANDSHAKE_TIMEOUT:.0f} s", fatal=True))
+        err = ProtocolError(f"the handshake did not complete within {HANDSHAKE_TIMEOUT:.0f} s",
+                            fatal=True)
+        err.reason = "handshake_timeout"
+        self.fail(err)
 
     def _handle_frames(self) -> None:
         while self.state != CLOSED:
@@ -159,12 +179,12 @@ class Connection:
                 self.send(error_message(e, rid))
             except OSError as e:
                 # Not the socket: the session could not be set up (mmap, fallocate, eventfds).
-                log.warning("connection of pid %d: %s", self.peer.pid, e)
+                _refusals.warning("connection of pid %d: %s", self.peer.pid, e)
                 self.fail(ResourceError(f"the daemon could not set up the session: {e}",
                                         fatal=True))
                 return
             except Exception as e:  # a daemon bug ends this connection only, with a reason
-                log.exception("connection of pid %d failed", self.peer.pid)
+                _refusals.exception("connection of pid %d failed", self.peer.pid)
                 self.fail(InternalError(f"the daemon failed serving this connection: "
                                         f"{type(e).__name__}: {e}", fatal=True))
                 return
@@ -184,6 +204,10 @@ class Connection:
             self.send(Pong(id=msg.id))
         elif isinstance(msg, Models):
             self.send(ModelList(id=msg.id, models=self.s.registry.infos()))
+        elif isinstance(msg, Stats):
+            self.send(ModelStats(id=msg.id, models=self.s.stats()))
+        elif isinstance(msg, Health):
+            self.send(self.s.health(msg.id))
         elif isinstance(msg, Goodbye):
             self.close()
         elif isinstance(msg, (Load, Unload, Reload)):
@@ -202,14 +226,14 @@ class Connection:
             raise TooLargeError(
                 f"asked for rings of {req} and {resp} bytes; this daemon allows at most "
                 f"{cfg.max_ring} per ring (max_ring in its config)", fatal=True)
-        if not self.s.sessions.acquire():
-            raise ResourceError(
-                f"the daemon already serves max_sessions={cfg.max_sessions} sessions; close "
-                "idle clients or raise max_sessions", fatal=True)
-        self._counted = True
+        # Counted before the segment exists: the next handshake sees these bytes as taken.
+        adm = self.s.admission
+        self._grant = adm.admit(self.peer.uid, segment_size(req, resp))
+        self.s.changed()
         self._client = hello.client[:128]
         session_id = secrets.token_hex(16)
-        self._seg = Segment.create(session_id, req, resp)
+        self._seg = self._create_segment(session_id, req, resp)
+        adm.charged(self._grant)
         welcome = Welcome(version=version, session=session_id,
                           segment_size=self._seg.header.segment_size, request_ring=req,
                           response_ring=resp, max_frame=MAX_FRAME,
@@ -218,6 +242,17 @@ class Connection:
         self._seg.close_fd()  # the client holds its own descriptor of the segment now
         self._session_id = session_id
         self.state = ATTACH
+
+    def _create_segment(self, session_id: str, req: int, resp: int) -> Segment:
+        reserved = self.s.admission.uncharged - self._grant.size  # others', not yet allocated
+        try:
+            return Segment.create(session_id, req, resp, reserved)
+        except OSError as e:
+            # Out of descriptors (it needs five): connections that never sent hello give
+            # theirs up first, then it is tried once more.
+            if e.errno not in (errno.EMFILE, errno.ENFILE) or not self.s.make_room(self, 6):
+                raise
+        return Segment.create(session_id, req, resp, reserved)
 
     def _attached(self) -> None:
         seg, self._seg = self._seg, None
@@ -240,7 +275,7 @@ class Connection:
         control = self.s.control
         if isinstance(msg, Load):
             def job():
-                return control.load(msg.name, msg.config)
+                return control.load(msg.name, msg.config, self.peer.uid)
         elif isinstance(msg, Reload):
             def job():
                 return control.reload(msg.name)
@@ -304,7 +339,10 @@ class Connection:
     def fail(self, err: TensordError) -> None:
         """Tell the client why (best effort, without blocking), then close."""
         err.fatal = True
-        log.info("closing connection of pid %d: %s", self.peer.pid, err)
+        if self.state in (HELLO, ATTACH):  # refused before its session started
+            metrics.rejected(getattr(err, "reason", None) or err.code.name.lower())
+        _refusals.info("closing connection of pid %d uid %d: %s", self.peer.pid,
+                       self.peer.uid, err)
         self._out += encode_frame(error_message(err))
         with contextlib.suppress(OSError):
             self.sock.send(self._out)
@@ -313,6 +351,14 @@ class Connection:
     def _fatal_from_any_thread(self, err: TensordError) -> None:
         """The dispatcher found the session's ring corrupt."""
         self.s.call_soon(lambda: self.fail(err))
+
+    def drain(self, grace_ms: int) -> None:
+        """The daemon is stopping: tell the client (SPEC `draining`); a connection still in
+        its handshake is closed."""
+        if self.state == SERVING:
+            self.send(Draining(grace_ms=grace_ms))
+        else:
+            self.close(log_reason="the daemon is draining")
 
     def goodbye(self, reason: str) -> None:
         """The daemon is going away: say so (best effort) and close."""
@@ -336,9 +382,10 @@ class Connection:
             self.session.end()
             log.info("session %s closed after %d requests", self.session.id[:8],
                      self.session.served)
-        if self._counted:
-            self.s.sessions.release()
-            self._counted = False
+        if self._grant is not None:
+            self.s.admission.release(self._grant)
+            self._grant = None
+            self.s.changed()
         self.s.forget(self)
         with contextlib.suppress(OSError):
             self.sock.close()
@@ -351,18 +398,3 @@ def _choose_version(hello: Hello) -> int:
             f"client speaks protocol versions {hello.min_version}..{hello.max_version}, this "
             f"daemon speaks {list(SUPPORTED_VERSIONS)}: upgrade the older side", fatal=True)
     return max(common)
-
-
-class SessionCounter:
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.count = 0
-
-    def acquire(self) -> bool:
-        if self.count >= self.limit:
-            return False
-        self.count += 1
-        return True
-
-    def release(self) -> None:
-        self.count -= 1

@@ -2,7 +2,11 @@
 connection from one epoll call; the dispatcher (serving/) serves their rings. Nothing here runs
 per connection: a connection is a state machine (connection.py), a slow admin load runs on a
 short-lived thread and answers through the loop. With no handshake under way the loop sleeps
-without a timeout, so an idle daemon never wakes."""
+without a timeout, so an idle daemon never wakes (unless systemd asks for watchdog pings).
+
+Nothing a client does can stop the loop: connections that have not sent hello are bounded
+(max_pending; past it, and when descriptors run out, the longest-waiting one is refused), every
+handler's failure ends one connection, and a thread that cannot start fails one admin call."""
 
 from __future__ import annotations
 
@@ -19,17 +23,25 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..config import DaemonConfig
+from .. import metrics, sdnotify
+from ..config import ConfigError, DaemonConfig
+from ..contract.errors import ResourceError, ShuttingDownError
+from ..contract.messages import HealthReport
 from ..models.registry import Registry
+from ..ratelog import RateLimited
 from ..serving.dispatcher import Dispatcher
 from ..serving.executor import Executor
-from .admin import ModelControl
-from .connection import Connection, Services, SessionCounter
+from ..serving.scheduler import Scheduler
+from .admin import LoadPolicy, ModelControl
+from .connection import HELLO, Connection, Services
+from .limits import Admission
+from .reconfig import Reconfigurer
 
 log = logging.getLogger(__name__)
+_accept_log = RateLimited(log, burst=3, period=10.0)
+_bug_log = RateLimited(log)
 
 
-_TRANSIENT_ACCEPT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
 _READ = select.EPOLLIN | select.EPOLLRDHUP
 # Connections accepted per wake-up of the listener, so a connect flood cannot starve the
 # connections already being served.
@@ -46,45 +58,109 @@ class Server:
         self.registry = registry
         self.executor = executor
         self.path = config.socket_path()
-        self.dispatcher = Dispatcher(executor, config.spin_us)
+        self.scheduler = Scheduler(registry, executor)
+        self.dispatcher = Dispatcher(self.scheduler, config.spin_us)
         self.services = Services(
             config=config, registry=registry, executor=executor, dispatcher=self.dispatcher,
-            sessions=SessionCounter(config.max_sessions),
-            control=ModelControl(registry, executor, config.base_dir),
-            run_aside=self._run_aside, call_soon=self.call_soon, want_write=self._want_write,
-            forget=self._forget)
+            admission=Admission.from_config(config),
+            control=ModelControl(registry, executor, config.base_dir,
+                                 LoadPolicy.from_config(config)),
+            stats=self.scheduler.stats, health=self.health, run_aside=self._run_aside,
+            call_soon=self.call_soon,
+            want_write=self._want_write,
+            forget=self._forget, make_room=self._make_room, changed=self._changed)
         self._conns: dict[int, Connection] = {}
         self._deadlines: list[tuple[float, int, Connection]] = []  # a heap
         self._soon: collections.deque[Callable[[], None]] = collections.deque()
+        self._reconfig = Reconfigurer(self.services.control, config.path or None,
+                                      config.models)
         self._stopping = False
+        self._drain_requested = False
+        self.draining = False
+        self._drain_until = 0.0
         self._ep = select.epoll()
         # Posted by shutdown() and call_soon() from other threads (and signal handlers).
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._ep.register(self._wake, select.EPOLLIN)
         self._listener: socket.socket | None = None
+        self._owns_path = False  # socket activation: the manager owns the socket file
         self._accept_paused_until = 0.0
+        # Accepted connections that have not sent hello yet, oldest first (an ordered set).
+        self._pending: dict[Connection, None] = {}
+        self._dirty = True  # gauges and STATUS= need refreshing
+        self._status = ""
+        self._watchdog = sdnotify.watchdog_interval()
+        self._watchdog_next = 0.0
+        self._metrics: metrics.Listener | None = None
 
     @property
-    def sessions(self) -> SessionCounter:
-        return self.services.sessions
+    def admission(self) -> Admission:
+        return self.services.admission
 
-    def listen(self) -> None:
-        _claim_path(self.path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(self.path)
-        os.chmod(self.path, self.config.socket_mode)
-        s.listen(128)
+    def listen(self, inherited: socket.socket | None = None) -> None:
+        """Listen on the configured path, or on `inherited` (socket activation: the manager
+        made the socket, its path and mode; the daemon leaves the file alone)."""
+        if inherited is not None:
+            s = _check_inherited(inherited)
+            self.path = s.getsockname() or self.path
+        else:
+            _claim_path(self.path)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.bind(self.path)
+                os.chmod(self.path, self.config.socket_mode)
+            except OSError as e:
+                s.close()
+                raise AddressInUse(f"cannot create the socket {self.path}: {e}; use --socket "
+                                   "with a directory the daemon's user may write") from None
+            self._owns_path = True
+            s.listen(128)
         s.setblocking(False)
+        if self.config.metrics:
+            try:
+                self._metrics = metrics.Listener(self.config.metrics, self.config.socket_mode)
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"[daemon] metrics = {self.config.metrics!r}: {e}") from None
+            self._metrics.start()
         self._listener = s
         self._ep.register(s, select.EPOLLIN)
         self.dispatcher.start()
-        log.info("listening on %s, models: %s", self.path,
+        log.info("listening on %s%s, models: %s", self.path,
+                 "" if self._owns_path else " (socket activation)",
                  ", ".join(m.name for m in self.registry.infos()))
+
+    def health(self, request_id: int) -> HealthReport:
+        """Ready unless draining or a model's forward pass has run past stuck_after_s."""
+        models = self.scheduler.health(self.config.stuck_after_s)
+        stuck = [m for m in models if not m.ready]
+        if self.draining:
+            reason = "the daemon is draining (stopping)"
+        elif stuck:
+            reason = "; ".join(f"model {m.name!r} has run one forward pass for "
+                               f"{m.running_ms / 1e3:.0f} s (stuck_after_s = "
+                               f"{self.config.stuck_after_s:g})" for m in stuck)
+        else:
+            reason = ""
+        return HealthReport(id=request_id, ready=not reason, draining=self.draining,
+                            reason=reason, models=models)
 
     # -- cross-thread entry points ----------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Stop serving (safe from a signal handler and any thread)."""
+        """Stop serving (safe from a signal handler and any thread): drain first (SIGTERM);
+        a second call while draining stops at once."""
+        if self._drain_requested:
+            self._stopping = True
+        self._drain_requested = True
+        os.eventfd_write(self._wake, 1)
+
+    def reload_config(self) -> None:
+        """SIGHUP (safe from a signal handler): converge on the config file's models, on a
+        thread of its own; the daemon keeps serving meanwhile."""
+        self.call_soon(lambda: self._run_aside(self._reconfig.apply, lambda *_: None))
+
+    def stop_now(self) -> None:
+        """Stop without draining."""
         self._stopping = True
         os.eventfd_write(self._wake, 1)
 
@@ -102,7 +178,12 @@ class Server:
                 result, err = None, e
             self.call_soon(lambda: done(result, err))
 
-        threading.Thread(target=work, name="admin", daemon=True).start()
+        try:
+            threading.Thread(target=work, name="admin", daemon=True).start()
+        except RuntimeError as e:  # at the task limit: this call fails, nothing else
+            done(None, ResourceError(f"the daemon cannot start a thread for this ({e}): it is "
+                                     "at its task limit (systemd TasksMax=, RLIMIT_NPROC); "
+                                     "try again later"))
 
     # -- connections ------------------------------------------------------------------------
 
@@ -111,11 +192,37 @@ class Server:
             self._ep.modify(conn.fileno(), _READ | (select.EPOLLOUT if on else 0))
 
     def _forget(self, conn: Connection) -> None:
+        self._pending.pop(conn, None)
+        self._dirty = True
         fd = conn.fileno()
         if self._conns.get(fd) is conn:
             del self._conns[fd]
             with contextlib.suppress(OSError):
                 self._ep.unregister(fd)
+
+    def _changed(self) -> None:
+        self._dirty = True
+
+    def _prune_pending(self) -> None:
+        for c in [c for c in self._pending if c.state != HELLO]:
+            del self._pending[c]
+
+    def _evict_oldest(self, why: str, reason: str, exclude: Connection | None = None) -> bool:
+        """Refuse the connection that has waited longest for its hello; False: none waits."""
+        self._prune_pending()
+        for c in self._pending:
+            if c is not exclude:
+                err = ResourceError(why, fatal=True)
+                err.reason = reason
+                c.fail(err)  # forgets it, which drops it from _pending
+                return True
+        return False
+
+    def _make_room(self, conn: Connection, n: int) -> int:
+        freed = 0
+        while freed < n and self._evict_oldest(_NO_FDS, "fds", exclude=conn):
+            freed += 1
+        return freed
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -125,22 +232,36 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                if e.errno in _TRANSIENT_ACCEPT:
-                    # Out of file descriptors or memory: keep serving the connections we
-                    # have, and look at the listener again after a pause instead of spinning.
-                    log.warning("accept failed (%s); raise LimitNOFILE or max_sessions "
-                                "headroom", e)
-                    self._accept_paused_until = time.monotonic() + 0.1
-                    self._ep.modify(self._listener, 0)
-                    return
-                raise
+                if e.errno in (errno.EMFILE, errno.ENFILE) and self._evict_oldest(_NO_FDS,
+                                                                                  "fds"):
+                    # A connection that never said hello gave its descriptor back: the
+                    # next one in the queue (maybe a real client) gets it.
+                    _accept_log.warning("accept failed (%s): refusing connections that have "
+                                        "not sent hello; raise LimitNOFILE", e)
+                    continue
+                # Out of descriptors or memory with nothing to give back: keep serving the
+                # connections we have, and look at the listener again after a pause instead
+                # of spinning.
+                _accept_log.warning("accept failed (%s); raise LimitNOFILE or max_sessions "
+                                    "headroom", e)
+                self._accept_paused_until = time.monotonic() + 0.1
+                self._ep.modify(self._listener, 0)
+                return
             try:
                 conn = Connection(sock, self.services)
             except OSError as e:
-                log.warning("dropping a connection: %s", e)
+                _accept_log.warning("dropping a connection: %s", e)
                 sock.close()
                 continue
+            self._prune_pending()
+            while len(self._pending) >= self.config.max_pending and self._evict_oldest(
+                    f"more than max_pending={self.config.max_pending} connections are waiting "
+                    "for their handshake and this one waited longest: send hello as soon as "
+                    "the connection is made", "pending"):
+                pass
             self._conns[conn.fileno()] = conn
+            self._pending[conn] = None
+            self._dirty = True
             self._ep.register(conn.fileno(), _READ)
             heapq.heappush(self._deadlines, (conn.deadline, id(conn), conn))
 
@@ -149,29 +270,97 @@ class Server:
     def serve_forever(self) -> None:
         assert self._listener is not None, "call listen() first"
         while not self._stopping:
-            events = self._ep.poll(self._timeout())
+            try:
+                events = self._ep.poll(self._timeout())
+            except InterruptedError:
+                continue
             for fd, ev in events:
                 if fd == self._wake:
                     with contextlib.suppress(OSError):
                         os.eventfd_read(self._wake)
-                elif fd == self._listener.fileno():
-                    self._accept()
+                elif self._listener is not None and fd == self._listener.fileno():
+                    self._guarded(self._accept)
                 else:
                     conn = self._conns.get(fd)
                     if conn is None:
                         continue
                     if ev & select.EPOLLOUT:
-                        conn.on_writable()
+                        self._guarded(conn.on_writable, conn)
                     if ev & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP |
                              select.EPOLLERR) and not conn.closed:
-                        conn.on_readable()
+                        self._guarded(conn.on_readable, conn)
             while self._soon:
-                self._soon.popleft()()
-            self._expire()
+                self._guarded(self._soon.popleft())
+            if self._drain_requested and not self.draining:
+                self._guarded(self._begin_drain)
+            if self.draining:
+                self._guarded(self._check_drain)
+            self._guarded(self._expire)
+            if self._dirty:
+                self._refresh()
         self._close()
 
+    def _guarded(self, fn: Callable[[], None], conn: Connection | None = None) -> None:
+        """Run one handler; whatever it raises (a daemon bug, MemoryError) ends at most the
+        connection it was for, never the loop."""
+        try:
+            fn()
+        except Exception as e:
+            _bug_log.exception("control loop: %s failed: %s", getattr(fn, "__name__", fn), e)
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close(log_reason=f"the daemon failed serving it: {e}")
+
+    def _refresh(self) -> None:
+        """Gauges and the systemd status line, once per loop turn that changed them."""
+        self._dirty = False
+        adm = self.admission
+        self._prune_pending()
+        metrics.set_gauges(adm.sessions, adm.memory, len(self._pending))
+        status = (f"serving {len(self.registry.infos())} models on {self.path}; "
+                  f"{adm.sessions} sessions, {adm.memory >> 20} MiB of rings")
+        if status != self._status:
+            self._status = status
+            sdnotify.notify(f"STATUS={status}")
+
+    # -- graceful drain (SIGTERM) ----------------------------------------------------------------
+
+    def _begin_drain(self) -> None:
+        """Stop accepting, tell every session the daemon is draining (SPEC `draining`), and
+        keep serving what they have already sent for up to drain_grace_s."""
+        self.draining = True
+        grace = self.config.drain_grace_s
+        self._drain_until = time.monotonic() + grace
+        sdnotify.notify(f"STATUS=draining: finishing queued and running requests "
+                        f"(up to {grace:g} s)")
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._ep.unregister(self._listener)
+            self._listener.close()
+            self._listener = None
+        for c in list(self._conns.values()):
+            c.drain(int(grace * 1e3))
+        log.info("draining %d sessions for up to %g s", len(self._conns), grace)
+
+    def _check_drain(self) -> None:
+        """Done when every client has said goodbye (each does once its requests in flight are
+        answered, so none is cut off mid-call), or when the grace period ends: then what is
+        still queued is answered SHUTTING_DOWN, unrun, and the rest are closed."""
+        if self._conns and time.monotonic() < self._drain_until:
+            return
+        busy = [c for c in self._conns.values()
+                if c.session is not None and not c.session.idle()]
+        if busy:
+            n = self.scheduler.cancel_queued(ShuttingDownError(
+                "the daemon stopped before this request ran (its drain grace period ended): "
+                "it did not run; send it again once the daemon is back"))
+            log.warning("drain grace period over: %d sessions still busy, %d queued requests "
+                        "answered SHUTTING_DOWN", len(busy), n)
+        self._stopping = True
+
     def _timeout(self) -> float:
-        """Seconds until the next handshake deadline or accept retry; -1: none, sleep."""
+        """Seconds until the next handshake deadline, accept retry or watchdog ping; -1: none,
+        sleep."""
         now = time.monotonic()
         while self._deadlines and (self._deadlines[0][2].deadline is None
                                    or self._deadlines[0][2].closed):
@@ -179,28 +368,62 @@ class Server:
         times = [t for t in (self._accept_paused_until,) if t > now]
         if self._deadlines:
             times.append(self._deadlines[0][0])
+        if self._watchdog:
+            times.append(self._watchdog_next)
+        if self.draining:
+            times.append(now + 0.01)  # sessions going idle wake nobody: look again soon
         return max(0.0, min(times) - now) if times else -1
 
     def _expire(self) -> None:
         now = time.monotonic()
+        if self._watchdog and now >= self._watchdog_next:
+            self._watchdog_next = now + self._watchdog
+            # The loop is turning; the dispatcher is checked too where it can tell.
+            alive = getattr(self.dispatcher, "alive", None)
+            if alive is None or alive():
+                sdnotify.notify("WATCHDOG=1")
+            else:
+                log.error("the dispatcher thread is gone: no watchdog ping, systemd restarts "
+                          "the daemon")
         if self._accept_paused_until and now >= self._accept_paused_until:
             self._accept_paused_until = 0.0
-            self._ep.modify(self._listener, select.EPOLLIN)
+            if self._listener is not None:
+                self._ep.modify(self._listener, select.EPOLLIN)
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, conn = heapq.heappop(self._deadlines)
             if conn.deadline is not None and not conn.closed:
                 conn.on_deadline()
 
     def _close(self) -> None:
+        sdnotify.notify("STOPPING=1\nSTATUS=stopping")
+        if self._metrics is not None:
+            self._metrics.close()
         if self._listener is not None:
             self._listener.close()
         for c in list(self._conns.values()):
             c.goodbye("daemon is shutting down")
+        # Requests still queued get SHUTTING_DOWN; their sessions are gone, so it is dropped.
+        self.scheduler.cancel_queued(ShuttingDownError("the daemon stopped"))
         self.dispatcher.stop()
-        self.executor.stop()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        self.scheduler.stop()
+        if self._owns_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
         log.info("stopped")
+
+
+_NO_FDS = ("the daemon is out of file descriptors and this connection waited longest for its "
+           "handshake; connect again and send hello at once")
+
+
+def _check_inherited(s: socket.socket) -> socket.socket:
+    """The socket systemd passed must be a listening Unix stream socket."""
+    if (s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM
+            or not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+        raise AddressInUse("the socket passed by the service manager (LISTEN_FDS) is not a "
+                           "listening Unix stream socket: use ListenStream=/path in the "
+                           ".socket unit")
+    return s
 
 
 def _claim_path(path: str) -> None:
@@ -216,10 +439,17 @@ def _claim_path(path: str) -> None:
     try:
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except PermissionError as e:
+            raise AddressInUse(f"{path} is a dead socket this user cannot remove ({e}): "
+                               "remove it, or use --socket in a directory only the daemon's "
+                               "user may write (e.g. /run/tensord)") from None
         return
     except OSError as e:
-        raise AddressInUse(f"{path} exists and is not a usable socket ({e}); remove it") from None
+        raise AddressInUse(f"{path} exists and is not a usable socket ({e}): remove it, or "
+                           "use --socket in a directory only the daemon's user may write "
+                           "(e.g. /run/tensord)") from None
     finally:
         probe.close()
     raise AddressInUse(f"another daemon is listening on {path}; stop it or use --socket")

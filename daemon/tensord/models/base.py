@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from ..contract.messages import ModelInfo
+from ..contract.messages import ModelInfo, ModelLimits
 from .signature import Signature, Value
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How a model's requests are queued and joined (its TOML keys; serving/scheduler.py)."""
+
+    max_batch_size: int = 1  # <= 1: no batching
+    max_queue_delay_us: int = 0  # how long a batch waits for more requests
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue: int = 1024  # queued requests; beyond: OVERLOADED
+    instances: int = 1  # worker threads (GPU: one CUDA stream each)
+    max_input_bytes: int = 0  # one request's input bytes; 0: only the ring bounds it
+    max_batch_bytes: int = 0  # input bytes joined in one forward pass; 0: no limit
 
 
 class Model(ABC):
@@ -14,8 +28,12 @@ class Model(ABC):
     signature: Signature
     device: str = "cpu"
     version: int = 1
-    # True for models that do no tensor math: the executor runs them in the caller's thread.
+    # True for models that do no tensor math: the dispatcher runs them itself.
     inline: bool = False
+    # What serves it and what it refuses (SPEC §2.4 model info `kind`, `limits`).
+    kind: str = "builtin"
+    limits: ModelLimits = ModelLimits()
+    batching: BatchPolicy = BatchPolicy()
 
     @abstractmethod
     def forward(self, inputs: Sequence[Value]) -> Sequence[Value]:
@@ -30,4 +48,6 @@ class Model(ABC):
             device=self.device,
             inputs=[s.wire() for s in self.signature.inputs],
             outputs=[s.wire() for s in self.signature.outputs],
+            kind=self.kind,
+            limits=self.limits,
         )

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import Model
+from .base import BatchPolicy, Model
 from .modules import ModuleModel
 from .signature import Signature, Spec, Value
 
@@ -54,4 +54,7 @@ def build_mlp() -> torch.jit.ScriptModule:
 
 
 def builtin_models() -> list[Model]:
-    return [Identity(), ModuleModel("mlp", build_mlp(), MLP_SIGNATURE, kind="torchscript")]
+    mlp = ModuleModel("mlp", build_mlp(), MLP_SIGNATURE, kind="torchscript")
+    # Rows are independent: requests that queue up while a batch runs join the next one.
+    mlp.batching = BatchPolicy(max_batch_size=64)
+    return [Identity(), mlp]

@@ -1,5 +1,9 @@
 """Python handler models: for models that need Python around them (tokenizers, image decoding).
 
+Image classification, text classification and text embeddings need no handler of your own:
+the built-in handlers (`source = "vision.classify"`, `"text.classify"`, `"text.embed"`,
+models/builtin_handlers/) serve an exported network from configuration alone.
+
 A handler is a class named in the config as `handler = "package.module:Class"`:
 
     class Embedder(Handler):
@@ -58,6 +62,8 @@ class Handler:
 
 
 class HandlerModel(Model):
+    kind = "handler"
+
     def __init__(self, name: str, handler: Handler, signature: Signature, device: str):
         self.name = name
         self.handler = handler

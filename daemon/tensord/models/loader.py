@@ -7,9 +7,10 @@ import logging
 
 import torch
 
-from ..config import ConfigError, ModelConfig
+from ..config import BUILTIN_HANDLERS, ConfigError, ModelConfig
 from ..contract.dtypes import DTYPES
-from .base import Model
+from . import builtin_handlers
+from .base import BatchPolicy, Model
 from .handler import Handler, HandlerModel, LoadContext
 from .modules import PRECISIONS, ModuleModel, load_exported, load_torchscript
 from .signature import Signature, Spec
@@ -63,6 +64,7 @@ def load_model(mc: ModelConfig) -> Model:
     """Load, place and warm up one model. Raises LoadError with the reason."""
     try:
         model = _build(mc)
+        model.batching = _batch_policy(mc, model)
         if mc.warmup:
             warm_up(model)
         return model
@@ -73,9 +75,33 @@ def load_model(mc: ModelConfig) -> Model:
                         f"{type(e).__name__}: {e}") from None
 
 
+def _batch_policy(mc: ModelConfig, model: Model) -> BatchPolicy:
+    """The config's scheduling keys; max_batch_size 0 keeps the model's own default."""
+    return BatchPolicy(
+        max_batch_size=mc.max_batch_size or model.batching.max_batch_size,
+        max_queue_delay_us=mc.max_queue_delay_us,
+        preferred_batch_sizes=tuple(sorted(mc.preferred_batch_sizes)),
+        max_queue=mc.max_queue, instances=mc.instances, max_input_bytes=mc.max_input_bytes,
+        max_batch_bytes=mc.max_batch_bytes)
+
+
 def _build(mc: ModelConfig) -> Model:
+    if mc.source == "builtin":
+        # A built-in model under its own name, with the config's scheduling keys.
+        from .builtin import builtin_models
+
+        for m in builtin_models():
+            if m.name == mc.name:
+                return m
+        raise ConfigError(f"model {mc.name!r}: there is no built-in model of that name "
+                          "(built-in: identity, mlp)")
     device = resolve_device(mc.device, mc.name)
     precision = resolve_precision(mc.precision, device, mc.name)
+    if mc.source in BUILTIN_HANDLERS:
+        if mc.inputs or mc.outputs:
+            raise ConfigError(f"model {mc.name!r}: {mc.source} declares its own inputs and "
+                              "outputs (from its options); remove inputs/outputs")
+        return builtin_handlers.build(mc, device, precision)
     inputs = _specs(mc.inputs, f"model {mc.name!r} input")
     outputs = _specs(mc.outputs, f"model {mc.name!r} output")
     if mc.source == "handler":

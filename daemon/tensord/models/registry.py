@@ -18,8 +18,21 @@ class Registry:
         # Versions of unloaded models, so a later load continues the count (SPEC: version
         # increases by one on each (re)load) and a client never sees a version come back.
         self._last_version: dict[str, int] = {}
+        self._watchers: list = []
         for m in models or []:
             self.add(m)
+
+    def watch(self, fn) -> None:
+        """Call fn(name) after a model of that name was replaced or removed (the scheduler
+        retires the old version's queue once it drains)."""
+        self._watchers.append(fn)
+
+    def peek(self, name: str) -> Model | None:
+        return self._models.get(name)
+
+    def _changed(self, name: str) -> None:
+        for fn in self._watchers:
+            fn(name)
 
     def add(self, model: Model, config: ModelConfig | None = None) -> None:
         """Serve `model`, replacing one of the same name in a single step: requests that already
@@ -35,6 +48,8 @@ class Registry:
                 self._configs[model.name] = config
             else:
                 self._configs.pop(model.name, None)
+        if old is not None:
+            self._changed(model.name)
 
     def config(self, name: str) -> ModelConfig | None:
         """The config a model was loaded from (None for built-in models)."""
@@ -52,7 +67,8 @@ class Registry:
                 raise self._unknown(name) from None
             self._configs.pop(name, None)
             self._last_version[name] = model.version
-            return model
+        self._changed(name)
+        return model
 
     def get(self, name: str) -> Model:
         # A plain dict read is atomic under the GIL; the lock only orders writers.

@@ -19,6 +19,7 @@ class Spec:
     name: str
     dtype: str  # a wire dtype or "any"
     shape: tuple[int, ...] | None  # -1 = any size; None = any rank
+    meaning: str = ""  # what the values are (SPEC §2.4 tensor spec), e.g. "image", "text"
 
     @classmethod
     def parse(cls, d: dict, what: str) -> Spec:
@@ -33,10 +34,14 @@ class Spec:
             if not all(isinstance(x, int) and x >= -1 for x in shape):
                 raise ValueError(f"{what} {name!r}: shape {shape} must hold sizes or -1")
             shape = tuple(shape)
-        return cls(name, dtype, shape)
+        meaning = d.get("meaning", "")
+        if not isinstance(meaning, str):
+            raise ValueError(f"{what} {name!r}: meaning must be a string")
+        return cls(name, dtype, shape, meaning)
 
     def wire(self) -> TensorSpec:
-        return TensorSpec(self.name, self.dtype, None if self.shape is None else list(self.shape))
+        return TensorSpec(self.name, self.dtype, None if self.shape is None else list(self.shape),
+                          self.meaning)
 
     def describe(self) -> str:
         shape = "any shape" if self.shape is None else \
@@ -60,6 +65,7 @@ class Spec:
 class Signature:
     inputs: tuple[Spec, ...]
     outputs: tuple[Spec, ...]
+    max_batch: int = 0  # most rows (dimension 0) per request, checked per request; 0 = any
 
     def order_inputs(self, model: str, refs: Sequence) -> list[int]:
         """Check request tensor refs against the inputs; return ref indexes in model order."""
@@ -80,6 +86,11 @@ class Signature:
             if why:
                 raise BadInputError(f"model {model!r} input {spec.name!r}: got {why}")
             order.append(i)
+        if self.max_batch and refs and refs[order[0]].shape and \
+                refs[order[0]].shape[0] > self.max_batch:
+            raise BadInputError(f"model {model!r} takes at most {self.max_batch} items per "
+                                f"request (limits.max_batch), the request has "
+                                f"{refs[order[0]].shape[0]}")
         return order
 
     def check_outputs(self, model: str, outputs: Sequence[Value]) -> list[str]:

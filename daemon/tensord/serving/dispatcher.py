@@ -3,8 +3,9 @@
 It sleeps in one epoll call (the GIL released) on each session's request-data and
 response-space eventfds (SPEC §4.5); when woken it drains every ready session's ring in a
 round-robin pass, at most MAX_PER_PASS records per session per pass, so no session can make
-another wait for more than one bounded slice of work, and hands each request to where its
-model runs (executor.py). An idle session costs nothing: no thread, no timer, no wake-up.
+another wait for more than one bounded slice of work, and hands each request to its
+model's queue (scheduler.py), or runs it inline when the model does no tensor math. An idle
+session costs nothing: no thread, no timer, no wake-up.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import logging
 import os
 import select
 import threading
-import time
 
 from ..contract.errors import InternalError, TensordError
+from ..transport import _ring
 from ..transport.segment import EFD_REQ_DATA, EFD_RESP_SPACE
-from .executor import Executor
-from .session import Session
+from .scheduler import Scheduler
+from .session import SPIN_GUARD, Session
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,8 @@ MAX_PER_PASS = 16
 
 
 class Dispatcher:
-    def __init__(self, executor: Executor, spin_us: int = 0):
-        self.executor = executor
+    def __init__(self, scheduler: Scheduler, spin_us: int = 0):
+        self.scheduler = scheduler
         self.spin = spin_us / 1e6
         self._ep = select.epoll()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -65,6 +66,10 @@ class Dispatcher:
                     with contextlib.suppress(OSError):
                         self._ep.unregister(fd)
 
+    def alive(self) -> bool:
+        """Whether the dispatcher thread runs (the systemd watchdog pings only while it does)."""
+        return self._thread.is_alive()
+
     def sessions(self) -> int:
         return len(self._sessions)
 
@@ -83,10 +88,14 @@ class Dispatcher:
         while not self._stopping:
             if not ready and self.spin > 0:
                 self._spin(ready)
+                if not ready:
+                    self._ask_for_posts(ready)
             try:
                 events = self._ep.poll(0 if ready else -1)
             except InterruptedError:
                 continue
+            if self.spin > 0 and events:
+                self._ask_for_posts(None)  # awake, and spinning again before sleeping
             for fd, _ in events:
                 _drain(fd)
                 if fd == self._wake:
@@ -99,15 +108,44 @@ class Dispatcher:
                 if not is_requests:
                     session.flush()  # the client freed response space
                 ready[session] = None
+            inline: dict = {}  # ModelQueue -> jobs this pass, for fast models
             for session in list(ready):
-                if not self._serve(session):
+                if not self._serve(session, inline):
                     del ready[session]
+            for q, jobs in inline.items():
+                q.run_inline(jobs)
 
-    def _serve(self, session: Session) -> bool:
-        """One bounded slice of a session's requests; True when it has more waiting."""
+    def _ask_for_posts(self, ready: dict[Session, None] | None) -> None:
+        """With a spin budget, clients post `rd` only while the dispatcher sleeps (SPEC
+        §4.5): set every session's consumer_waiting before sleeping (each store is followed
+        by a full barrier) and re-check its ring; clear them once awake (ready is None)."""
+        with self._lock:
+            sessions = list(self._sessions)
+        for s in sessions:
+            s.want_posts(ready is not None)
+            if ready is not None and s.pending():
+                ready[s] = None
+        if ready:
+            for s in sessions:
+                s.want_posts(False)
+
+    def _serve(self, session: Session, inline: dict) -> bool:
+        """One bounded slice of a session's requests; True when it has more waiting. Jobs of
+        fast, idle models collect in `inline` to run (batched) at the end of the pass."""
         try:
             for job in session.take(MAX_PER_PASS):
-                self.executor.submit(job.model, session.execute, job)
+                if job.model.inline:
+                    session.execute(job)  # no tensor math: a hand-off would cost more
+                    continue
+                try:
+                    q = self.scheduler.queue(job.model)
+                except TensordError as e:  # no worker thread could start: this request only
+                    session.finish(job.record, error=e)
+                    continue
+                if q in inline or q.inline_ok():
+                    inline.setdefault(q, []).append(job)
+                else:
+                    q.put(job)
             return session.pending()
         except TensordError as e:  # a corrupt ring: only this session ends
             log.warning("session %s: %s", session.id[:8], e)
@@ -123,17 +161,20 @@ class Dispatcher:
         session.on_fatal(err)  # hands the error to the control loop; never blocks
 
     def _spin(self, ready: dict[Session, None]) -> None:
-        """Poll every session's request ring for the spin budget before sleeping."""
-        end = time.monotonic() + self.spin
+        """Poll every session's request ring for the spin budget before sleeping, in the
+        native core without the GIL. SPIN_GUARD keeps the mappings alive meanwhile."""
         with self._lock:
-            sessions = list(self._sessions)
-        while time.monotonic() < end and not self._stopping:
-            for s in sessions:
+            sessions = [s for s in self._sessions if not s.stopped]
+        try:
+            with SPIN_GUARD:
+                found = _ring.spin_any(tuple(s.seg.requests.core for s in sessions),
+                                       int(self.spin * 1e9))
+        except ValueError:  # a session ended meanwhile; the next pass goes without it
+            return
+        if found >= 0:
+            for s in sessions:  # the one found, and any other with records by now
                 if s.pending():
                     ready[s] = None
-            if ready:
-                return
-            os.sched_yield()
 
 
 def _drain(fd: int) -> None:

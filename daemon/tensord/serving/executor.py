@@ -1,22 +1,19 @@
-"""Runs models: one compute thread per device runs every forward pass on that device; loads and
-warm-ups run on short-lived threads.
+"""Runs models: one forward pass in the calling thread (a model's worker in scheduler.py, or
+the dispatcher for models without tensor math), and loads and warm-ups on short-lived threads.
 
-Why one thread per device: PyTorch's CPU parallelism is OpenMP, and libgomp keeps a worker pool
-per thread that runs parallel regions. With pools in several long-lived threads there are more
-OpenMP threads than cores, libgomp stops spinning between regions, and each region pays a futex
-wake-up: EfficientNet-Lite0 measured 2x slower (43 ms vs 22 ms p50) when run from a second
-thread while the first thread's pool was alive. The CPU's compute thread keeps the one
-long-lived pool; a GPU's thread only queues kernels, so a slow CPU model never holds up a GPU
-model and the other way round. Models that do no tensor math (identity) run inline in the
-dispatcher, saving the hand-off. The thread that finishes a request also writes its response:
-nothing is handed back.
+Threads and OpenMP: PyTorch's CPU parallelism is OpenMP, and libgomp keeps a worker pool per
+thread that runs parallel regions; with more pool threads than cores libgomp stops spinning
+between regions and each region pays a futex wake-up (EfficientNet-Lite0 measured 2x slower with
+a second thread's pool alive). So loads run on short-lived threads whose pools go with them, and
+the intra-op thread count is set once for the process (`threads` in `[daemon]`, default: the
+cores this process may use), see `set_cpu_threads`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import queue
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,100 +25,56 @@ from ..contract.dtypes import ByteStrings
 from ..contract.errors import DeadlineError, ModelFailedError, ShuttingDownError, TensordError
 from ..models.base import Model
 from ..models.signature import Value
+from ..ratelog import RateLimited
 
 log = logging.getLogger(__name__)
+# Failing requests are a client's doing: their log lines are rate-limited.
+_failures = RateLimited(log)
 
 
 class Cancelled(ShuttingDownError):
-    """The job's session ended while it waited for the compute thread."""
+    """The job's session ended before it ran."""
 
 
 class _Job:
-    __slots__ = ("fn", "args", "done", "result", "error")
+    __slots__ = ("result", "error")
 
-    def __init__(self, fn: Callable, args: tuple, wait: bool = True):
-        self.fn = fn
-        self.args = args
-        self.done = threading.Event() if wait else None
+    def __init__(self) -> None:
         self.result: Any = None
         self.error: BaseException | None = None
 
 
-class ComputeThread:
-    def __init__(self, name: str = "compute") -> None:
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+def available_cpus() -> int:
+    """Cores this process may run on (affinity and the cgroup's cpu.max quota)."""
+    n = len(os.sched_getaffinity(0))
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
 
-    def submit(self, fn: Callable, *args: Any) -> None:
-        """Queue fn(*args) on the compute thread; its result is dropped, so fn reports its own
-        outcome (a request job writes its response)."""
-        self._jobs.put(_Job(fn, args, wait=False))
 
-    def call(self, fn: Callable, *args: Any) -> Any:
-        """Run fn(*args) on the compute thread and return its result (or raise its error)."""
-        if threading.current_thread() is self._thread:
-            return fn(*args)
-        job = _Job(fn, args)
-        self._jobs.put(job)
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result
-
-    def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                job.result = job.fn(*job.args)
-            except BaseException as e:  # handed to the caller, raised in its thread
-                job.error = e
-                if job.done is None:
-                    log.exception("a compute job failed")
-            finally:
-                if job.done is not None:
-                    job.done.set()
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
+def set_cpu_threads(threads: int) -> int:
+    """PyTorch's intra-op threads for CPU models. 0: half the cores this process may use (at
+    least one): the daemon shares the host with its clients, and OpenMP threads that outnumber
+    the cores they get fight each other and their neighbours (EfficientNet measured 10-35x
+    slower with 2 threads on 2 busy cores than with 1)."""
+    n = threads if threads > 0 else max(1, available_cpus() // 2)
+    torch.set_num_threads(n)
+    return n
 
 
 class Executor:
-    def __init__(self) -> None:
-        self._threads: dict[str, ComputeThread] = {}
-        self._lock = threading.Lock()
-
-    def thread_for(self, device: str) -> ComputeThread:
-        """The compute thread of a device ("cpu", "cuda:0"), started on first use."""
-        t = self._threads.get(device)
-        if t is None:
-            with self._lock:
-                t = self._threads.get(device)
-                if t is None:
-                    t = self._threads[device] = ComputeThread(f"compute-{device}")
-        return t
-
-    def submit(self, model: Model, fn: Callable, *args: Any) -> None:
-        """Run fn(*args) where `model` runs: inline for models without tensor math, else
-        queued on its device's compute thread. fn writes its own response."""
-        if model.inline:
-            fn(*args)
-        else:
-            self.thread_for(model.device).submit(fn, *args)
-
-    def stop(self) -> None:
-        with self._lock:
-            threads, self._threads = list(self._threads.values()), {}
-        for t in threads:
-            t.stop()
-
     @staticmethod
     def aside(fn: Callable, *args: Any) -> Any:
         """Run fn(*args) (a model load and warm-up) on a short-lived thread of its own and
         return its result. Not on the compute thread, so a load that takes seconds does not
         stall serving; not on the caller's long-lived thread, whose OpenMP pool would stay
         (libgomp frees a thread's pool when the thread exits)."""
-        job = _Job(fn, args)
+        job = _Job()
 
         def work() -> None:
             try:
@@ -159,7 +112,7 @@ class Executor:
             except TensordError:
                 raise
             except Exception as e:  # a model may raise anything; the caller gets it as an error
-                log.info("model %s raised %s: %s", model.name, type(e).__name__, e)
+                _failures.info("model %s raised %s: %s", model.name, type(e).__name__, e)
                 raise ModelFailedError(
                     f"model {model.name!r} raised {type(e).__name__}: {e}"
                 ) from None

@@ -1,6 +1,6 @@
 """A client's session on the daemon side: the request records it reads, the jobs it makes of
 them, and the responses it writes. It owns no thread: the dispatcher reads every session's
-ring, and the thread that runs a request (a compute thread, or the dispatcher for inline
+ring, and the thread that runs a request (a model's worker, or the dispatcher for inline
 models) answers it in place."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from .. import metrics
 from ..contract.descriptors import (
     MAX_DESCRIPTOR,
     ErrorInfo,
@@ -35,6 +36,7 @@ from ..contract.layout import KIND_PAD, KIND_RESPONSE, RECORD_HEADER_SIZE, ring_
 from ..models.base import Model
 from ..models.registry import Registry
 from ..models.signature import Value
+from ..ratelog import RateLimited
 from ..transport import records
 from ..transport.ring import Record
 from ..transport.segment import EFD_REQ_SPACE, EFD_RESP_DATA, EFD_RESP_SPACE, Segment
@@ -49,20 +51,28 @@ PLAN_CACHE = 256
 # Responses parked while the client does not release response-ring space; past this many the
 # dispatcher stops taking its requests (backpressure) instead of buffering without bound.
 MAX_PARKED = 64
+# Held by the dispatcher while it spins on rings without the GIL, and by a session while it
+# unmaps its segment, so a spin never reads a mapping that is going away.
+SPIN_GUARD = threading.Lock()
 
 
 class Job:
     """One request, validated and ready to run: its inputs view the request record."""
 
-    __slots__ = ("session", "record", "model", "inputs", "deadline")
+    __slots__ = ("session", "record", "model", "inputs", "deadline", "priority", "queued_at",
+                 "done", "read_at")
 
     def __init__(self, session: Session, record: Record, model: Model, inputs: list[Value],
-                 deadline: float | None):
+                 deadline: float | None, priority: int):
         self.session = session
         self.record = record
         self.model = model
         self.inputs = inputs
         self.deadline = deadline
+        self.priority = priority
+        self.queued_at = 0.0
+        self.read_at = 0.0
+        self.done = False  # answered (or dropped): the record is no longer ours
 
 
 def _on_host(response: tuple) -> tuple:
@@ -92,7 +102,6 @@ class Session:
         # every publish (SPEC §4.5): the request ring's consumer_waiting stays 1.
         req.set_flag(req.consumer_waiting, 1)
         self._pinned: cuda.HostRegistration | None = None
-        self._streams: dict[str, cuda.SideStream] = {}
         # Response layouts by output names, dtypes, shapes and sizes: callers repeat the same
         # shapes, and planning + encoding a descriptor is a large part of a small request.
         self._plans: dict[tuple, tuple[int, bytes, list[int]]] = {}
@@ -103,6 +112,9 @@ class Session:
         self._running = 0  # jobs taken and not yet answered
         self.stopped = False
         self.served = 0
+        # What one client can make the daemon log: rate-limited, so a flood of bad requests
+        # is not a flood of log lines.
+        self.log = RateLimited(log)
 
     # -- taking requests (dispatcher thread) ----------------------------------------------
 
@@ -122,13 +134,29 @@ class Session:
             except TensordError as e:
                 if e.fatal:
                     raise
+                metrics.record_request(getattr(e, "model", "-"), e.code.name,
+                                       total_s=time.monotonic() - read_at)
                 self.finish(rec, error=e)
             except Exception as e:  # a daemon bug must cost one request, not the session
-                log.exception("session %s: request %d failed", self.id[:8], rec.request_id)
+                self.log.exception("session %s: request %d failed", self.id[:8],
+                                   rec.request_id)
                 self.finish(rec, error=InternalError(
                     f"request {rec.request_id} failed inside the daemon: {type(e).__name__}: "
                     f"{e}"))
         return jobs
+
+    def want_posts(self, on: bool) -> None:
+        """Whether the client should post `rd` after publishing (the dispatcher sleeps)."""
+        req = self.seg.req_ctl
+        with self._lock:
+            if not self.stopped:
+                req.set_flag(req.consumer_waiting, 1 if on else 0)
+
+    def idle(self) -> bool:
+        """Nothing of this session is unread, queued, running or waiting to be written."""
+        with self._lock:
+            return self.stopped or (self._running == 0 and not self._parked
+                                    and not self.seg.requests.published())
 
     def pending(self) -> bool:
         """Whether records wait in the request ring (more than one pass took)."""
@@ -143,10 +171,26 @@ class Session:
         desc = decode_request(self.seg.shm.copy_out(start, rec.desc_len))
         check_refs(desc.inputs, rec.data_start, rec.record_len, "input")
         model = self.registry.get(desc.model)
+        try:
+            return self._job_for(model, rec, desc, read_at)
+        except TensordError as e:
+            e.model = model.name  # for the metrics of the request's model
+            raise
+
+    def _job_for(self, model: Model, rec: Record, desc, read_at: float) -> Job:
+        limit = model.batching.max_input_bytes
+        if limit and (total := sum(ref.nbytes for ref in desc.inputs)) > limit:
+            raise TooLargeError(
+                f"the request's inputs are {total} bytes; model {model.name!r} takes at most "
+                f"{limit} (max_input_bytes in its config): send smaller requests")
         order = model.signature.order_inputs(model.name, desc.inputs)
+        if model.device.startswith("cuda"):
+            self._pin()  # H2D straight from the page-locked ring, D2H straight into it
         inputs = [self._input(rec, desc.inputs[i]) for i in order]
         deadline = read_at + desc.timeout_us / 1e6 if desc.timeout_us else None
-        return Job(self, rec, model, inputs, deadline)
+        job = Job(self, rec, model, inputs, deadline, desc.priority or 0)
+        job.read_at = read_at
+        return job
 
     def _input(self, rec: Record, ref: TensorRef) -> Value:
         off = rec.offset + ref.offset
@@ -162,54 +206,40 @@ class Session:
             raise BadInputError(f"{what}: bool tensor holds bytes other than 0 and 1")
         return t
 
-    # -- running a job (compute thread, or the dispatcher for inline models) -----------------
+    # -- running a job inline (the dispatcher, for models without tensor math) ----------------
 
     def execute(self, job: Job) -> None:
-        """Run one job and answer it; never raises."""
-        model, rec = job.model, job.record
-        stream: cuda.SideStream | None = None
+        """Run one job right here and answer it; never raises."""
+        outcome = "ok"
         try:
-            names = [s.name for s in model.signature.outputs]
-            if model.device.startswith("cuda"):
-                stream = self._stream_for(model.device)
-                outputs, dtypes = self.executor.run(model, job.inputs, stream.stream,
-                                                    job.deadline, self._is_stopped)
-                # Outputs a model already moved to the CPU with non_blocking=True are still in
-                # flight: wait for the stream before any byte is copied into the ring...
-                stream.synchronize()
-                with stream.context():  # ...and queue the D2H copies of device outputs on it
-                    response = self._response(rec.request_id, names, outputs, dtypes)
-                    self.finish(rec, response=response, sync=stream.synchronize)
-            else:
-                outputs, dtypes = self.executor.run(model, job.inputs, None, job.deadline,
-                                                    self._is_stopped)
-                job.inputs = []  # drop views of the request record before releasing it
-                self.finish(rec, response=self._response(rec.request_id, names, outputs,
-                                                         dtypes))
+            outputs, dtypes = self.executor.run(job.model, job.inputs, None, job.deadline)
+            self.answer(job, [s.name for s in job.model.signature.outputs], outputs, dtypes)
         except TensordError as e:
+            outcome = e.code.name
             job.inputs = []
-            self.finish(rec, error=e)
+            self.finish(job.record, error=e)
         except Exception as e:  # a daemon bug must cost one request, not the session
-            log.exception("session %s: request %d failed", self.id[:8], rec.request_id)
+            outcome = "INTERNAL"
+            self.log.exception("session %s: request %d failed", self.id[:8],
+                               job.record.request_id)
             job.inputs = []
-            self.finish(rec, error=InternalError(
-                f"request {rec.request_id} failed inside the daemon: {type(e).__name__}: {e}"))
-        finally:
-            if stream is not None:
-                stream.synchronize()  # no H2D copy may still read the record we released
+            self.finish(job.record, error=InternalError(
+                f"request {job.record.request_id} failed inside the daemon: "
+                f"{type(e).__name__}: {e}"))
+        metrics.record_request(job.model.name, outcome, total_s=time.monotonic() - job.read_at)
 
-    def _is_stopped(self) -> bool:
-        return self.stopped
+    def answer(self, job: Job, names: list[str], outputs: list[Value], dtypes: list[str],
+               sync: Callable[[], None] | None = None) -> None:
+        """Write a job's outputs as its response (raises TooLargeError before writing)."""
+        response = self._response(job.record.request_id, names, outputs, dtypes)
+        job.inputs = []  # drop views of the request record before it is released
+        self.finish(job.record, response=response, sync=sync)
 
-    def _stream_for(self, device: str) -> cuda.SideStream:
+    def _pin(self) -> None:
         with self._lock:
-            if self._pinned is None:
+            if self._pinned is None and not self.stopped:
                 self._pinned = cuda.HostRegistration(self.seg.address(),
                                                      self.seg.header.segment_size)
-            st = self._streams.get(device)
-            if st is None:
-                st = self._streams[device] = cuda.SideStream(torch.device(device))
-            return st
 
     # -- responses ------------------------------------------------------------------------
 
@@ -243,15 +273,14 @@ class Session:
         """Answer a taken record and release it. A response that does not fit the response
         ring now is parked until the client frees space (the dispatcher retries it), so no
         thread ever waits on one client."""
-        if response is None:
-            assert error is not None
+        if response is None and error is not None:
             msg = error.message[:MAX_ERROR_MESSAGE]
             desc = encode_descriptor(ResponseDescriptor(
                 error=ErrorInfo(int(error.code), error.code.name, msg)))
             response = (rec.request_id, align64(RECORD_HEADER_SIZE + len(desc)), desc, [])
         with self._lock:
             self._running -= 1
-            if not self.stopped:
+            if not self.stopped and response is not None:
                 if self._parked or not self._write(response, sync):
                     self._parked.append(_on_host(response))
                     self._want_space()
@@ -326,6 +355,8 @@ class Session:
     def _free(self) -> None:
         if self._pinned is not None:
             self._pinned.release()  # before unmapping: CUDA must not keep a dangling range
-        if not self.seg.close():
+        with SPIN_GUARD:
+            closed = self.seg.close()
+        if not closed:
             log.warning("session %s: tensors still view its memory; it is freed when they go",
                         self.id[:8])

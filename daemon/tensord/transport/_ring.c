@@ -160,7 +160,11 @@ static PyObject *Shm_notify(Shm *self, PyObject *args) {
     if (!shm_word(self, flag, 4)) return NULL;
     atomic_thread_fence(memory_order_seq_cst);
     if (atomic_load_explicit(a32(self, flag), memory_order_relaxed)) {
+        /* The write wakes a sleeping peer, which can take microseconds: let other threads
+         * run meanwhile. */
+        Py_BEGIN_ALLOW_THREADS
         post(efd);
+        Py_END_ALLOW_THREADS
         Py_RETURN_TRUE;
     }
     Py_RETURN_FALSE;
@@ -683,10 +687,62 @@ static PyTypeObject ProducerType = {
 
 /* -- module -------------------------------------------------------------------------------- */
 
+/* spin_any(consumers, spin_ns) -> index of the first consumer with unread records, or -1
+ * after spin_ns. Polls without the GIL, so a spinning dispatcher never holds up the threads
+ * that run models. The caller keeps every consumer's mapping alive for the call. */
+static PyObject *spin_any(PyObject *mod, PyObject *args) {
+    PyObject *seq;
+    long long spin_ns;
+    if (!PyArg_ParseTuple(args, "O!L", &PyTuple_Type, &seq, &spin_ns)) return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    if (n == 0) return PyLong_FromLong(-1);
+    _Atomic uint64_t **tails = PyMem_Malloc(n * sizeof *tails);
+    uint64_t *reads = PyMem_Malloc(n * sizeof *reads);
+    if (tails == NULL || reads == NULL) {
+        PyMem_Free(tails);
+        PyMem_Free(reads);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = PyTuple_GET_ITEM(seq, i);
+        if (!PyObject_TypeCheck(o, &ConsumerType) || !shm_live(((Consumer *)o)->g.shm)) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "expected Consumers");
+            PyMem_Free(tails);
+            PyMem_Free(reads);
+            return NULL;
+        }
+        Consumer *c = (Consumer *)o;
+        tails[i] = a64(c->g.shm, c->g.ctl + CTL_TAIL);
+        reads[i] = c->read;
+    }
+    long found = -1;
+    Py_BEGIN_ALLOW_THREADS
+    int64_t end = now_ns() + spin_ns;
+    for (unsigned k = 0; found < 0; k++) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (atomic_load_explicit(tails[i], memory_order_acquire) != reads[i]) {
+                found = (long)i;
+                break;
+            }
+        }
+        if (found >= 0 || ((k & 15) == 15 && now_ns() >= end)) break;
+        if ((k & 15) == 15) sched_yield();
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(tails);
+    PyMem_Free(reads);
+    return PyLong_FromLong(found);
+}
+
+static PyMethodDef module_methods[] = {
+    {"spin_any", spin_any, METH_VARARGS, "Spin until a consumer has unread records."},
+    {NULL},
+};
+
 static struct PyModuleDef ringmodule = {
     PyModuleDef_HEAD_INIT, "tensord.transport._ring",
     "Native ring core: atomics, record validation and eventfd wake-ups (SPEC section 4).", -1,
-    NULL,
+    module_methods,
 };
 
 PyMODINIT_FUNC PyInit__ring(void) {

@@ -36,6 +36,7 @@ class Segment:
 
     def __init__(self, mm: mmap.mmap, efds: list[int], side: str):
         self.fd = -1
+        self.side = side
         self.mm = mm
         self.buf = memoryview(mm)
         self.efds = efds
@@ -58,9 +59,12 @@ class Segment:
     # -- creation (daemon) and attachment (client) ---------------------------------------
 
     @classmethod
-    def create(cls, session: str, request_ring: int, response_ring: int) -> Segment:
+    def create(cls, session: str, request_ring: int, response_ring: int,
+               reserved: int = 0) -> Segment:
         """Create, reserve, initialise and seal the segment, and create the eventfds; on any
         failure everything created so far is closed again (nothing has a name to leak).
+        `reserved`: bytes promised to other sessions that are not allocated yet (see
+        check_memory).
 
         The segment is a memfd sealed against shrinking and growing: the client receives a
         writable descriptor of it (SCM_RIGHTS), and without the seals it could ftruncate the
@@ -69,7 +73,7 @@ class Segment:
         fd = -1
         efds: list[int] = []
         try:
-            check_memory(size)
+            check_memory(size, reserved)
             fd = os.memfd_create(f"tensord-{session}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
                 os.posix_fallocate(fd, 0, size)
@@ -150,6 +154,34 @@ class Segment:
             os.close(self.fd)
             self.fd = -1
 
+    def release_memory(self) -> int:
+        """Punch the segment's pages out (madvise MADV_REMOVE on the shared mapping, which is
+        fallocate's PUNCH_HOLE for a memfd), except the response records the client has not
+        released yet: it may still read them (SPEC §2.5: views stay valid until released).
+        Everything else is of no use to anyone once the session has ended. Returns the bytes
+        given back. A client that touches the pages again afterwards is charged for them
+        itself (its own memory cgroup), never the daemon."""
+        h = self.header
+        keep: list[tuple[int, int]] = []  # segment offsets [start, end), page-rounded
+        cap, base = h.response_ring_capacity, h.response_ring_offset
+        tail = self.resp_ctl.tail()
+        head = self.resp_ctl.head()  # the client's word: only trusted when it is possible
+        if tail - cap <= head < tail and head % 64 == 0:
+            first, last = head % cap, (tail - 1) % cap
+            spans = [(first, last + 1)] if first <= last else [(first, cap), (0, last + 1)]
+            keep = [(base + (a // PAGE) * PAGE, base + -(-b // PAGE) * PAGE) for a, b in spans]
+        freed = 0
+        start = HEADER_SIZE
+        for a, b in sorted(keep) + [(h.segment_size, h.segment_size)]:
+            if a > start:
+                try:
+                    self.mm.madvise(mmap.MADV_REMOVE, start, a - start)
+                    freed += a - start
+                except OSError:  # not shmem (a test's anonymous map): nothing to give back
+                    return 0
+            start = max(start, b)
+        return freed
+
     def address(self) -> int:
         """The mapping's virtual address (for cudaHostRegister)."""
         anchor = ctypes.c_char.from_buffer(self.mm)
@@ -160,7 +192,13 @@ class Segment:
 
     def close(self) -> bool:
         """Close the eventfds and unmap. Returns False when tensors still view the mapping
-        (the mapping is then freed by the garbage collector once they are gone)."""
+        (the mapping is then freed by the garbage collector once they are gone).
+
+        The daemon first gives the segment's pages back (release_memory): a client may keep
+        its descriptor or mapping after the session, and must not keep the daemon's memory
+        with it."""
+        if self.side == "daemon" and not self.shm.closed:
+            self.release_memory()
         self.close_fd()
         for e in self.efds:
             with contextlib.suppress(OSError):
@@ -175,39 +213,89 @@ class Segment:
         return True
 
 
-def available_memory() -> tuple[int, str]:
-    """Bytes the daemon can still allocate, and what limits it: the smaller of the host's
-    MemAvailable and the daemon's cgroup (v2) memory.max minus memory.current."""
-    best, why = 1 << 62, "no limit found"
+PAGE = mmap.PAGESIZE
+NO_LIMIT = 1 << 62  # cgroup v1 writes "no limit" as a huge number (PAGE_COUNTER_MAX pages)
+CGROUP_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+CGROUP_V2 = ("memory.max", "memory.current")
+
+
+def available_memory(proc_cgroup: str = "/proc/self/cgroup",
+                     cgroup_root: str = "/sys/fs/cgroup",
+                     meminfo: str = "/proc/meminfo") -> tuple[int, str]:
+    """Bytes the daemon can still allocate, and what limits it: the host's MemAvailable, or
+    less when the daemon's memory cgroup or one of its ancestors is limited (v2: memory.max
+    minus memory.current; v1, the memory controller's own hierarchy: memory.limit_in_bytes
+    minus memory.usage_in_bytes). The arguments are for tests."""
+    best, why = NO_LIMIT, "no limit found"
     try:
-        with open("/proc/meminfo") as f:
+        with open(meminfo) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     best, why = int(line.split()[1]) * 1024, "the host's available memory"
-    except OSError:
-        pass
-    try:
-        with open("/proc/self/cgroup") as f:
-            rel = f.read().strip().split("::", 1)[-1]
-        base = os.path.join("/sys/fs/cgroup", rel.lstrip("/"))
-        with open(os.path.join(base, "memory.max")) as f:
-            limit = f.read().strip()
-        if limit != "max":
-            with open(os.path.join(base, "memory.current")) as f:
-                left = int(limit) - int(f.read())
-            if left < best:
-                best, why = left, "the daemon's cgroup memory limit"
     except (OSError, ValueError):
         pass
+    left = _cgroup_left(proc_cgroup, cgroup_root)
+    if left is not None and left < best:
+        best, why = left, "the daemon's cgroup memory limit"
     return best, why
 
 
-def check_memory(size: int) -> None:
+def _cgroup_left(proc_cgroup: str, root: str) -> int | None:
+    """The least headroom of the daemon's memory cgroup and its ancestors; None: no limit."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    dirs: list[tuple[str, str, tuple[str, str]]] = []  # (hierarchy top, leaf, files)
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if "memory" in controllers.split(","):  # v1: the memory controller's own hierarchy
+            tops = [(os.path.join(root, "memory"), CGROUP_V1)]
+        elif controllers == "":  # v2 (a hybrid host mounts it under unified/)
+            tops = [(root, CGROUP_V2), (os.path.join(root, "unified"), CGROUP_V2)]
+        else:
+            continue
+        rel = path.strip("/")
+        dirs += [(top, os.path.join(top, rel) if rel else top, files) for top, files in tops]
+    best: int | None = None
+    for top, leaf, (limit_file, usage_file) in dirs:
+        d = leaf
+        while True:  # a limit on an ancestor binds the daemon too
+            left = _headroom(d, limit_file, usage_file)
+            if left is not None and (best is None or left < best):
+                best = left
+            if d == top or len(d) <= len(top):
+                break
+            d = os.path.dirname(d)
+    return best
+
+
+def _headroom(d: str, limit_file: str, usage_file: str) -> int | None:
+    try:
+        with open(os.path.join(d, limit_file)) as f:
+            limit = f.read().strip()
+        if limit == "max" or int(limit) >= NO_LIMIT:
+            return None
+        with open(os.path.join(d, usage_file)) as f:
+            return int(limit) - int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def check_memory(size: int, reserved: int = 0) -> None:
     """Fail the handshake with a clear message instead of letting a segment that does not fit
-    push the daemon into the OOM killer (segment memory is charged to the daemon)."""
+    push the daemon into the OOM killer (segment memory is charged to the daemon). `reserved`:
+    bytes admitted for other sessions that the kernel has not charged yet."""
     free, why = available_memory()
+    free -= reserved
     if size > free:
-        raise ResourceError(_no_memory_message(size, free, why), fatal=True)
+        err = ResourceError(_no_memory_message(size, free, why), fatal=True)
+        err.reason = "host_memory"  # what metrics count the refusal as
+        raise err
 
 
 def _no_memory_message(size: int, free: int | None = None, why: str = "") -> str:

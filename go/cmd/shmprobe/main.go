@@ -5,6 +5,9 @@
 //	shmprobe -mode latency -n 2000                 # 4 KiB identity round trips; prints p50/p99 µs as JSON
 //	shmprobe -mode latency -model efficientnet -input image -file cat.jpg -n 50
 //	                                               # the file as a 1-element bytes tensor instead
+//	shmprobe -mode echo -model echo -goroutines 8 -n 500 -id 3
+//	                                               # i64 [1,2] rows of unique ids through a model
+//	                                               # that echoes them; prints "ok N"
 package main
 
 import (
@@ -15,6 +18,7 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"sync"
 	"time"
 
 	"github.com/tensord/tensord/go/shmclient"
@@ -23,7 +27,9 @@ import (
 func main() {
 	socket := flag.String("socket", "", "daemon socket (default: $TENSORD_SOCKET or the SPEC default)")
 	model := flag.String("model", "identity", "model to call")
-	mode := flag.String("mode", "roundtrip", "roundtrip | hang | latency")
+	mode := flag.String("mode", "roundtrip", "roundtrip | hang | latency | echo")
+	goroutines := flag.Int("goroutines", 8, "echo: concurrent callers on the one client")
+	procID := flag.Int64("id", 0, "echo: this process's number, part of every id it sends")
 	n := flag.Int("n", 100, "number of requests (roundtrip, latency)")
 	size := flag.Int("bytes", 4096, "payload bytes per request (roundtrip; latency uses 4096)")
 	timeout := flag.Duration("timeout", 60*time.Second, "overall time limit (not for hang)")
@@ -60,8 +66,10 @@ func main() {
 			x, m = shmclient.FromBytes(*input, []int64{1}, [][]byte{data}), *model
 		}
 		latency(ctx, c, m, x, *n)
+	case "echo":
+		echo(ctx, c, *model, *procID, *goroutines, *n)
 	default:
-		fail(fmt.Errorf("unknown -mode %q (want roundtrip, hang or latency)", *mode))
+		fail(fmt.Errorf("unknown -mode %q (want roundtrip, hang, latency or echo)", *mode))
 	}
 }
 
@@ -85,6 +93,39 @@ func roundtrip(ctx context.Context, c *shmclient.Client, model string, n, size i
 		}
 	}
 	fmt.Printf("ok %d\n", n)
+}
+
+// echo sends n requests from each of g goroutines, each an i64 [1,2] row (process id,
+// goroutine<<32 | request) that the model must return unchanged: with batching, a reply
+// that carried another request's rows would show.
+func echo(ctx context.Context, c *shmclient.Client, model string, proc int64, g, n int) {
+	var wg sync.WaitGroup
+	errs := make(chan error, g)
+	for w := 0; w < g; w++ {
+		wg.Add(1)
+		go func(w int64) {
+			defer wg.Done()
+			for i := int64(0); i < int64(n); i++ {
+				want := []int64{proc, w<<32 | i}
+				out, err := c.Infer(ctx, model, shmclient.FromInt64("x", []int64{1, 2}, want))
+				if err != nil {
+					errs <- fmt.Errorf("goroutine %d request %d: %w", w, i, err)
+					return
+				}
+				got := out[0].Int64s()
+				if len(got) != 2 || got[0] != want[0] || got[1] != want[1] {
+					errs <- fmt.Errorf("goroutine %d request %d: sent %v, got %v", w, i, want, got)
+					return
+				}
+			}
+		}(int64(w))
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		fail(err)
+	}
+	fmt.Printf("ok %d\n", g*n)
 }
 
 // hang publishes one request and then never reads its response, so a test can kill this

@@ -1,6 +1,8 @@
-// Command embed ranks sentences by meaning: it embeds a query and the sentences with the
-// daemon's all-MiniLM-L6-v2 model and prints the sentences by cosine similarity to the
-// query, most similar first. Without arguments it uses a built-in query and sentences.
+// Command embed ranks sentences by meaning: it embeds a query and the sentences with a
+// model served by the daemon's built-in text.embed handler (the example all-MiniLM-L6-v2,
+// or any model configured with source = "text.embed") and prints the sentences by cosine
+// similarity to the query, most similar first. The daemon tokenizes; this program sends
+// strings. Without arguments it uses a built-in query and sentences.
 //
 //	.venv/bin/tensord serve --config daemon/tensord/examples/models.toml
 //	go run ./examples/embed [-socket PATH] [-query TEXT] [-file LINES.txt] [sentence ...]
@@ -62,7 +64,11 @@ func main() {
 
 	// One request: the query is text 0, the sentences follow.
 	texts := append([]string{*query}, sentences...)
-	out, err := c.Infer(ctx, *model, shmclient.FromStrings("text", nil, texts))
+	input := shmclient.FromStrings("text", nil, texts)
+	if err := check(ctx, c, *model, input); err != nil {
+		log.Fatalf("embed: %v", err)
+	}
+	out, err := c.Infer(ctx, *model, input)
 	if errors.Is(err, shmclient.ErrUnknownModel) {
 		log.Fatalf("embed: %v\n(start the daemon with --config daemon/tensord/examples/models.toml)", err)
 	}
@@ -90,6 +96,21 @@ func main() {
 	for _, r := range results {
 		fmt.Printf("%7.4f  %s\n", r.score, r.sentence)
 	}
+}
+
+// check tests the texts against the model's published limits (texts per request, bytes per
+// text), when the daemon serves the model (otherwise Infer says it does not).
+func check(ctx context.Context, c *shmclient.Client, model string, input shmclient.Tensor) error {
+	models, err := c.Models(ctx)
+	if err != nil {
+		return err
+	}
+	for i := range models {
+		if models[i].Name == model {
+			return models[i].Check(input)
+		}
+	}
+	return nil
 }
 
 // cosine does not assume unit vectors, so any embedding model can be named with -model.

@@ -39,7 +39,7 @@ func main() {
 	}
 	fmt.Println("models:")
 	for _, m := range models {
-		fmt.Printf("  %-10s v%d on %-6s inputs %s -> outputs %s\n", m.Name, m.Version, m.Device, specs(m.Inputs), specs(m.Outputs))
+		fmt.Printf("  %-10s v%d %s on %-6s inputs %s -> outputs %s\n", m.Name, m.Version, m.Kind, m.Device, specs(m.Inputs), specs(m.Outputs))
 	}
 
 	x := shmclient.FromFloat32("x", []int64{2, 3}, []float32{1, 2, 3, 4, 5, 6})

@@ -1,0 +1,108 @@
+"""What clients may hold of the daemon: sessions and their shared memory, in all and per uid.
+
+Everything here runs on the control loop, one handshake at a time, and a session's bytes are
+counted from the moment it is admitted (before its memfd exists) until its connection
+closes, so concurrent handshakes can never together pass a budget meant for fewer of them.
+The host's and the cgroup's memory are checked too (transport/segment.py), less the bytes
+admitted but not yet allocated by the kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import DaemonConfig
+from ..contract.errors import ResourceError
+
+MiB = 1 << 20
+
+
+@dataclass
+class Grant:
+    """One admitted session: what it counts against the limits until released."""
+
+    uid: int
+    size: int
+    charged: bool = False  # its pages exist (posix_fallocate done): the kernel counts them
+
+
+@dataclass
+class _Usage:
+    sessions: int = 0
+    memory: int = 0
+
+
+@dataclass
+class Admission:
+    max_sessions: int
+    max_sessions_per_uid: int = 0
+    max_memory: int = 0
+    max_memory_per_uid: int = 0
+    sessions: int = 0
+    memory: int = 0  # bytes of every admitted session's segment
+    uncharged: int = 0  # of which the kernel has not allocated the pages yet
+    _by_uid: dict[int, _Usage] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: DaemonConfig) -> Admission:
+        return cls(cfg.max_sessions, cfg.max_sessions_per_uid, cfg.max_memory,
+                   cfg.max_memory_per_uid)
+
+    def admit(self, uid: int, size: int) -> Grant:
+        """Count a new session of `size` bytes for `uid`, or raise ResourceError (fatal) saying
+        which limit it would pass; its `reason` names the limit (a metrics label)."""
+        u = self._by_uid.get(uid) or _Usage()
+        if self.sessions >= self.max_sessions:
+            _refuse("sessions", f"the daemon already serves max_sessions={self.max_sessions} "
+                    "sessions; close idle clients or raise max_sessions")
+        if self.max_sessions_per_uid and u.sessions >= self.max_sessions_per_uid:
+            _refuse("sessions_per_uid", f"uid {uid} already has {u.sessions} sessions "
+                    f"(max_sessions_per_uid={self.max_sessions_per_uid}); share one client "
+                    "between threads or goroutines, or close idle ones")
+        if self.max_memory and self.memory + size > self.max_memory:
+            _refuse("memory", f"the session needs {_mib(size)} of shared memory, but sessions "
+                    f"hold {_mib(self.memory)} of max_memory={_mib(self.max_memory)}: ask for "
+                    "smaller rings (Go: WithRingSize) or close idle sessions")
+        if self.max_memory_per_uid and u.memory + size > self.max_memory_per_uid:
+            _refuse("memory_per_uid", f"the session needs {_mib(size)} of shared memory, but "
+                    f"uid {uid} holds {_mib(u.memory)} of max_memory_per_uid="
+                    f"{_mib(self.max_memory_per_uid)}: ask for smaller rings (Go: "
+                    "WithRingSize) or close idle sessions")
+        u.sessions += 1
+        u.memory += size
+        self._by_uid[uid] = u
+        self.sessions += 1
+        self.memory += size
+        self.uncharged += size
+        return Grant(uid, size)
+
+    def charged(self, g: Grant) -> None:
+        """The session's pages are allocated: the kernel's own counters include them now."""
+        if not g.charged:
+            g.charged = True
+            self.uncharged -= g.size
+
+    def release(self, g: Grant) -> None:
+        self.charged(g)
+        self.sessions -= 1
+        self.memory -= g.size
+        u = self._by_uid[g.uid]
+        u.sessions -= 1
+        u.memory -= g.size
+        if not u.sessions:
+            del self._by_uid[g.uid]
+
+    def of_uid(self, uid: int) -> tuple[int, int]:
+        """(sessions, bytes) the uid holds."""
+        u = self._by_uid.get(uid)
+        return (u.sessions, u.memory) if u else (0, 0)
+
+
+def _refuse(reason: str, message: str):
+    err = ResourceError(message, fatal=True)
+    err.reason = reason
+    raise err
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:.1f} MiB" if n % MiB else f"{n // MiB} MiB"
