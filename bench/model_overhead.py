@@ -25,14 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def in_process(photo: bytes, n: int) -> dict:
+    from tensord.config import load_config
     from tensord.contract.dtypes import ByteStrings
-    from tensord.examples.efficientnet import Classifier
-    from tensord.models.handler import HandlerModel, LoadContext
-    from tensord.models.signature import Signature
+    from tensord.models.loader import load_model
 
-    h = Classifier()
-    h.load(LoadContext(torch.device("cpu"), torch.float32, {}))
-    model = HandlerModel("efficientnet", h, Signature(h.inputs, h.outputs), "cpu")
+    # the example is a vision.classify config: load it as the daemon does, on the CPU
+    (mc,) = [m for m in load_config(str(ROOT / "daemon/tensord/examples/models.toml")).models
+             if m.name == "efficientnet"]
+    mc.device = "cpu"
+    model = load_model(mc)
     x = [ByteStrings([photo], (1,))]
     ts = []
     with torch.inference_mode():  # what a Python program calling the model itself would do

@@ -4,7 +4,14 @@ bench/bin/loadgen); see bench/README.md.
 
 Every server is started here, in its own process group, and stopped here (SIGTERM, then
 SIGKILL after a grace period) whatever happens; at the end the run checks that nothing it
-started is still running and that it left nothing in /dev/shm."""
+started is still running and that it left nothing in /dev/shm.
+
+Phases: floors (eventfd and busy-poll ping-pong, memcpy), headline (interleaved 4 KiB
+rounds), sweep (every server's matrix), idle (a daemon's CPU with 200 idle sessions),
+gobench (go/shmclient's Go benchmarks), hotpath (the daemon's per-request work,
+in-process: profile_daemon.py), batching (dynamic batching on and off: mlp and
+EfficientNet-Lite0, overhead at one caller, fairness under a flood), gateway
+(tensord-gateway's HTTP and gRPC against Flask+JSON and gRPC-UDS)."""
 
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +37,15 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PY = ROOT / ".venv" / "bin" / "python"
 LOADGEN = BENCH / "bin" / "loadgen"
+GATEWAY = BENCH / "bin" / "tensord-gateway"  # built by run.sh from go/cmd/tensord-gateway
 SERVERS = BENCH / "servers"
+EXAMPLES = ROOT / "daemon" / "tensord" / "examples" / "models.toml"
+IMAGE = ROOT / "tests" / "data" / "chelsea.jpg"  # 451x300 JPEG, 35 KB
 
 KiB, MiB = 1 << 10, 1 << 20
 HEADLINE = 4 * KiB  # the payload of the targets
+MLP_ROW = 64  # mlp's input at one row: f32 [1, 16]
+IDLE_SESSIONS, IDLE_PROCS = 200, 4
 
 
 @dataclass
@@ -54,6 +67,13 @@ class Profile:
     spin_us: int
     headline_rounds: int  # interleaved 4 KiB rounds (all servers up at once)
     headline_duration: float
+    idle_seconds: float = 5.0  # the idle-daemon CPU sample
+    hotpath_n: int = 20000  # requests per case of profile_daemon.py
+    batch_rounds: int = 3  # interleaved rounds of the batching phase
+    image_warmup: float = 1.0  # EfficientNet points: per caller
+    image_duration: float = 3.0
+    gateway_rounds: int = 3  # interleaved rounds of the gateway phase
+    gateway_sizes: tuple = (4 * KiB, 1 * MiB)
 
 
 QUICK = Profile(
@@ -78,7 +98,8 @@ FULL = Profile(
     callers=[1, 8, 64],
     warmup=0.5, duration=3.0, max_iters=200000, hard_cap=30.0,
     floor_duration=3.0, memcpy_duration=1.0, spin_us=100,
-    headline_rounds=7, headline_duration=1.0,
+    headline_rounds=7, headline_duration=1.0, idle_seconds=10.0, hotpath_n=100000,
+    batch_rounds=5, image_warmup=2.0, image_duration=8.0, gateway_rounds=5,
 )
 
 
@@ -95,6 +116,7 @@ class Server:
     argv: list[str]
     ready: object  # callable returning True once the server answers
     cwd: Path = ROOT
+    addr: str = ""
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
     pids: set[int] = field(default_factory=set)
@@ -273,6 +295,15 @@ def measure(server: Server, workdir: Path, pts: list[dict], results: list, error
 Label = tuple[str, str, str, int, int | None]  # label, transport, addr, spin µs, max payload
 
 
+def tensord_server(workdir: Path, tag: str, spin_us: int) -> Server:
+    sock = str(workdir / f"tensord-{tag}.sock")
+    cfg = workdir / f"tensord-{tag}.toml"
+    cfg.write_text(f"[daemon]\nspin_us = {spin_us}\nmax_sessions = 256\n")
+    return Server(f"tensord-{tag}", [str(PY), "-m", "tensord", "serve", "--socket", sock,
+                                     "--config", str(cfg), "--log-level", "WARNING"],
+                  unix_ready(sock), addr=sock)
+
+
 def server_specs(workdir: Path, spin_us: int, want, prof: Profile) -> list[tuple[Server,
                                                                                 list[Label]]]:
     """Every server of the run and the transports (labels) measured against it."""
@@ -280,12 +311,8 @@ def server_specs(workdir: Path, spin_us: int, want, prof: Profile) -> list[tuple
     modes = ([("block", 0)] if want("tensord") else []) + \
         ([(f"spin{spin_us}us", spin_us)] if want("tensord-spin") else [])
     for tag, spin in modes:
-        sock = str(workdir / f"tensord-{tag}.sock")
-        cfg = workdir / f"tensord-{tag}.toml"
-        cfg.write_text(f"[daemon]\nspin_us = {spin}\nmax_sessions = 256\n")
-        srv = Server(f"tensord-{tag}", [str(PY), "-m", "tensord", "serve", "--socket", sock,
-                                        "--config", str(cfg), "--log-level", "WARNING"],
-                     unix_ready(sock))
+        srv = tensord_server(workdir, tag, spin)
+        sock = srv.addr
         specs.append((srv, [(f"tensord-copy/{tag}", "tensord-copy", sock, spin, None),
                             (f"tensord-zerocopy/{tag}", "tensord-zerocopy", sock, spin, None)]))
     if want("msgpack"):
@@ -318,23 +345,33 @@ def run_headline(prof: Profile, specs, workdir: Path, errors: list) -> tuple[lis
     floor_rows: list[dict] = []
     started = []
     try:
-        for srv, _ in specs:
-            srv.start(workdir)
+        labels = []
+        for srv, lbs in specs:
+            try:
+                srv.start(workdir)
+            except RuntimeError as e:  # measure the others; the error goes in the report
+                log(str(e))
+                errors.append({"phase": "headline", "server": srv.name, "error": str(e)})
+                srv.stop()
+                continue
             started.append(srv)
-        labels = [lb for _, lbs in specs for lb in lbs]
+            labels += lbs
         for r in range(1, prof.headline_rounds + 1):
             log(f"headline round {r}/{prof.headline_rounds}")
             for f in run_loadgen(["floors", "--peer", f"{PY} {SERVERS / 'floor_peer.py'}",
-                                  "--only", "sem,sem-idle,spin",
+                                  "--only", "eventfd,eventfd-idle,spin",
                                   "--duration", f"{prof.headline_duration}s"], timeout=120):
                 f["round"] = r
                 floor_rows.append(f)
             order = labels if r % 2 else labels[::-1]
             pts = []
             for label, transport, addr, spin, _ in order:
+                # mlp at one row (64 B) beside identity for tensord's blocking labels: the
+                # cost of running a real model, measured in the same rounds.
+                mlp = [MLP_ROW] if label.startswith("tensord") and spin == 0 else []
                 pts += [dict(p, phase="headline", round=r, duration_ns=int(
                     prof.headline_duration * 1e9)) for p in points(
-                        Profile(**{**prof.__dict__, "sizes": [HEADLINE], "mlp_sizes": [],
+                        Profile(**{**prof.__dict__, "sizes": [HEADLINE], "mlp_sizes": mlp,
                                    "conc_sizes": []}), label, transport, addr, spin)]
             path = workdir / f"headline-{r}.json"
             path.write_text(json.dumps(pts))
@@ -347,6 +384,395 @@ def run_headline(prof: Profile, specs, workdir: Path, errors: list) -> tuple[lis
         for srv in started:
             srv.stop()
     return rows, floor_rows
+
+
+# -- dynamic batching ------------------------------------------------------------------------
+
+MLP_PROCS, MLP_PER_PROC = 8, 8  # the mlp throughput point: 8 processes x 8 goroutines
+IMAGE_CALLERS = (8, 32)
+FLOOD = 64  # goroutines of the flooding session in the fairness points
+EFFNET_BATCH, EFFNET_DELAY_US = 8, 2000
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a TOML basic string (no control characters here)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(f"no TOML for {v!r}")
+
+
+def model_toml(m: dict) -> str:
+    """One [[models]] entry; nested tables (options) as [models.<key>]."""
+    lines = ["[[models]]"] + [f"{k} = {toml_value(v)}" for k, v in m.items()
+                              if not isinstance(v, dict)]
+    for k, sub in m.items():
+        if isinstance(sub, dict):
+            lines += [f"[models.{k}]"] + [f"{kk} = {toml_value(vv)}" for kk, vv in sub.items()]
+    return "\n".join(lines) + "\n"
+
+
+def examples_available() -> str:
+    """'' when the examples extra (EfficientNet-Lite0's weights) is installed, else why not."""
+    p = subprocess.run([str(PY), "-c", "import tensord.examples.efficientnet as e; e.network"],
+                       capture_output=True, text=True, timeout=120)
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["?"])[-1]
+        return ("the examples extra is not installed (TENSORD_EXTRAS=test,bench,examples bash "
+                f"daemon/setup.sh): {last[:200]}")
+    return ""
+
+
+def batching_server(workdir: Path, variant: str, with_effnet: bool, threads: int = 0) -> Server:
+    """A blocking daemon for one variant of the batching phase: the built-in mlp (batched:
+    its default, up to 64 requests, no delay; unbatched: max_batch_size = 1) and, from the
+    examples config, EfficientNet-Lite0 on the CPU (batched: 8 images, 2 ms delay;
+    unbatched: max_batch_size = 1)."""
+    batched = variant == "batched"
+    sock = str(workdir / f"tensord-{variant}.sock")
+    cfg = workdir / f"tensord-{variant}.toml"
+    text = (f"[daemon]\nspin_us = 0\nmax_sessions = 256\nbuiltin_models = true\n"
+            f"threads = {threads}\n\n")
+    text += model_toml({"name": "mlp", "source": "builtin",
+                        "max_batch_size": 64 if batched else 1, "max_queue_delay_us": 0})
+    if with_effnet:
+        ex = tomllib.loads(EXAMPLES.read_text())
+        eff = dict(next(m for m in ex["models"] if m["name"] == "efficientnet"))
+        eff["device"] = "cpu"  # the CPU numbers; GPU targets are measured elsewhere
+        if batched:
+            eff.update(max_batch_size=EFFNET_BATCH, max_queue_delay_us=EFFNET_DELAY_US)
+        else:
+            eff.update(max_batch_size=1)
+        text += "\n" + model_toml(eff)
+    cfg.write_text(text)
+    return Server(f"tensord-{variant}", [str(PY), "-m", "tensord", "serve", "--socket", sock,
+                                         "--config", str(cfg), "--log-level", "WARNING"],
+                  unix_ready(sock), addr=sock)
+
+
+def batching_points(prof: Profile, variant: str, sock: str, rnd: int,
+                    with_effnet: bool) -> list[dict]:
+    """One round of one variant: mlp rows/s at 8x8, mlp at one caller, EfficientNet at 8
+    and 32 callers, and (batched only) the fairness points."""
+    base = {"transport": "tensord-copy", "addr": sock, "spin_ns": 0, "mode": "goroutines",
+            "warmup_ns": int(prof.warmup * 1e9), "duration_ns": int(prof.duration * 1e9),
+            "min_iters": 5, "max_iters": prof.max_iters * 4,
+            "hard_cap_ns": int(prof.hard_cap * 1e9), "phase": "batching", "round": rnd,
+            "variant": variant, "stats": sock}
+    mlp = dict(base, model="mlp", size=MLP_ROW)
+    pts = [dict(mlp, label="mlp-8x8", callers=MLP_PROCS, mode="processes",
+                per_proc=MLP_PER_PROC),
+           dict(mlp, label="mlp-1", callers=1, max_iters=prof.max_iters)]
+    if with_effnet:
+        for c in IMAGE_CALLERS:
+            pts.append(dict(base, label=f"effnet-{c}", model="efficientnet", kind="image",
+                            image=str(IMAGE), size=0, callers=c,
+                            warmup_ns=int(prof.image_warmup * 1e9),
+                            duration_ns=int(prof.image_duration * 1e9), min_iters=1,
+                            # 32 queued images at up to ~1 s a pass (an oversubscribed CPU):
+                            # each call may take that long (the call timeout is the cap)
+                            hard_cap_ns=int(max(30, 4 * prof.image_duration) * 1e9)))
+    if variant == "batched":
+        fair = dict(mlp, callers=1, max_iters=prof.max_iters)
+        pts += [dict(fair, label="fair-alone"),
+                dict(fair, label="fair-flood", flood=FLOOD),
+                dict(fair, label="fair-flood-high", flood=FLOOD, priority=1)]
+    return pts
+
+
+def run_batching(prof: Profile, workdir: Path, errors: list, servers: list,
+                 threads: int = 0) -> dict:
+    """Dynamic batching on and off, in one run: two daemons (batched, unbatched) up at once,
+    measured in interleaved rounds (order alternating), so background load hits both alike.
+    Each point also carries the daemon's model stats over its timed phase (mean batch size,
+    queue and compute time)."""
+    out: dict = {"rows": [], "skipped": {}, "config": {
+        "mlp_procs": MLP_PROCS, "mlp_per_proc": MLP_PER_PROC, "image_callers": IMAGE_CALLERS,
+        "flood": FLOOD, "effnet_batch": EFFNET_BATCH, "effnet_delay_us": EFFNET_DELAY_US,
+        "image": IMAGE.name, "image_bytes": IMAGE.stat().st_size if IMAGE.exists() else 0,
+        "threads": threads}}
+    why = examples_available()
+    if why:
+        out["skipped"]["efficientnet"] = why
+        log(f"batching: EfficientNet points skipped: {why}")
+    out["skipped"]["gpu"] = gpu_skip_reason()
+    srvs = {v: batching_server(workdir, v, not why, threads) for v in ("batched", "unbatched")}
+    servers += srvs.values()
+    started = []
+    try:
+        for srv in srvs.values():
+            srv.start(workdir, timeout=300)
+            started.append(srv)
+        variants = list(srvs)
+        for r in range(1, prof.batch_rounds + 1):
+            log(f"batching round {r}/{prof.batch_rounds}")
+            order = variants if r % 2 else variants[::-1]
+            pts = []
+            for v in order:
+                pts += batching_points(prof, v, srvs[v].addr, r, not why)
+            path = workdir / f"batching-{r}.json"
+            path.write_text(json.dumps(pts))
+            for row in run_loadgen(["run", "--points", str(path)], point_budget(pts)):
+                (errors if "error" in row else out["rows"]).append(row)
+    except RuntimeError as e:
+        log(str(e))
+        errors.append({"phase": "batching", "error": str(e)})
+    finally:
+        for srv in started:
+            srv.stop()
+    return out
+
+
+def gpu_skip_reason() -> str:
+    """Why the GPU targets are not measured here ('' if a GPU is visible to torch)."""
+    p = subprocess.run([str(PY), "-c", "import torch; print(torch.cuda.is_available())"],
+                       capture_output=True, text=True, timeout=120)
+    if p.stdout.strip() == "True":
+        return ("a GPU is visible, but this run measures the CPU variants only "
+                "(the GPU targets need a GPU run of their own)")
+    return "no CUDA GPU on this machine (torch.cuda.is_available() is False)"
+
+
+# -- tensord-gateway ---------------------------------------------------------------------
+
+
+def group_cpu_ns(pgid: int) -> int:
+    """CPU run time (ns, schedstat) of every thread of every process in process group pgid:
+    a server and its workers (gunicorn's)."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid:  # field 5 of stat(5): pgrp
+                continue
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                        total += int(f.read().split()[0])
+    return total
+
+
+def run_gateway(prof: Profile, workdir: Path, errors: list, servers: list) -> list[dict]:
+    """tensord-gateway (HTTP JSON, HTTP binary, gRPC over a Unix socket) in front of a
+    blocking tensord daemon, against the Flask+JSON and grpcio baselines and shmclient
+    itself, identity at 4 KiB and 1 MiB, one caller, in interleaved rounds with every server
+    up. Each point runs in its own loadgen so the servers' CPU per call (schedstat of their
+    process groups) can be put beside its latency: where the time goes."""
+    if not GATEWAY.exists():
+        errors.append({"phase": "gateway", "error": f"{GATEWAY} is missing: run bench/run.sh, "
+                       "which builds it"})
+        return []
+    daemon = tensord_server(workdir, "gw", 0)
+    http_addr = f"127.0.0.1:{free_port()}"
+    gw_grpc = str(workdir / "gateway-grpc.sock")
+    gw = Server("tensord-gateway", [str(GATEWAY), "-socket", daemon.addr, "-http", http_addr,
+                                    "-grpc", "unix:" + gw_grpc],
+                http_ready(f"http://{http_addr}/v2/health/ready"))
+    grpc_sock = str(workdir / "grpc-gw.sock")
+    grpc_srv = Server("grpc-gw", [str(PY), str(SERVERS / "grpc_server.py"), "--socket",
+                                  grpc_sock, "--threads", "8"], unix_ready(grpc_sock))
+    flask_addr = f"127.0.0.1:{free_port()}"
+    flask = Server("http-json-gw", [str(ROOT / ".venv" / "bin" / "gunicorn"), "-w", "1", "-k",
+                                    "gthread", "--threads", "8", "-b", flask_addr, "--timeout",
+                                    "120", "--log-level", "warning", "--chdir", str(SERVERS),
+                                    "http_app:app"],
+                   http_ready(f"http://{flask_addr}/v2/health/ready"))
+    # label, transport, addr, the servers whose CPU a call costs
+    labels = [("tensord-copy/block", "tensord-copy", daemon.addr, [daemon]),
+              ("gw-http-json", "gw-http-json", http_addr, [gw, daemon]),
+              ("gw-http-binary", "gw-http-binary", http_addr, [gw, daemon]),
+              ("gw-grpc", "gw-grpc", gw_grpc, [gw, daemon]),
+              ("grpc-uds", "grpc", grpc_sock, [grpc_srv]),
+              ("http-json", "http-json", flask_addr, [flask])]
+    order_srv = [daemon, gw, grpc_srv, flask]
+    servers += order_srv
+    rows: list[dict] = []
+    started = []
+    try:
+        for srv in order_srv:
+            srv.start(workdir)
+            started.append(srv)
+        for r in range(1, prof.gateway_rounds + 1):
+            log(f"gateway round {r}/{prof.gateway_rounds}")
+            order = labels if r % 2 else labels[::-1]
+            for size in prof.gateway_sizes:
+                for label, transport, addr, srvs in order:
+                    pt = {"transport": transport, "label": label, "addr": addr, "spin_ns": 0,
+                          "model": "identity", "size": size, "callers": 1,
+                          "mode": "goroutines", "warmup_ns": int(prof.warmup * 1e9),
+                          "duration_ns": int(prof.headline_duration * 1e9), "min_iters": 5,
+                          "max_iters": prof.max_iters, "hard_cap_ns": int(prof.hard_cap * 1e9),
+                          "phase": "gateway", "round": r}
+                    path = workdir / "gateway-point.json"
+                    path.write_text(json.dumps([pt]))
+                    cpu0 = {s.name: group_cpu_ns(s.proc.pid) for s in srvs}
+                    got = run_loadgen(["run", "--points", str(path)], point_budget([pt]))
+                    cpu1 = {s.name: group_cpu_ns(s.proc.pid) for s in srvs}
+                    for row in got:
+                        if "error" in row:
+                            errors.append(row)
+                            continue
+                        calls = row["count"] + row.get("warm_calls", 0)
+                        row["server_cpu_us"] = {
+                            ("daemon" if s is daemon else "gateway" if s is gw else "server"):
+                            (cpu1[s.name] - cpu0[s.name]) / 1e3 / max(1, calls) for s in srvs}
+                        rows.append(row)
+    except RuntimeError as e:
+        log(str(e))
+        errors.append({"phase": "gateway", "error": str(e)})
+    finally:
+        for srv in reversed(started):
+            srv.stop()
+    return rows
+
+
+# -- the daemon at rest, the Go client alone, the daemon's hot path alone ------------------
+
+
+def proc_cpu(pid: int) -> dict:
+    """A process's CPU so far: utime + stime from /proc/<pid>/stat (clock ticks), the
+    scheduler's own run time summed over its threads (ns, /proc/<pid>/task/*/schedstat), and
+    its threads' context switches."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+    run_ns = switches = threads = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                run_ns += int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        switches += int(line.split()[1])
+            threads += 1
+    return {"ticks": ticks, "run_ns": run_ns, "switches": switches, "threads": threads,
+            "t": time.monotonic()}
+
+
+def run_idle(prof: Profile, srv: Server, workdir: Path, errors: list) -> dict | None:
+    """A blocking daemon (spin_us = 0) with IDLE_SESSIONS connected, idle sessions, opened by
+    IDLE_PROCS `loadgen sessions` processes (each session makes one call first): the
+    daemon's CPU over prof.idle_seconds, as % of one core."""
+    clients: list[subprocess.Popen] = []
+    try:
+        srv.start(workdir)
+        per = [IDLE_SESSIONS // IDLE_PROCS + (i < IDLE_SESSIONS % IDLE_PROCS)
+               for i in range(IDLE_PROCS)]
+        for n in per:
+            clients.append(subprocess.Popen(
+                [str(LOADGEN), "sessions", "--addr", srv.addr, "--n", str(n)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                start_new_session=True))
+        for c in clients:
+            line = c.stdout.readline().strip()
+            if not line.startswith("connected"):
+                raise RuntimeError(f"idle sessions: a client process said {line!r}")
+        time.sleep(1.0)  # the handshakes' and first calls' after-effects settle
+        pid = srv.proc.pid
+        a = proc_cpu(pid)
+        time.sleep(prof.idle_seconds)
+        b = proc_cpu(pid)
+        wall = b["t"] - a["t"]
+        hz = os.sysconf("SC_CLK_TCK")
+        out = {"sessions": IDLE_SESSIONS, "client_procs": IDLE_PROCS, "seconds": round(wall, 2),
+               "cpu_pct": 100 * (b["ticks"] - a["ticks"]) / hz / wall,
+               "cpu_pct_schedstat": 100 * (b["run_ns"] - a["run_ns"]) / 1e9 / wall,
+               "context_switches": b["switches"] - a["switches"], "threads": b["threads"],
+               "tick_s": 1 / hz}
+        log(f"idle daemon, {IDLE_SESSIONS} sessions: {out['cpu_pct']:.2f}% of a core "
+            f"(schedstat {out['cpu_pct_schedstat']:.3f}%), {out['context_switches']} context "
+            f"switches in {wall:.1f} s, {out['threads']} threads")
+        return out
+    except (RuntimeError, OSError) as e:
+        log(f"idle measurement failed: {e}")
+        errors.append({"phase": "idle", "error": str(e)})
+        return None
+    finally:
+        for c in clients:
+            with contextlib.suppress(OSError):
+                c.stdin.close()
+        for c in clients:
+            try:
+                c.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(c.pid, signal.SIGKILL)
+                c.wait(5)
+        srv.stop()
+
+
+def parse_gobench(text: str) -> list[dict]:
+    """`go test -bench` lines -> {name, n, metrics: {unit: value}}."""
+    rows = []
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) < 4 or not f[0].startswith("Benchmark") or not f[1].isdigit():
+            continue
+        name = f[0].rsplit("-", 1)[0] if f[0].rsplit("-", 1)[-1].isdigit() else f[0]
+        metrics = {}
+        for v, unit in zip(f[2::2], f[3::2]):
+            with contextlib.suppress(ValueError):
+                metrics[unit] = float(v)
+        rows.append({"name": name, "n": int(f[1]), "metrics": metrics})
+    return rows
+
+
+def run_gobench(errors: list) -> list[dict]:
+    """go/shmclient's benchmarks (`go test -run XXX -bench . -benchmem`): the Go client's
+    round trip, CPU and allocations per call, against a daemon its TestMain starts."""
+    log("gobench: go test -bench . -benchmem in go/shmclient")
+    env = dict(os.environ, TENSORD_PYTHON=str(PY))
+    try:
+        p = subprocess.run(["go", "test", "-run", "XXX", "-bench", ".", "-benchmem"],
+                           cwd=ROOT / "go" / "shmclient", env=env, capture_output=True,
+                           text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        errors.append({"phase": "gobench", "error": "go test -bench ran past 600 s"})
+        return []
+    rows = parse_gobench(p.stdout)
+    for r in rows:
+        m = r["metrics"]
+        log(f"  {r['name']:32} {m.get('ns/op', 0):10.0f} ns/op  "
+            f"{m.get('allocs/op', float('nan')):4.0f} allocs/op  "
+            f"call-cpu {m.get('call-cpu-ns/op', float('nan')):7.0f} ns/op")
+    if p.returncode != 0:
+        fails = [ln for ln in p.stdout.splitlines() if ln.startswith(("--- FAIL", "FAIL"))]
+        errors.append({"phase": "gobench", "error": f"go test exited {p.returncode}: "
+                       + "; ".join(fails)[:300] + " " + p.stderr[-300:]})
+    return rows
+
+
+def run_hotpath(prof: Profile, errors: list) -> dict:
+    """profile_daemon.py: the daemon's take + execute per request, in-process."""
+    log("hotpath: the daemon's per-request work in-process (profile_daemon.py)")
+    try:
+        p = subprocess.run([str(PY), str(BENCH / "profile_daemon.py"), "--json", "--n",
+                            str(prof.hotpath_n)], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        errors.append({"phase": "hotpath", "error": "profile_daemon.py ran past 300 s"})
+        return {}
+    if p.returncode != 0:
+        errors.append({"phase": "hotpath", "error": p.stderr[-400:]})
+        return {}
+    out: dict = {"cases": [], "steps": []}
+    for line in p.stdout.splitlines():
+        if line.startswith("{"):
+            d = json.loads(line)
+            if "hotpath" in d:
+                out["cases"].append(d["hotpath"])
+                log(f"  {d['hotpath']['case']:24} p50 {d['hotpath']['p50_us']:.2f} µs")
+            else:
+                out["steps"].append(d["hotpath_step"])
+                out["steps_case"] = d["case"]
+    return out
 
 
 # -- cleanliness -----------------------------------------------------------------------------
@@ -404,11 +830,15 @@ def machine() -> dict:
             return ""
 
     versions = cmd(str(PY), "-c",
-                   "import torch, grpc, flask, gunicorn, msgpack, posix_ipc, sys;"
+                   "import torch, grpc, flask, gunicorn, msgpack, sys;"
                    "print(sys.version.split()[0], torch.__version__, grpc.__version__,"
                    " flask.__version__, gunicorn.__version__,"
-                   " '.'.join(map(str, msgpack.version)), posix_ipc.VERSION)").split()
-    names = ["python", "torch", "grpcio", "flask", "gunicorn", "msgpack", "posix_ipc"]
+                   " '.'.join(map(str, msgpack.version)))").split()
+    names = ["python", "torch", "grpcio", "flask", "gunicorn", "msgpack"]
+    # An exported tree (git archive) is no repository: TENSORD_BENCH_COMMIT names it.
+    commit = os.environ.get("TENSORD_BENCH_COMMIT") or cmd("git", "rev-parse", "--short", "HEAD")
+    dirty = (not os.environ.get("TENSORD_BENCH_COMMIT")
+             and bool(cmd("git", "status", "--porcelain")))
     return {
         "host": socket.gethostname(),
         "cpu": cpu,
@@ -420,8 +850,8 @@ def machine() -> dict:
         if Path("/sys/devices/system/clocksource/clocksource0/current_clocksource").exists()
         else "",
         "go": cmd("go", "version"),
-        "commit": cmd("git", "rev-parse", "--short", "HEAD"),
-        "dirty": bool(cmd("git", "status", "--porcelain")),
+        "commit": commit,
+        "dirty": dirty,
         **dict(zip(names, versions)),
     }
 
@@ -435,10 +865,14 @@ def main() -> int:
     g.add_argument("--quick", action="store_true", help="a few minutes (the default)")
     g.add_argument("--full", action="store_true", help="more sizes, longer points")
     ap.add_argument("--only", default="", help="comma-separated phases (floors, headline, "
-                    "sweep) and/or servers (tensord, tensord-spin, msgpack, grpc, http)")
+                    "sweep, idle, gobench, hotpath, batching, gateway) and/or servers "
+                    "(tensord, tensord-spin, msgpack, grpc, http)")
     ap.add_argument("--spin-us", type=int, default=None,
                     help="spin budget of the spin-then-block runs "
                     "(daemon spin_us and Go WithSpin)")
+    ap.add_argument("--batch-threads", type=int, default=0, metavar="N",
+                    help="daemon `threads` of the batching phase's daemons (0: the daemon's "
+                    "default, the cores it may use)")
     ap.add_argument("--out", default=str(BENCH / "results"), help="results directory")
     ap.add_argument("--readme", action="store_true",
                     help="also put this run's tables and plots into bench/README.md")
@@ -448,8 +882,9 @@ def main() -> int:
     prof = FULL if args.full else QUICK
     spin_us = args.spin_us if args.spin_us is not None else prof.spin_us
     only = {s for s in args.only.split(",") if s}
-    phases, kinds = {"floors", "headline", "sweep"}, {"tensord", "tensord-spin", "msgpack",
-                                                      "grpc", "http"}
+    phases = {"floors", "headline", "sweep", "idle", "gobench", "hotpath", "batching",
+              "gateway"}
+    kinds = {"tensord", "tensord-spin", "msgpack", "grpc", "http"}
     if only - phases - kinds:
         ap.error(f"--only: unknown {sorted(only - phases - kinds)}")
 
@@ -486,9 +921,16 @@ def main() -> int:
     servers = [srv for srv, _ in specs]
     headline: list[dict] = []
     headline_floors: list[dict] = []
+    idle: dict | None = None
+    gobench: list[dict] = []
+    hotpath: dict = {}
+    batching: dict = {}
+    gateway: list[dict] = []
     try:
+        if want("hotpath"):
+            hotpath = run_hotpath(prof, errors)
         if want("floors"):
-            log("floors: semaphore ping-pong, busy-poll ping-pong, memcpy")
+            log("floors: eventfd ping-pong, busy-poll ping-pong, memcpy")
             floors = run_loadgen(
                 ["floors", "--peer", f"{PY} {SERVERS / 'floor_peer.py'}",
                  "--duration", f"{prof.floor_duration}s",
@@ -502,6 +944,16 @@ def main() -> int:
             for label, transport, addr, spin, max_size in labels:
                 pts += points(prof, label, transport, addr, spin, max_size=max_size)
             measure(srv, workdir, pts, results, errors)
+        if want("idle") and want("tensord"):
+            idle_srv = tensord_server(workdir, "idle", 0)
+            servers.append(idle_srv)
+            idle = run_idle(prof, idle_srv, workdir, errors)
+        if want("batching"):
+            batching = run_batching(prof, workdir, errors, servers, args.batch_threads)
+        if want("gateway"):
+            gateway = run_gateway(prof, workdir, errors, servers)
+        if want("gobench"):
+            gobench = run_gobench(errors)
     except KeyboardInterrupt:
         log("interrupted; stopping every server")
         errors.append({"error": "interrupted"})
@@ -532,7 +984,9 @@ def main() -> int:
     if prof.name != "quick":
         stem += f"-{prof.name}"
     doc = {"meta": meta, "floors": floors, "headline": headline,
-           "headline_floors": headline_floors, "points": results, "errors": errors}
+           "headline_floors": headline_floors, "points": results, "idle": idle,
+           "gobench": gobench, "hotpath": hotpath, "batching": batching, "gateway": gateway,
+           "errors": errors}
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(doc, indent=1))
     log(f"wrote {json_path} ({len(results)} points, {len(errors)} errors)")

@@ -1,6 +1,7 @@
 """The models every baseline serves: tensord's own built-in `identity` and `mlp`, run through
-tensord's Executor (forward under inference_mode, output checks, contiguous CPU outputs), so a
-baseline differs from tensord only in how tensors travel."""
+tensord's Executor (forward under inference_mode, output checks, contiguous CPU outputs) in the
+server's request thread, so a baseline differs from tensord only in how tensors travel (and
+pays no hand-off to a model worker: tensord runs tiny models in its dispatcher too)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,14 @@ import warnings
 import torch
 
 from tensord.contract.dtypes import from_torch, lookup
-from tensord.executor import Executor
 from tensord.models.builtin import builtin_models
+from tensord.serving.executor import Executor
 
 # torch.frombuffer on a read-only buffer (bytes from a protobuf or msgpack message) warns that
 # writes would be undefined; the models never write their inputs.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 MODELS = {m.name: m for m in builtin_models()}
-_executor = Executor()
 
 
 class UnknownModel(KeyError):
@@ -41,8 +41,8 @@ def run(model_name: str, inputs: list[torch.Tensor]) -> list[tuple[str, str, tor
         model = MODELS[model_name]
     except KeyError:
         raise UnknownModel(model_name) from None
-    with torch.inference_mode():  # tensord's session threads run under it too
-        outputs, dtypes = _executor.run(model, inputs)
+    with torch.inference_mode():  # tensord's model workers run under it too
+        outputs, dtypes = Executor.run(model, inputs)
     names = [s.name for s in model.signature.outputs]
     return list(zip(names, dtypes, outputs))
 

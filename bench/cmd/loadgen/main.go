@@ -4,6 +4,11 @@
 //	loadgen run --points points.json            # points from run.py, one JSON result per line
 //	loadgen run --transport grpc --addr /tmp/g.sock --model identity --sizes 16,4096 --callers 1,8
 //	loadgen floors --peer ".venv/bin/python bench/servers/floor_peer.py" --sizes 16,4096
+//	loadgen run --transport tensord-copy --addr /tmp/t.sock --model mlp --sizes 64 --callers 8 --mode processes --per-proc 8 --stats /tmp/t.sock
+//	loadgen run --transport tensord-copy --addr /tmp/t.sock --model efficientnet --kind image --image tests/data/chelsea.jpg --callers 8
+//	loadgen run --transport tensord-copy --addr /tmp/t.sock --model mlp --sizes 64 --flood 64   # one caller beside a flooding session
+//	loadgen stats --addr /tmp/t.sock              # every model's scheduling counters, as JSON
+//	loadgen sessions --addr /tmp/t.sock --n 50  # hold 50 idle sessions until stdin closes
 //	loadgen worker                              # internal: one caller process of --mode processes
 //
 // bench/run.sh starts the servers and calls these; see bench/README.md.
@@ -26,6 +31,8 @@ import (
 
 	"github.com/tensord/tensord/bench/internal/floor"
 	"github.com/tensord/tensord/bench/internal/harness"
+	"github.com/tensord/tensord/bench/internal/transport"
+	"github.com/tensord/tensord/go/shmclient"
 )
 
 func main() {
@@ -40,6 +47,10 @@ func main() {
 		err = cmdRun(ctx, os.Args[2:])
 	case "floors":
 		err = cmdFloors(ctx, os.Args[2:])
+	case "sessions":
+		err = cmdSessions(ctx, os.Args[2:])
+	case "stats":
+		err = cmdStats(ctx, os.Args[2:])
 	case "worker":
 		err = harness.Worker(ctx, os.Stdin, os.Stdout)
 	default:
@@ -52,7 +63,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: loadgen run|floors|worker [flags]  (see bench/README.md)")
+	fmt.Fprintln(os.Stderr, "usage: loadgen run|floors|stats|sessions|worker [flags]  (see bench/README.md)")
 	os.Exit(2)
 }
 
@@ -81,10 +92,16 @@ func ints(s string) ([]int, error) {
 func cmdRun(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("run", flag.ExitOnError)
 	pointsFile := fs.String("points", "", "JSON array of points (- for stdin); overrides the matrix flags")
-	tr := fs.String("transport", "", "tensord-copy, tensord-zerocopy, grpc, http-json or msgpack-uds")
+	tr := fs.String("transport", "", strings.Join(transport.Kinds, ", "))
 	addr := fs.String("addr", "", "server socket path or host:port")
 	spin := fs.Duration("spin", 0, "shmclient spin budget")
-	model := fs.String("model", "identity", "identity or mlp")
+	model := fs.String("model", "identity", "the model's name (identity, mlp, or any a daemon serves)")
+	kind := fs.String("kind", "", "payload: identity, mlp (f32 rows of 16) or image (--image as a bytes tensor); default: the model's name")
+	image := fs.String("image", "", "kind image: the encoded image file to send")
+	perProc := fs.Int("per-proc", 1, "--mode processes: goroutines per process")
+	flood := fs.Int("flood", 0, "goroutines of a second session flooding the same model meanwhile")
+	priority := fs.Int("priority", 0, "1: tensord requests at high priority")
+	stats := fs.String("stats", "", "tensord socket: report the model's stats over each point")
 	sizes := fs.String("sizes", "16,4Ki", "payload sizes in bytes (Ki, Mi suffixes)")
 	callers := fs.String("callers", "1", "concurrent callers")
 	mode := fs.String("mode", harness.Goroutines, "goroutines or processes")
@@ -133,7 +150,8 @@ func cmdRun(ctx context.Context, args []string) error {
 			for _, c := range cs {
 				points = append(points, harness.Point{Transport: *tr, Addr: *addr, Spin: *spin, Model: *model,
 					Size: s, Callers: c, Mode: *mode, Warmup: *warmup, Duration: *dur, MinIters: 5,
-					MaxIters: *maxIters, HardCap: 10 * *dur})
+					MaxIters: *maxIters, HardCap: 10 * *dur, Kind: *kind, Image: *image, PerProc: *perProc,
+					Flood: *flood, Priority: *priority, Stats: *stats})
 			}
 		}
 	}
@@ -161,8 +179,18 @@ func cmdRun(ctx context.Context, args []string) error {
 		if err := enc.Encode(r); err != nil {
 			return err
 		}
-		fmt.Fprintf(os.Stderr, "  %-28s %-8s %9d B x%-2d %-10s p50 %9.1f us  p99 %9.1f us  %9.0f req/s  n=%d err=%d\n",
+		fmt.Fprintf(os.Stderr, "  %-28s %-12s %9d B x%-2d %-10s p50 %9.1f us  p99 %9.1f us  %9.0f req/s  n=%d err=%d",
 			p.Label, p.Model, p.Size, p.Callers, p.Mode, r.P50, r.P99, r.ThroughputRPS, r.Count, r.Errors)
+		if r.Flood != nil {
+			fmt.Fprintf(os.Stderr, "  flood x%d %.0f req/s p99 %.0f us", r.Flood.Callers, r.Flood.ThroughputRPS, r.Flood.P99)
+		}
+		if m := r.ModelStats; m != nil {
+			fmt.Fprintf(os.Stderr, "  batch %.1f queue %.0f us pass %.0f us", m.MeanBatch, m.QueueUS, m.ComputeUS)
+		}
+		if r.FirstError != "" {
+			fmt.Fprintf(os.Stderr, "  first error: %s", r.FirstError)
+		}
+		fmt.Fprintln(os.Stderr)
 	}
 	return nil
 }
@@ -184,7 +212,7 @@ func readAll(f *os.File) ([]byte, error) {
 
 // FloorResult is one floor measurement.
 type FloorResult struct {
-	Floor string  `json:"floor"` // sem, spin, memcpy
+	Floor string  `json:"floor"` // eventfd, eventfd-idle, spin, memcpy
 	Size  int     `json:"size,omitempty"`
 	Count int64   `json:"count"`
 	P50   float64 `json:"p50_us"`
@@ -217,8 +245,8 @@ func cmdFloors(ctx context.Context, args []string) error {
 	dur := fs.Duration("duration", time.Second, "time per ping-pong floor")
 	memDur := fs.Duration("memcpy-duration", 300*time.Millisecond, "memcpy time per size")
 	iters := fs.Int("max-iters", 200000, "most round trips per floor")
-	which := fs.String("only", "sem,sem-idle,spin,memcpy", "floors to measure")
-	gap := fs.Duration("idle-gap", time.Millisecond, "pause before each sem-idle round")
+	which := fs.String("only", "eventfd,eventfd-idle,spin,memcpy", "floors to measure")
+	gap := fs.Duration("idle-gap", time.Millisecond, "pause before each eventfd-idle round")
 	_ = fs.Parse(args)
 	enc := json.NewEncoder(os.Stdout)
 	want := map[string]bool{}
@@ -226,36 +254,36 @@ func cmdFloors(ctx context.Context, args []string) error {
 		want[w] = true
 	}
 	peerCmd := strings.Fields(*peer)
-	if (want["sem"] || want["sem-idle"] || want["spin"]) && len(peerCmd) == 0 {
-		return fmt.Errorf("floors: --peer is required for sem and spin")
+	if (want["eventfd"] || want["eventfd-idle"] || want["spin"]) && len(peerCmd) == 0 {
+		return fmt.Errorf("floors: --peer is required for eventfd and spin")
 	}
 	lim := floor.Limits{Warmup: 200, MaxIters: *iters, Duration: *dur}
-	if want["sem"] {
-		h, err := floor.SemPingPong(ctx, peerCmd, lim)
+	if want["eventfd"] {
+		h, err := floor.EventfdPingPong(ctx, peerCmd, lim)
 		if err != nil {
-			return fmt.Errorf("semaphore floor: %w", err)
+			return fmt.Errorf("eventfd floor: %w", err)
 		}
-		r, err := floorResult("sem", 0, h, 1e3)
+		r, err := floorResult("eventfd", 0, h, 1e3)
 		if err != nil {
 			return err
 		}
 		_ = enc.Encode(r)
-		fmt.Fprintf(os.Stderr, "  floor sem   p50 %7.2f us  p99 %7.2f us  n=%d\n", r.P50, r.P99, r.Count)
+		fmt.Fprintf(os.Stderr, "  floor eventfd      p50 %7.2f us  p99 %7.2f us  n=%d\n", r.P50, r.P99, r.Count)
 	}
-	if want["sem-idle"] {
+	if want["eventfd-idle"] {
 		lim := lim
 		lim.Gap = *gap
 		lim.Warmup = 20
-		h, err := floor.SemPingPong(ctx, peerCmd, lim)
+		h, err := floor.EventfdPingPong(ctx, peerCmd, lim)
 		if err != nil {
-			return fmt.Errorf("semaphore floor (idle): %w", err)
+			return fmt.Errorf("eventfd floor (idle): %w", err)
 		}
-		r, err := floorResult("sem-idle", 0, h, 1e3)
+		r, err := floorResult("eventfd-idle", 0, h, 1e3)
 		if err != nil {
 			return err
 		}
 		_ = enc.Encode(r)
-		fmt.Fprintf(os.Stderr, "  floor sem-idle p50 %7.2f us  p99 %7.2f us  n=%d (after %v idle)\n", r.P50, r.P99, r.Count, *gap)
+		fmt.Fprintf(os.Stderr, "  floor eventfd-idle p50 %7.2f us  p99 %7.2f us  n=%d (after %v idle)\n", r.P50, r.P99, r.Count, *gap)
 	}
 	if want["spin"] {
 		lim := lim
@@ -292,4 +320,31 @@ func cmdFloors(ctx context.Context, args []string) error {
 		}
 	}
 	return nil
+}
+
+// cmdStats prints every model's scheduling counters (shmclient.Stats) as one JSON line.
+func cmdStats(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("stats", flag.ExitOnError)
+	addr := fs.String("addr", "", "tensord socket (default: $TENSORD_SOCKET, ...)")
+	_ = fs.Parse(args)
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	c, err := shmclient.Dial(dctx, *addr, shmclient.WithRingSize(1<<16, 1<<16), shmclient.WithName("tensord-bench-stats"))
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	st, err := c.Stats(dctx)
+	if err != nil {
+		return err
+	}
+	type row struct {
+		shmclient.ModelStats
+		MeanBatch float64 `json:"mean_batch"`
+	}
+	out := make([]row, len(st))
+	for i, m := range st {
+		out[i] = row{m, m.MeanBatchSize()}
+	}
+	return json.NewEncoder(os.Stdout).Encode(out)
 }

@@ -10,33 +10,32 @@ import (
 	"unsafe"
 
 	hdrhistogram "github.com/HdrHistogram/hdrhistogram-go"
+	"golang.org/x/sys/unix"
 )
 
 // SpinPingPong measures round trips Go -> Python -> Go on two u64 counters in shared
-// memory, both sides busy-polling (no system call at all): the spinning floor. Go stores
-// ping (offset 0), the peer copies it into pong (offset 64, its own cache line).
+// memory (a memfd handed to the peer as fd 3), both sides busy-polling, no system call at
+// all: the spinning floor. Go stores ping (offset 0), the peer copies it into pong
+// (offset 64, its own cache line).
 func SpinPingPong(ctx context.Context, peerCmd []string, lim Limits) (*hdrhistogram.Histogram, error) {
-	path := fmt.Sprintf("/dev/shm/tdbench-%d-spin", os.Getpid())
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	fd, err := unix.MemfdCreate("tdbench-floor-spin", unix.MFD_CLOEXEC)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("memfd_create: %w", err)
 	}
-	defer os.Remove(path)
+	f := os.NewFile(uintptr(fd), "floor-spin")
+	defer f.Close()
 	if err := f.Truncate(4096); err != nil {
-		f.Close()
 		return nil, err
 	}
-	mem, err := syscall.Mmap(int(f.Fd()), 0, 4096, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED)
-	f.Close()
+	mem, err := syscall.Mmap(fd, 0, 4096, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED)
 	if err != nil {
 		return nil, err
 	}
 	defer syscall.Munmap(mem)
 	ping := (*uint64)(unsafe.Pointer(&mem[0]))
 	pong := (*uint64)(unsafe.Pointer(&mem[64]))
-	argv := append(append([]string{}, peerCmd...), "spin", path, "--idle", "1")
-	p, err := startPeer(ctx, argv)
-	os.Remove(path)
+	argv := append(append([]string{}, peerCmd...), "spin", "--idle", "1")
+	p, err := startPeer(ctx, argv, []*os.File{f})
 	if err != nil {
 		return nil, err
 	}

@@ -14,8 +14,6 @@ import (
 	"time"
 
 	hdrhistogram "github.com/HdrHistogram/hdrhistogram-go"
-
-	"github.com/tensord/tensord/bench/internal/transport"
 )
 
 // workerReport is what a worker process prints when it is done.
@@ -44,8 +42,9 @@ func RunProcesses(ctx context.Context, p Point) (*Result, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.Warmup+p.HardCap+90*time.Second)
 	defer cancel() // kills every worker still running (exec.CommandContext)
 	one := p
-	one.Callers = 1
+	one.Callers = max(1, p.PerProc)
 	one.MaxIters = max(1, p.MaxIters/p.Callers)
+	one.Stats = "" // sampled here, around every worker's timed phase
 	spec, err := json.Marshal(one)
 	if err != nil {
 		return nil, err
@@ -108,6 +107,9 @@ func RunProcesses(ctx context.Context, p Point) (*Result, error) {
 	}); err != nil {
 		return nil, fmt.Errorf("%s %s %d B x%d processes: %w", p.Transport, p.Model, p.Size, p.Callers, err)
 	}
+	probe := openProbe(ctx, p)
+	defer probe.close()
+	probe.before(ctx)
 	for _, w := range workers {
 		if _, err := io.WriteString(w.stdin, "GO\n"); err != nil {
 			return nil, err
@@ -136,7 +138,13 @@ func RunProcesses(ctx context.Context, p Point) (*Result, error) {
 		}
 		elapsed = max(elapsed, time.Duration(rep.ElapsedNS))
 	}
-	return merge(p, stats, elapsed)
+	ms := probe.after(ctx)
+	r, err := merge(p, stats, elapsed)
+	if err != nil {
+		return nil, err
+	}
+	r.ModelStats = ms
+	return r, nil
 }
 
 func each(ws []*worker, f func(int, *worker) error) error {
@@ -153,8 +161,9 @@ func each(ws []*worker, f func(int, *worker) error) error {
 	return errors.Join(errs...)
 }
 
-// Worker is the body of a worker process: it reads its Point from stdin, connects, warms
-// up, prints READY, waits for GO, measures and prints its report.
+// Worker is the body of a worker process: it reads its Point from stdin (Callers is the
+// goroutines it runs on one connection), connects, warms up, prints READY, waits for GO,
+// measures and prints its report.
 func Worker(ctx context.Context, in io.Reader, out io.Writer) error {
 	lines := bufio.NewScanner(in)
 	lines.Buffer(make([]byte, 1<<20), 1<<20)
@@ -165,25 +174,13 @@ func Worker(ctx context.Context, in io.Reader, out io.Writer) error {
 	if err := json.Unmarshal(lines.Bytes(), &p); err != nil {
 		return fmt.Errorf("worker: %w", err)
 	}
-	payload, err := transport.NewPayload(p.Model, p.Size)
-	if err != nil {
-		return err
-	}
-	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	tr, err := transport.Open(dctx, transport.Config{Kind: p.Transport, Addr: p.Addr, Spin: p.Spin, MaxPayload: p.Size, Callers: 1})
+	g, err := openGroup(ctx, p, max(1, p.Callers))
 	if err != nil {
 		fmt.Fprintf(out, "connect: %v\n", err)
 		return err
 	}
-	defer tr.Close()
-	c, err := tr.NewCaller()
-	if err != nil {
-		fmt.Fprintf(out, "caller: %v\n", err)
-		return err
-	}
-	defer c.Close()
-	if err := warm(ctx, c, p, payload); err != nil {
+	defer g.close()
+	if _, err := g.warm(ctx, p); err != nil {
 		fmt.Fprintf(out, "%v\n", err)
 		return err
 	}
@@ -191,15 +188,16 @@ func Worker(ctx context.Context, in io.Reader, out io.Writer) error {
 	if !lines.Scan() || lines.Text() != "GO" {
 		return fmt.Errorf("worker: no GO")
 	}
-	st := measure(ctx, c, p, payload, p.MaxIters)
-	enc, err := st.h.Encode(hdrhistogram.V2CompressedEncodingCookieBase)
+	stats, _ := g.measure(ctx, p)
+	var elapsed time.Duration
+	for _, st := range stats {
+		elapsed = max(elapsed, st.elapsed)
+	}
+	r, err := merge(p, stats, elapsed)
 	if err != nil {
 		return err
 	}
-	rep := workerReport{Histogram: string(enc), Errors: st.errors, ElapsedNS: int64(st.elapsed)}
-	if st.firstErr != nil {
-		rep.FirstError = st.firstErr.Error()
-	}
+	rep := workerReport{Histogram: r.Histogram, Errors: r.Errors, FirstError: r.FirstError, ElapsedNS: int64(elapsed)}
 	b, err := json.Marshal(rep)
 	if err != nil {
 		return err

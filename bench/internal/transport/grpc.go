@@ -40,6 +40,9 @@ type grpcCaller struct{ t *grpcTransport }
 func (c *grpcCaller) Close() error { return nil }
 
 func (c *grpcCaller) Call(ctx context.Context, p *Payload) error {
+	if err := p.needF32(GRPC); err != nil {
+		return err
+	}
 	resp, err := c.t.client.Infer(ctx, &pb.InferRequest{
 		Model:            p.Model,
 		Inputs:           []*pb.TensorMeta{{Name: "x", Datatype: "f32", Shape: p.Shape}},

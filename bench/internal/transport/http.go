@@ -60,6 +60,9 @@ type httpCaller struct {
 func (c *httpCaller) Close() error { return nil }
 
 func (c *httpCaller) Call(ctx context.Context, p *Payload) error {
+	if err := p.needF32(HTTPJSON); err != nil {
+		return err
+	}
 	c.buf.Reset()
 	err := json.NewEncoder(&c.buf).Encode(jsonRequest{Inputs: []jsonTensor{{Name: "x", Datatype: "f32", Shape: p.Shape, Data: p.Floats}}})
 	if err != nil {

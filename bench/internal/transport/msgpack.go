@@ -60,6 +60,9 @@ type msgpackCaller struct {
 func (c *msgpackCaller) Close() error { return c.conn.Close() }
 
 func (c *msgpackCaller) Call(ctx context.Context, p *Payload) error {
+	if err := p.needF32(Msgpack); err != nil {
+		return err
+	}
 	if dl, ok := ctx.Deadline(); ok {
 		_ = c.conn.SetDeadline(dl)
 	}

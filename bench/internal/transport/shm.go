@@ -13,6 +13,7 @@ import (
 type shmTransport struct {
 	c        *shmclient.Client
 	zeroCopy bool
+	high     bool // requests at shmclient.PriorityHigh
 }
 
 const maxRing = 512 << 20
@@ -40,7 +41,7 @@ func openShm(ctx context.Context, cfg Config) (Transport, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &shmTransport{c: c, zeroCopy: cfg.Kind == ShmZeroCopy}, nil
+	return &shmTransport{c: c, zeroCopy: cfg.Kind == ShmZeroCopy, high: cfg.Priority > 0}, nil
 }
 
 func (t *shmTransport) NewCaller() (Caller, error) {
@@ -53,25 +54,53 @@ type shmCaller struct{ t *shmTransport }
 
 func (c *shmCaller) Close() error { return nil }
 
+func dtypeOf(p *Payload) shmclient.DType {
+	if p.Bytes {
+		return shmclient.Bytes
+	}
+	return shmclient.F32
+}
+
 func (c *shmCaller) Call(ctx context.Context, p *Payload) error {
+	if c.t.high {
+		ctx = shmclient.WithPriority(ctx, shmclient.PriorityHigh)
+	}
 	if c.t.zeroCopy {
 		return c.callZeroCopy(ctx, p)
 	}
-	out, err := c.t.c.Infer(ctx, p.Model, shmclient.Tensor{Name: "x", DType: shmclient.F32, Shape: p.Shape, Data: p.Data})
+	out, err := c.t.c.Infer(ctx, p.Model, shmclient.Tensor{Name: p.Input, DType: dtypeOf(p), Shape: p.Shape, Data: p.Data})
 	if err != nil {
 		return err
 	}
-	if len(out) != 1 {
-		return fmt.Errorf("%d outputs, want 1", len(out))
+	return checkOutputs(p, out)
+}
+
+// checkOutputs checks a response's outputs: their number, and each one's shape (images) or
+// the one output's shape, size and probes (identity, mlp).
+func checkOutputs(p *Payload, outs []shmclient.Tensor) error {
+	if len(outs) != p.NOut {
+		return fmt.Errorf("%d outputs, want %d", len(outs), p.NOut)
 	}
-	return p.CheckBytes(out[0].Shape, out[0].Data)
+	if p.Kind == KindImage {
+		for _, o := range outs {
+			if err := p.CheckShape(o.Shape); err != nil {
+				return fmt.Errorf("output %s: %w", o.Name, err)
+			}
+		}
+		return nil
+	}
+	return p.CheckBytes(outs[0].Shape, outs[0].Data)
 }
 
 // callZeroCopy reserves the request record, writes the input straight into shared memory
 // (the one copy any producer pays: it has to put its numbers somewhere), and checks the
 // output where it lies in the response ring, releasing it afterwards.
 func (c *shmCaller) callZeroCopy(ctx context.Context, p *Payload) error {
-	req, err := c.t.c.NewRequest(ctx, p.Model, shmclient.TensorSpec{Name: "x", DType: shmclient.F32, Shape: p.Shape})
+	spec := shmclient.TensorSpec{Name: p.Input, DType: dtypeOf(p), Shape: p.Shape}
+	if p.Bytes {
+		spec.NBytes = int64(len(p.Data))
+	}
+	req, err := c.t.c.NewRequest(ctx, p.Model, spec)
 	if err != nil {
 		return err
 	}
@@ -81,9 +110,5 @@ func (c *shmCaller) callZeroCopy(ctx context.Context, p *Payload) error {
 		return err
 	}
 	defer resp.Release()
-	if len(resp.Outputs) != 1 {
-		return fmt.Errorf("%d outputs, want 1", len(resp.Outputs))
-	}
-	o := resp.Outputs[0]
-	return p.CheckBytes(o.Shape, o.Data)
+	return checkOutputs(p, resp.Outputs)
 }

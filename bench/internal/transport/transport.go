@@ -7,9 +7,12 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math"
+	"os"
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/tensord/tensord/go/shmclient"
 )
 
 // Kinds of transport, as named on the command line and in the results.
@@ -19,15 +22,21 @@ const (
 	GRPC        = "grpc"             // gRPC over a Unix socket, raw tensor bytes (Triton-style)
 	HTTPJSON    = "http-json"        // Flask under gunicorn, JSON lists of numbers
 	Msgpack     = "msgpack-uds"      // msgpack frames over a Unix socket, tensor bytes inline
+	// tensord-gateway (go/cmd/tensord-gateway) in front of a tensord daemon: the Open
+	// Inference Protocol (KServe v2).
+	GwHTTPJSON   = "gw-http-json"   // HTTP/REST, JSON numbers
+	GwHTTPBinary = "gw-http-binary" // HTTP/REST, Triton's binary tensor extension
+	GwGRPC       = "gw-grpc"        // KServe v2 gRPC, raw_input_contents / raw_output_contents
 )
 
 // Kinds lists every transport kind.
-var Kinds = []string{ShmCopy, ShmZeroCopy, GRPC, HTTPJSON, Msgpack}
+var Kinds = []string{ShmCopy, ShmZeroCopy, GRPC, HTTPJSON, Msgpack, GwHTTPJSON, GwHTTPBinary, GwGRPC}
 
 // Config says how to reach a server.
 type Config struct {
 	Kind string
-	// Addr is a Unix socket path (tensord, grpc, msgpack) or host:port (http-json).
+	// Addr is a Unix socket path (tensord, grpc, msgpack, gw-grpc) or host:port (http-json,
+	// gw-http-*).
 	Addr string
 	// Spin is the shmclient spin budget (WithSpin); other transports ignore it.
 	Spin time.Duration
@@ -35,6 +44,8 @@ type Config struct {
 	MaxPayload  int
 	Callers     int
 	CallTimeout time.Duration
+	// Priority 1 sends tensord requests at shmclient.PriorityHigh; others ignore it.
+	Priority int
 }
 
 // Transport is a connection (or pool of them) to one server.
@@ -67,40 +78,77 @@ func Open(ctx context.Context, cfg Config) (Transport, error) {
 		return openHTTP(ctx, cfg)
 	case Msgpack:
 		return openMsgpack(ctx, cfg)
+	case GwHTTPJSON, GwHTTPBinary:
+		return openGwHTTP(ctx, cfg)
+	case GwGRPC:
+		return openGwGRPC(ctx, cfg)
 	}
 	return nil, fmt.Errorf("unknown transport %q (known: %s)", cfg.Kind, strings.Join(Kinds, ", "))
 }
 
-// Payload is one request: a float32 tensor "x" for model "identity" (shape [n]) or "mlp"
-// (shape [n/16, 16]), the same bytes for every transport.
+// Payload kinds: what a request carries.
+const (
+	KindIdentity = "identity" // f32 [n] "x" -> "y", the same values back
+	KindMLP      = "mlp"      // f32 [n/16, 16] "x" -> f32 [n/16, 4]
+	KindImage    = "image"    // bytes [1] "image" (one encoded image file) -> vision.classify's 3 outputs [1, 5]
+)
+
+// Payload is one request: a float32 tensor "x" for a model of kind "identity" (shape [n])
+// or "mlp" (shape [n/16, 16]), the same bytes for every transport; or, kind "image", one
+// encoded image as a bytes tensor "image" [1] (tensord transports only).
 type Payload struct {
-	Model  string
+	Model  string // the model's name in the server
+	Kind   string // identity, mlp or image
+	Input  string // the input tensor's name
+	Bytes  bool   // a bytes tensor (SPEC §5 layout in Data) rather than f32
 	Shape  []int64
-	Data   []byte    // little-endian float32
-	Floats []float32 // the same values, for the JSON transport
-	// OutShape is the output shape the model must return.
+	Data   []byte    // little-endian float32, or the bytes layout
+	Floats []float32 // the same values, for the JSON transports
+	// OutShape is the output shape the model must return (every output's, for images);
+	// NOut the number of outputs.
 	OutShape []int64
+	NOut     int
 }
 
-// NewPayload builds the request for model with size bytes of float32 input.
+// NewPayload builds the request for model (identity or mlp, also its kind) with size bytes
+// of float32 input.
 func NewPayload(model string, size int) (*Payload, error) {
+	return NewPayloadKind(model, model, size, "")
+}
+
+// NewPayloadKind builds the request for the model named model, of kind (identity, mlp,
+// image; "" = the model's name): size bytes of float32 input, or the image file's bytes.
+func NewPayloadKind(kind, model string, size int, image string) (*Payload, error) {
+	if kind == "" {
+		kind = model
+	}
+	p := &Payload{Model: model, Kind: kind, Input: "x", NOut: 1}
+	if kind == KindImage {
+		img, err := os.ReadFile(image)
+		if err != nil {
+			return nil, fmt.Errorf("image payload: %w", err)
+		}
+		t := shmclient.FromBytes("image", []int64{1}, [][]byte{img})
+		p.Input, p.Bytes, p.Shape, p.Data = "image", true, t.Shape, t.Data
+		p.OutShape, p.NOut = []int64{1, 5}, 3 // labels, scores, classes: the top 5
+		return p, nil
+	}
 	if size < 4 || size%4 != 0 {
 		return nil, fmt.Errorf("payload of %d bytes: must be a positive multiple of 4", size)
 	}
 	n := size / 4
-	p := &Payload{Model: model}
-	switch model {
-	case "identity":
+	switch kind {
+	case KindIdentity:
 		p.Shape = []int64{int64(n)}
 		p.OutShape = p.Shape
-	case "mlp":
+	case KindMLP:
 		if n%16 != 0 {
 			return nil, fmt.Errorf("mlp payload of %d bytes: must be a multiple of 64 (rows of 16 f32)", size)
 		}
 		p.Shape = []int64{int64(n / 16), 16}
 		p.OutShape = []int64{int64(n / 16), 4}
 	default:
-		return nil, fmt.Errorf("unknown model %q (identity, mlp)", model)
+		return nil, fmt.Errorf("unknown payload kind %q (identity, mlp, image)", kind)
 	}
 	p.Floats = make([]float32, n)
 	p.Data = make([]byte, size)
@@ -111,6 +159,14 @@ func NewPayload(model string, size int) (*Payload, error) {
 		binary.LittleEndian.PutUint32(p.Data[4*i:], math.Float32bits(v))
 	}
 	return p, nil
+}
+
+// needF32 refuses payloads a transport cannot carry (images go over tensord only).
+func (p *Payload) needF32(transport string) error {
+	if p.Bytes {
+		return fmt.Errorf("%s: the bench sends %s payloads over tensord transports only", transport, p.Kind)
+	}
+	return nil
 }
 
 // Size is the input's size in bytes.
@@ -143,7 +199,7 @@ func (p *Payload) CheckBytes(shape []int64, data []byte) error {
 	if len(data) != want {
 		return fmt.Errorf("output of %d bytes, want %d", len(data), want)
 	}
-	if p.Model == "identity" {
+	if p.Kind == KindIdentity {
 		for _, i := range probes(len(data) / 4) {
 			if string(data[4*i:4*i+4]) != string(p.Data[4*i:4*i+4]) {
 				return fmt.Errorf("output element %d differs from the input", i)
@@ -165,7 +221,7 @@ func (p *Payload) CheckFloats(shape []int64, data []float32) error {
 	if len(data) != want {
 		return fmt.Errorf("output of %d elements, want %d", len(data), want)
 	}
-	if p.Model == "identity" {
+	if p.Kind == KindIdentity {
 		for _, i := range probes(len(data)) {
 			if data[i] != p.Floats[i] {
 				return fmt.Errorf("output element %d is %v, want %v", i, data[i], p.Floats[i])
