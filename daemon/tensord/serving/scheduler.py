@@ -230,16 +230,7 @@ class ModelQueue:
             groups.setdefault(batch_key(job.inputs) if limit > 1 else (id(job),), []).append(job)
         for group in groups.values():
             for i in range(0, len(group), limit):
-                batch = group[i:i + limit]
-                try:
-                    self._run(batch, None)
-                except Exception as e:  # a daemon bug must cost this batch, not the dispatcher
-                    _bugs.exception("model %s: batch failed", self.model.name)
-                    err = InternalError(f"the batch failed inside the daemon: "
-                                        f"{type(e).__name__}: {e}")
-                    for job in batch:
-                        if not job.done:
-                            _fail(job, err)
+                self._run_guarded(group[i:i + limit], None)
 
     def cancel_queued(self, err: TensordError) -> int:
         """Answer every queued request with err (it never runs); returns how many."""
@@ -271,18 +262,23 @@ class ModelQueue:
                     break
                 self.running_since[index] = time.monotonic()
                 try:
-                    self._run(batch, stream)
-                except Exception as e:  # a daemon bug must cost this batch, not the worker
-                    _bugs.exception("model %s: batch failed", self.model.name)
-                    err = InternalError(f"the batch failed inside the daemon: "
-                                        f"{type(e).__name__}: {e}")
-                    for job in batch:
-                        if not job.done:
-                            _fail(job, err)
+                    self._run_guarded(batch, stream)
                 finally:
                     self.running_since.pop(index, None)
         if index == 0:
             self._on_empty(self)
+
+    def _run_guarded(self, batch: list[Job], stream) -> None:
+        """_run, where a daemon bug costs this batch (its unanswered requests get INTERNAL),
+        never the thread running it (a worker, or the dispatcher)."""
+        try:
+            self._run(batch, stream)
+        except Exception as e:
+            _bugs.exception("model %s: batch failed", self.model.name)
+            err = InternalError(f"the batch failed inside the daemon: {type(e).__name__}: {e}")
+            for job in batch:
+                if not job.done:
+                    _fail(job, err)
 
     def _run(self, batch: list[Job], stream) -> None:
         now = time.monotonic()
