@@ -71,6 +71,10 @@ func decodeResponseDescGeneral(b []byte) (*responseDesc, error) {
 	if m[0].Key != "outputs" && m[0].Key != "error" {
 		return nil, fmt.Errorf("response descriptor has key %q, want outputs or error", m[0].Key)
 	}
+	if m[0].Value == nil {
+		// SPEC §4.4: outputs is an array, error a map; nil is neither (found by fuzzing).
+		return nil, fmt.Errorf("response descriptor's %s is nil", m[0].Key)
+	}
 	if m[0].Key == "outputs" && d.Outputs == nil {
 		d.Outputs = []tensorRef{}
 	}
