@@ -35,17 +35,22 @@ class Daemon:
         return os.listdir(f"/proc/{self.pid}/fd")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, signal.SIGTERM, timeout=20)
 
     def logs(self) -> str:
         return self.log.read_text()
+
+
+def stop_process(proc: subprocess.Popen, sig: int, timeout: float) -> int:
+    """Send sig, wait up to `timeout` s, then SIGKILL; returns the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def shm_entries(pid: int | None = None) -> list[str]:

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from builtin_fixtures import IMAGENET_LABELS
-from conftest import Daemon, start_daemon
+from conftest import Daemon, start_daemon, stop_process
 from handlers_for_tests import wait_for
 
 from tensord.client import Client
@@ -59,14 +59,7 @@ class Gateway:
     log: Path
 
     def stop(self, sig=signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout=30)
 
     def logs(self) -> str:
         return self.log.read_text()

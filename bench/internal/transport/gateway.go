@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/tensord/tensord/go/cmd/tensord-gateway/pb"
 )
@@ -163,13 +162,10 @@ type gwGRPCTransport struct {
 }
 
 func openGwGRPC(_ context.Context, cfg Config) (Transport, error) {
-	conn, err := grpc.NewClient("unix://"+cfg.Addr,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMessage), grpc.MaxCallSendMsgSize(maxMessage)))
+	conn, err := dialUnixGRPC(cfg.Addr)
 	if err != nil {
 		return nil, err
 	}
-	conn.Connect()
 	return &gwGRPCTransport{conn: conn, client: pb.NewGRPCInferenceServiceClient(conn)}, nil
 }
 

@@ -22,14 +22,24 @@ type grpcTransport struct {
 }
 
 func openGRPC(ctx context.Context, cfg Config) (Transport, error) {
-	conn, err := grpc.NewClient("unix://"+cfg.Addr,
+	conn, err := dialUnixGRPC(cfg.Addr)
+	if err != nil {
+		return nil, err
+	}
+	return &grpcTransport{conn: conn, client: pb.NewInferenceClient(conn)}, nil
+}
+
+// dialUnixGRPC opens one gRPC channel over a Unix socket, with message limits raised to
+// maxMessage on both sides (gRPC's 4 MiB default refuses large tensors).
+func dialUnixGRPC(addr string) (*grpc.ClientConn, error) {
+	conn, err := grpc.NewClient("unix://"+addr,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMessage), grpc.MaxCallSendMsgSize(maxMessage)))
 	if err != nil {
 		return nil, err
 	}
 	conn.Connect()
-	return &grpcTransport{conn: conn, client: pb.NewInferenceClient(conn)}, nil
+	return conn, nil
 }
 
 func (t *grpcTransport) NewCaller() (Caller, error) { return &grpcCaller{t: t}, nil }
