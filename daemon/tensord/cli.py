@@ -71,6 +71,8 @@ def _serve(args) -> int:
     except (ConfigError, AddressInUse, LoadError, OSError) as e:
         logging.getLogger("tensord").error("%s", e)
         return 1
+    # Whichever thread the kernel hands a signal to, the control loop wakes (server.py).
+    signal.set_wakeup_fd(server.signal_fd, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
     signal.signal(signal.SIGINT, lambda *_: server.shutdown())
     signal.signal(signal.SIGHUP, lambda *_: server.reload_config())

@@ -82,6 +82,17 @@ class Server:
         # Posted by shutdown() and call_soon() from other threads (and signal handlers).
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._ep.register(self._wake, select.EPOLLIN)
+        # signal.set_wakeup_fd's end (cli.py): CPython runs a Python signal handler only on
+        # the main thread, and only once that thread runs bytecode. The kernel may hand a
+        # process-directed SIGTERM to any thread (the dispatcher, a worker, a new thread
+        # unmasking signals); the main thread then slept on in epoll with no timeout and the
+        # daemon never drained (issue 19.10). The C-level handler writes the signal number
+        # here from whichever thread took it, which wakes this loop, and the handler runs.
+        self._sig_r, self._sig_w = socket.socketpair()
+        for s in (self._sig_r, self._sig_w):
+            s.setblocking(False)
+        self._ep.register(self._sig_r, select.EPOLLIN)
+        self._hard_stop: threading.Timer | None = None
         self._listener: socket.socket | None = None
         self._owns_path = False  # socket activation: the manager owns the socket file
         self._accept_paused_until = 0.0
@@ -92,6 +103,11 @@ class Server:
         self._watchdog = sdnotify.watchdog_interval()
         self._watchdog_next = 0.0
         self._metrics: metrics.Listener | None = None
+
+    @property
+    def signal_fd(self) -> int:
+        """For signal.set_wakeup_fd: a write here wakes the control loop."""
+        return self._sig_w.fileno()
 
     @property
     def admission(self) -> Admission:
@@ -278,6 +294,9 @@ class Server:
                 if fd == self._wake:
                     with contextlib.suppress(OSError):
                         os.eventfd_read(self._wake)
+                elif fd == self._sig_r.fileno():
+                    with contextlib.suppress(OSError):
+                        self._sig_r.recv(4096)  # the handlers run as this thread goes on
                 elif self._listener is not None and fd == self._listener.fileno():
                     self._guarded(self._accept)
                 else:
@@ -341,6 +360,13 @@ class Server:
         for c in list(self._conns.values()):
             c.drain(int(grace * 1e3))
         log.info("draining %d sessions for up to %g s", len(self._conns), grace)
+        # Whatever happens next (a forward pass that never returns, a thread that does not
+        # join), the process is gone by grace + STOP_MARGIN_S: systemd and Kubernetes plan
+        # with that bound, and a second SIGTERM is not something they send.
+        self._hard_stop = threading.Timer(grace + STOP_MARGIN_S, _exit_now,
+                                          args=(grace + STOP_MARGIN_S,))
+        self._hard_stop.daemon = True
+        self._hard_stop.start()
 
     def _check_drain(self) -> None:
         """Done when every client has said goodbye (each does once its requests in flight are
@@ -405,11 +431,24 @@ class Server:
         # Requests still queued get SHUTTING_DOWN; their sessions are gone, so it is dropped.
         self.scheduler.cancel_queued(ShuttingDownError("the daemon stopped"))
         self.dispatcher.stop()
-        self.scheduler.stop()
+        # Running forward passes may finish within what is left of the margin, no longer.
+        self.scheduler.stop(timeout=STOP_MARGIN_S / 2)
         if self._owns_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
         log.info("stopped")
+
+
+# What stopping may take past drain_grace_s: answering what was cancelled, joining the
+# threads, the interpreter's exit.
+STOP_MARGIN_S = 5.0
+
+
+def _exit_now(after: float) -> None:
+    log.error("the daemon did not stop within %g s of SIGTERM (drain_grace_s + %g s): "
+              "exiting without finishing", after, STOP_MARGIN_S)
+    logging.shutdown()
+    os._exit(1)
 
 
 _NO_FDS = ("the daemon is out of file descriptors and this connection waited longest for its "
