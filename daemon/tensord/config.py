@@ -12,6 +12,9 @@ from .contract.descriptors import MAX_TENSORS
 MiB = 1 << 20
 GiB = 1 << 30
 MAX_RING = 1 << 31
+# A per-uid bound left unset: control/limits.py derives it (a quarter of the whole).
+DEFAULT_SHARE = -1
+UID_SHARE = 4
 
 
 def default_socket_path() -> str:
@@ -75,9 +78,12 @@ class DaemonConfig:
     drain_grace_s: float = 10.0
     # Bounds no client gets past (control/limits.py); 0: no such bound.
     max_pending: int = 64  # connections that have not sent hello; past it the oldest is refused
-    max_sessions_per_uid: int = 0
+    # Per uid, so one misbehaving service cannot lock the others out (issue 19.7). Unset
+    # (DEFAULT_SHARE): a quarter of max_sessions, and a quarter of max_memory or, when that
+    # is 0, of the memory the daemon has at start (the host's or its cgroup's).
+    max_sessions_per_uid: int = DEFAULT_SHARE
     max_memory: int = 0  # bytes of session segments, all sessions together
-    max_memory_per_uid: int = 0
+    max_memory_per_uid: int = DEFAULT_SHARE
     # Admin loads are code execution (SPEC §2.6). For admins other than root and the daemon's
     # own user: the handlers/modules they may name (None: those named in [[models]] at start;
     # "pkg.mod:Class", "pkg.mod:*", "*") and the directories their model files must be in.
@@ -182,7 +188,7 @@ def load_config(path: str) -> DaemonConfig:
         setattr(cfg, k, v)
     cfg.model_dirs = [os.path.join(base, p) for p in cfg.model_dirs]
     for k in ("max_sessions_per_uid", "max_memory", "max_memory_per_uid"):
-        if getattr(cfg, k) < 0:
+        if k in daemon and daemon[k] < 0:
             raise ConfigError(f"{path}: [daemon].{k} must be 0 (no bound) or positive")
     if cfg.max_pending < 1:
         raise ConfigError(f"{path}: [daemon].max_pending must be at least 1")

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import DaemonConfig
+from ..config import DEFAULT_SHARE, UID_SHARE, DaemonConfig
 from ..contract.errors import ResourceError
+from ..transport.segment import available_memory
 
 MiB = 1 << 20
 
@@ -45,8 +46,7 @@ class Admission:
 
     @classmethod
     def from_config(cls, cfg: DaemonConfig) -> Admission:
-        return cls(cfg.max_sessions, cfg.max_sessions_per_uid, cfg.max_memory,
-                   cfg.max_memory_per_uid)
+        return cls(cfg.max_sessions, *per_uid_limits(cfg))
 
     def admit(self, uid: int, size: int) -> Grant:
         """Count a new session of `size` bytes for `uid`, or raise ResourceError (fatal) saying
@@ -96,6 +96,21 @@ class Admission:
         """(sessions, bytes) the uid holds."""
         u = self._by_uid.get(uid)
         return (u.sessions, u.memory) if u else (0, 0)
+
+
+def per_uid_limits(cfg: DaemonConfig) -> tuple[int, int, int]:
+    """(max_sessions_per_uid, max_memory, max_memory_per_uid) with the defaults filled in:
+    what a uid may hold when the config does not say is a quarter of the whole (sessions:
+    of max_sessions; memory: of max_memory, or when that is 0 of the memory the daemon has
+    now), so one service that leaks sessions or memory leaves room for three others."""
+    sessions = cfg.max_sessions_per_uid
+    if sessions == DEFAULT_SHARE:
+        sessions = max(1, cfg.max_sessions // UID_SHARE)
+    memory = cfg.max_memory_per_uid
+    if memory == DEFAULT_SHARE:
+        whole = cfg.max_memory or available_memory()[0]
+        memory = max(MiB, whole // UID_SHARE)
+    return sessions, cfg.max_memory, memory
 
 
 def _refuse(reason: str, message: str):
