@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import signal
 import sys
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ops.add_parsers(sub)
     args = p.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(), stream=sys.stderr,
-                        format="tensord %(levelname)s %(name)s: %(message)s")
+                        format=log_format(), datefmt="%Y-%m-%dT%H:%M:%S")
     if args.cmd == "serve":
         return _serve(args)
     if args.cmd == "export":
@@ -32,6 +33,24 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "op"):
         return ops.run(args)
     return 2
+
+
+def log_format() -> str:
+    """Every line carries its time (ISO 8601, milliseconds, local time), except where stderr
+    is the journal: journald stamps each line itself (JOURNAL_STREAM names the stream it
+    connected to stderr, sd_journal_stream_fd(3))."""
+    if _stderr_is_journal():
+        return "tensord %(levelname)s %(name)s: %(message)s"
+    return "%(asctime)s.%(msecs)03d tensord %(levelname)s %(name)s: %(message)s"
+
+
+def _stderr_is_journal() -> bool:
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return f"{st.st_dev}:{st.st_ino}" == f"{dev}:{ino}"
 
 
 def _serve(args) -> int:

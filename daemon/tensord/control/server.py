@@ -33,7 +33,7 @@ from ..serving.dispatcher import Dispatcher
 from ..serving.executor import Executor
 from ..serving.scheduler import Scheduler
 from .admin import LoadPolicy, ModelControl
-from .connection import HELLO, Connection, Services
+from .connection import HELLO, SESSION_LOG, Connection, Services
 from .limits import Admission
 from .reconfig import Reconfigurer
 
@@ -385,8 +385,8 @@ class Server:
         self._stopping = True
 
     def _timeout(self) -> float:
-        """Seconds until the next handshake deadline, accept retry or watchdog ping; -1: none,
-        sleep."""
+        """Seconds until the next handshake deadline, accept retry, watchdog ping or session
+        log summary; -1: none, sleep."""
         now = time.monotonic()
         while self._deadlines and (self._deadlines[0][2].deadline is None
                                    or self._deadlines[0][2].closed):
@@ -396,12 +396,16 @@ class Server:
             times.append(self._deadlines[0][0])
         if self._watchdog:
             times.append(self._watchdog_next)
+        summary = SESSION_LOG.next_flush()
+        if summary is not None:
+            times.append(summary)
         if self.draining:
             times.append(now + 0.01)  # sessions going idle wake nobody: look again soon
         return max(0.0, min(times) - now) if times else -1
 
     def _expire(self) -> None:
         now = time.monotonic()
+        SESSION_LOG.flush()
         if self._watchdog and now >= self._watchdog_next:
             self._watchdog_next = now + self._watchdog
             # The loop is turning; the dispatcher is checked too where it can tell.
@@ -436,6 +440,7 @@ class Server:
         if self._owns_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+        SESSION_LOG.flush(everything=True)
         log.info("stopped")
 
 

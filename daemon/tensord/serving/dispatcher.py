@@ -148,7 +148,8 @@ class Dispatcher:
                     q.put(job)
             return session.pending()
         except TensordError as e:  # a corrupt ring: only this session ends
-            log.warning("session %s: %s", session.id[:8], e)
+            # The control loop logs it with the session's end, rate-limited per uid.
+            log.debug("session %s: %s", session.id[:8], e)
             self._end(session, e)
         except Exception as e:  # a daemon bug ends this session only, with a reason
             log.exception("session %s failed", session.id[:8])
