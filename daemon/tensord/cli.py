@@ -9,11 +9,14 @@ import resource
 import signal
 import sys
 
-from . import export, ops
+from . import ops
 from .config import ConfigError, DaemonConfig, load_config
+
+EXPORT_HELP = "export a Python model to TorchScript or torch.export"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="tensord", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     serve = sub.add_parser("serve", help="run the daemon")
@@ -21,14 +24,21 @@ def main(argv: list[str] | None = None) -> int:
                        "/run/tensord/tensord.sock or /tmp/tensord.sock)")
     serve.add_argument("--config", help="TOML config file")
     serve.add_argument("--log-level", default="INFO")
-    export.add_parser(sub)
+    # `export` imports torch: only when it is the command, so that the operator commands
+    # (probes) start in milliseconds.
+    export = None
+    if next((a for a in argv if not a.startswith("-")), None) == "export":
+        from . import export
+        export.add_parser(sub)
+    else:
+        sub.add_parser("export", help=EXPORT_HELP)
     ops.add_parsers(sub)
     args = p.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(), stream=sys.stderr,
                         format=log_format(), datefmt="%Y-%m-%dT%H:%M:%S")
     if args.cmd == "serve":
         return _serve(args)
-    if args.cmd == "export":
+    if args.cmd == "export" and export is not None:
         return export.run(args)
     if hasattr(args, "op"):
         return ops.run(args)

@@ -7,8 +7,6 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .contract.descriptors import MAX_TENSORS
-
 MiB = 1 << 20
 GiB = 1 << 30
 MAX_RING = 1 << 31
@@ -142,6 +140,8 @@ def model_config(table: dict[str, Any], base_dir: str, what: str) -> ModelConfig
         raise ConfigError(f"{what}: max_queue and instances must be at least 1")
     if not all(type(n) is int and n >= 1 for n in mc.preferred_batch_sizes):
         raise ConfigError(f"{what}.preferred_batch_sizes must hold positive integers")
+    from .contract.descriptors import MAX_TENSORS  # here: the operator commands stay torch-free
+
     for key in ("inputs", "outputs"):
         if len(getattr(mc, key)) > MAX_TENSORS:
             raise ConfigError(f"{what} declares {len(getattr(mc, key))} {key}; the protocol "

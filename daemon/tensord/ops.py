@@ -1,6 +1,6 @@
 """Operator commands that talk to a running daemon over its socket: `tensord stats`,
 `status`, `models`, `ping` and `health` (which exits 1 when the daemon is not ready, for
-probes)."""
+probes). They open a control-only connection (probe.py): no session, no torch."""
 
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ def add_parsers(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .client import Client
+    # A control-only connection (no session, no shared memory) from a client that imports
+    # no torch: a probe costs milliseconds and a few MB, not seconds and 850 MB (issue 17.8).
+    from .probe import ControlClient
 
     try:
-        with Client(args.socket, name="tensord " + args.cmd) as c:
+        with ControlClient(args.socket, name="tensord " + args.cmd) as c:
             return args.op(c)
     except TensordError as e:
         print(f"tensord {args.cmd}: {e.message}", file=sys.stderr)

@@ -79,6 +79,9 @@ def cases():
     sess = "00112233445566778899aabbccddeeff"
     out = [
         frame("hello", m.Hello(4, 4, "vectors", 0, 1 << 20)),
+        frame("hello_control_only", m.Hello(4, 4, "tensord health", 65536, 65536,
+                                            control_only=True)),
+        frame("welcome_control_only", m.Welcome(4, sess, 0, 0, 0, 1 << 20, "tensord 0.1.0")),
         frame("welcome", m.Welcome(4, sess, 4096 + (1 << 24) + (1 << 20), 1 << 24, 1 << 20,
                                    1 << 20, "tensord 0.1.0")),
         frame("attached", m.Attached()),

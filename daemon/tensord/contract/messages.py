@@ -55,6 +55,9 @@ class Hello:
     client: str
     request_ring: int
     response_ring: int
+    # SPEC §2.4: True asks for a connection without a session (no segment, no eventfds) for
+    # control messages only (probes, stats, admin); written only when true.
+    control_only: bool | None = field(default=None, metadata={"omit_none": True})
 
 
 @dataclass

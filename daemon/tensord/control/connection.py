@@ -132,6 +132,7 @@ class Connection:
         self._seg: Segment | None = None
         self._grant: Grant | None = None
         self._client = ""
+        self.control_only = False  # no session: control messages only (SPEC hello)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -224,6 +225,9 @@ class Connection:
     def _hello(self, hello: Hello) -> None:
         cfg = self.s.config
         version = _choose_version(hello)
+        if hello.control_only:
+            self._control_hello(version, hello)
+            return
         req = ring_capacity(hello.request_ring, cfg.default_ring)
         resp = ring_capacity(hello.response_ring, cfg.default_ring)
         if max(req, resp) > cfg.max_ring:
@@ -247,6 +251,19 @@ class Connection:
         self._session_id = session_id
         self.state = ATTACH
 
+    def _control_hello(self, version: int, hello: Hello) -> None:
+        """A connection for control messages only (`tensord health`, stats, admin): no
+        segment, no eventfds, no admission of memory, nothing logged at INFO. The welcome
+        says so with zero sizes and carries no descriptors (SPEC §2.4)."""
+        self.s.admission.admit_control()
+        self.control_only = True
+        self._client = hello.client[:128]
+        self._session_id = secrets.token_hex(16)
+        self.send(Welcome(version=version, session=self._session_id, segment_size=0,
+                          request_ring=0, response_ring=0, max_frame=MAX_FRAME,
+                          daemon=f"tensord {__version__}"))
+        self.state = ATTACH
+
     def _create_segment(self, session_id: str, req: int, resp: int) -> Segment:
         reserved = self.s.admission.uncharged - self._grant.size  # others', not yet allocated
         try:
@@ -259,6 +276,13 @@ class Connection:
         return Segment.create(session_id, req, resp, reserved)
 
     def _attached(self) -> None:
+        if self.control_only:
+            self.state = SERVING
+            self.deadline = None
+            self.send(Ready())
+            log.debug("control connection: %r pid %d uid %d", self._client, self.peer.pid,
+                      self.peer.uid)
+            return
         seg, self._seg = self._seg, None
         self.session = Session(self._session_id, seg, self.s.registry, self.s.executor,
                                self._fatal_from_any_thread)
@@ -346,7 +370,7 @@ class Connection:
         err.fatal = True
         if self.state in (HELLO, ATTACH):  # refused before its session started
             metrics.rejected(getattr(err, "reason", None) or err.code.name.lower())
-        if self.state == SERVING:  # the session ends with an error
+        if self.state == SERVING and not self.control_only:  # the session ends with an error
             SESSION_LOG.log(self.peer.uid, "ended by an error", logging.WARNING,
                             "session %s of pid %d uid %d ends: %s", self._session_id[:8],
                             self.peer.pid, self.peer.uid, err)
@@ -365,8 +389,11 @@ class Connection:
     def drain(self, grace_ms: int) -> None:
         """The daemon is stopping: tell the client (SPEC `draining`); a connection still in
         its handshake is closed."""
-        if self.state == SERVING:
+        if self.state == SERVING and not self.control_only:
             self.send(Draining(grace_ms=grace_ms))
+        elif self.state == SERVING:
+            # Nothing of it is in flight on a ring: it need not hold the drain up.
+            self.goodbye("the daemon is draining (stopping)")
         else:
             self.close(log_reason="the daemon is draining")
 
@@ -397,6 +424,9 @@ class Connection:
             self.s.admission.release(self._grant)
             self._grant = None
             self.s.changed()
+        if self.control_only:
+            self.control_only = False
+            self.s.admission.release_control()
         self.s.forget(self)
         with contextlib.suppress(OSError):
             self.sock.close()

@@ -42,6 +42,7 @@ class Admission:
     sessions: int = 0
     memory: int = 0  # bytes of every admitted session's segment
     uncharged: int = 0  # of which the kernel has not allocated the pages yet
+    control: int = 0  # control-only connections (no session, no memory): probes, admin
     _by_uid: dict[int, _Usage] = field(default_factory=dict)
 
     @classmethod
@@ -75,6 +76,19 @@ class Admission:
         self.memory += size
         self.uncharged += size
         return Grant(uid, size)
+
+    def admit_control(self) -> None:
+        """Count a control-only connection (SPEC hello `control_only`). They hold no session
+        and no memory, so they do not compete with sessions: a probe still gets in when
+        every session is taken. They are bounded apart, by max_sessions too, since each
+        holds a descriptor and a place in the control loop."""
+        if self.control >= self.max_sessions:
+            _refuse("control", f"the daemon already has max_sessions={self.max_sessions} "
+                    "control-only connections open (probes, admin): close idle ones")
+        self.control += 1
+
+    def release_control(self) -> None:
+        self.control -= 1
 
     def charged(self, g: Grant) -> None:
         """The session's pages are allocated: the kernel's own counters include them now."""

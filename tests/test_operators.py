@@ -1,0 +1,163 @@
+"""Operator commands and probes (issue 17.8): `tensord health`, `status`, `stats`, `models` and
+`ping` took 5-6 s and 850 MB each (they imported torch) and each opened a session with
+2 x 16 MiB of shared memory and two INFO lines. They now open a control-only connection
+(SPEC hello `control_only`) from a client that imports no torch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import start_daemon
+
+from tensord.client import Client
+from tensord.contract.codec import packb, unpackb
+from tensord.contract.errors import ResourceError
+from tensord.contract.frames import encode_frame, read_frame, send_frame_with_fds
+from tensord.contract.layout import segment_size, write_header
+from tensord.contract.messages import Goodbye, Ping, Pong, Ready, Welcome
+from tensord.probe import ControlClient
+
+COMMANDS = ("health", "status", "stats", "models", "ping")
+HEAVY = ("torch", "numpy")
+
+
+# `tensord CMD`, then its peak RSS from the process itself: VmHWM is the high-water mark of
+# this process's own memory map (ru_maxrss would include the forked test runner's).
+MEASURED = """
+import sys
+from tensord.cli import main
+rc = main(sys.argv[1:])
+with open("/proc/self/status") as f:
+    peak = next(ln.split()[1] for ln in f if ln.startswith("VmHWM:"))
+print("VmHWM", peak, file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+def run_measured(args: list[str]) -> tuple[int, str, float, int]:
+    """Run `tensord ARGS`; (exit status, stdout, seconds, peak RSS in bytes)."""
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", MEASURED, *args], capture_output=True,
+                       text=True, timeout=120)
+    took = time.monotonic() - t0
+    peak = next(int(ln.split()[1]) for ln in r.stderr.splitlines() if ln.startswith("VmHWM"))
+    return r.returncode, r.stdout, took, peak * 1024
+
+
+def test_operator_commands_import_no_torch_and_open_no_session(tmp_path):
+    """With the daemon's only session taken, every command still answers (a session would
+    be refused), imports neither torch nor numpy, and the daemon logs nothing for it."""
+    d = start_daemon(tmp_path, config="[daemon]\nmax_sessions = 1\n")
+    try:
+        with Client(d.path) as only:
+            with pytest.raises(ResourceError, match="max_sessions=1"):
+                Client(d.path)  # what a probe that opened a session would have met
+            only.ping()
+            before = d.logs()
+            fds = len(d.open_fds())
+            for cmd in COMMANDS:
+                argv = [sys.executable, "-X", "importtime", "-m", "tensord", cmd,
+                        "--socket", d.path]
+                r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+                assert r.returncode == 0, (cmd, r.stdout, r.stderr)
+                imported = {ln.rsplit("|", 1)[-1].strip().split(".")[0]
+                            for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+                assert imported and not imported & set(HEAVY), (cmd, imported & set(HEAVY))
+                rc, out, took, rss = run_measured([cmd, "--socket", d.path])
+                assert rc == 0, (cmd, out)
+                print(f"tensord {cmd}: {took * 1e3:.0f} ms, {rss / 2**20:.1f} MiB peak RSS")
+                assert rss < 50 << 20, f"tensord {cmd} peaked at {rss / 2**20:.1f} MiB"
+            assert "ready" in subprocess.run(
+                [sys.executable, "-m", "tensord", "health", "--socket", d.path],
+                capture_output=True, text=True, timeout=120).stdout
+            assert len(d.open_fds()) == fds, "a probe left descriptors behind"
+            assert d.logs() == before, "probes logged:\n" + d.logs()[len(before):]
+    finally:
+        assert d.stop() == 0, d.logs()
+
+
+def test_an_idle_control_connection_does_not_hold_the_drain_up(tmp_path):
+    d = start_daemon(tmp_path, config="[daemon]\ndrain_grace_s = 30\n")
+    try:
+        c = ControlClient(d.path, name="monitor")
+        assert c.health().ready and not c.session
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=20) == 0, d.logs()
+        # told goodbye at once rather than kept for the 30 s grace
+        assert time.monotonic() - t0 < 15
+        with pytest.raises(Exception, match="goodbye|closed"):
+            c.ping()
+        c.close()
+    finally:
+        d.proc.kill()
+        d.proc.wait()
+
+
+def _fd_links() -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass  # the directory's own descriptor, gone already
+    return out
+
+
+def test_control_only_client_with_a_daemon_that_ignores_the_key(tmp_path):
+    """A v4 daemon from before `control_only` (played here by a scripted one: a protocol
+    edge case) makes a session anyway: the client closes its descriptors unmapped, asked
+    for the smallest rings, and works."""
+    path = str(tmp_path / "old.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    seen: dict = {}
+
+    def old_daemon() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            n = int.from_bytes(conn.recv(4, socket.MSG_WAITALL), "little")
+            seen["hello"] = unpackb(conn.recv(n, socket.MSG_WAITALL))
+            ring = seen["hello"]["request_ring"]
+            size = segment_size(ring, ring)
+            mfd = os.memfd_create("old-daemon")
+            os.ftruncate(mfd, size)
+            with open(f"/proc/self/fd/{mfd}", "r+b", buffering=0) as f:
+                hdr = bytearray(4096)
+                write_header(memoryview(hdr), ring, ring)
+                f.write(hdr)
+            efds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(4)]
+            send_frame_with_fds(conn, Welcome(4, "0" * 32, size, ring, ring, 1 << 20,
+                                              "tensord 0.0.9"), [mfd, *efds])
+            for fd in (mfd, *efds):
+                os.close(fd)
+            assert read_frame(conn).TYPE == "attached"
+            conn.sendall(encode_frame(Ready()))
+            ping = read_frame(conn)
+            assert isinstance(ping, Ping)
+            conn.sendall(encode_frame(Pong(id=ping.id)))
+            seen["last"] = read_frame(conn)
+
+    t = threading.Thread(target=old_daemon)
+    t.start()
+    try:
+        with ControlClient(path) as c:
+            assert c.session, "the old daemon made a session"
+            # the scripted daemon closed its copies after sending: what is left would be ours
+            assert not [x for x in _fd_links() if "old-daemon" in x or "eventfd" in x]
+            c.ping()
+        t.join(timeout=30)
+    finally:
+        listener.close()
+    assert seen["hello"]["control_only"] is True
+    assert seen["hello"]["request_ring"] == seen["hello"]["response_ring"] == 65536
+    assert isinstance(seen["last"], Goodbye)
+    assert packb(True) == b"\xc3"  # the key as the vectors hold it (hello_control_only)
