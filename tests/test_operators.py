@@ -6,17 +6,20 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import start_daemon
 
 from tensord.client import Client
+from tensord.config import load_config
 from tensord.contract.codec import packb, unpackb
 from tensord.contract.errors import ResourceError
 from tensord.contract.frames import encode_frame, read_frame, send_frame_with_fds
@@ -161,3 +164,104 @@ def test_control_only_client_with_a_daemon_that_ignores_the_key(tmp_path):
     assert seen["hello"]["request_ring"] == seen["hello"]["response_ring"] == 65536
     assert isinstance(seen["last"], Goodbye)
     assert packb(True) == b"\xc3"  # the key as the vectors hold it (hello_control_only)
+
+
+# -- systemd (issue 17.10): the unit starts with every option its sample config shows --------
+
+SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
+
+
+def unit_directives(path: Path) -> dict[str, list[str]]:
+    """Key -> values (in order) of a unit file's [Service] section."""
+    out: dict[str, list[str]] = {}
+    section = ""
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            k, _, v = line.partition("=")
+            out.setdefault(k, []).append(v)
+    return out
+
+
+def sample_config_variants() -> list[str]:
+    """systemd/tensord.toml as shipped, and once more with each option it shows commented
+    out in [daemon] switched on (one at a time: the two metrics lines are alternatives)."""
+    text = (SYSTEMD / "tensord.toml").read_text()
+    lines = text.splitlines()
+    out = [text]
+    section = ""
+    for i, line in enumerate(lines):
+        if re.match(r"#? ?\[", line):  # a table, or the commented-out [[models]] example
+            section = line
+        m = re.match(r"# ([a-z_]+) = ", line)
+        if section == "[daemon]" and m:
+            out.append("\n".join(lines[:i] + [line[2:]] + lines[i + 1:]))
+    return out
+
+
+def test_the_unit_allows_every_option_its_sample_config_shows(tmp_path):
+    """Per directive: the address families the config can ask for, where it makes the daemon
+    write (ProtectSystem=strict leaves the RuntimeDirectory), how long a stop may take.
+    (No systemd runs as PID 1 here, so the unit itself is checked by systemd-analyze verify
+    in test_systemd.py and the daemon is started with each variant below.)"""
+    from tensord.control.server import STOP_MARGIN_S
+    from tensord.metrics import parse_tcp
+
+    unit = unit_directives(SYSTEMD / "tensord.service")
+    families = set(unit["RestrictAddressFamilies"][-1].split())
+    runtime = "/run/" + unit["RuntimeDirectory"][-1] + "/"
+    start = unit["ExecStart"][-1].split()
+    sock = start[start.index("--socket") + 1]
+    stop_s = float(unit["TimeoutStopSec"][-1])
+    variants = sample_config_variants()
+    assert len(variants) >= 4, "the shipped config, two metrics addresses, allow_handlers"
+    metrics_seen = set()
+    for i, text in enumerate(variants):
+        f = tmp_path / f"variant{i}.toml"
+        f.write_text(text)
+        cfg = load_config(str(f))
+        need = {"AF_UNIX"}
+        writes = [sock]
+        if cfg.metrics.startswith("unix:"):
+            writes.append(cfg.metrics[len("unix:"):])
+            metrics_seen.add("unix")
+        elif cfg.metrics:
+            host, _ = parse_tcp(cfg.metrics)
+            need.add("AF_INET6" if ":" in host else "AF_INET")
+            metrics_seen.add("tcp")
+        assert need <= families, f"variant {i} needs {need - families}:\n{text}"
+        assert all(p.startswith(runtime) for p in writes), (writes, runtime)
+        assert stop_s >= cfg.drain_grace_s + STOP_MARGIN_S
+    assert metrics_seen == {"unix", "tcp"}
+    # systemctl reload: SIGHUP to the daemon (until the zero-downtime restart command lands)
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+
+
+@pytest.mark.parametrize("metrics", ["tcp", "unix"])
+def test_the_daemon_starts_and_reloads_with_the_sample_config(tmp_path, metrics):
+    """The sample config with its metrics line switched on, paths moved into the test's
+    directory (and port 0), started; `systemctl reload`'s command (ExecReload) run as the
+    unit writes it; the daemon reloads and serves on."""
+    text = (SYSTEMD / "tensord.toml").read_text()
+    msock = tmp_path / "metrics.sock"
+    text = text.replace('# metrics = "127.0.0.1:9464"', 'metrics = "127.0.0.1:0"' if
+                        metrics == "tcp" else f'metrics = "unix:{msock}"')
+    text = text.replace('model_dirs = ["/var/lib/tensord/models"]',
+                        f'model_dirs = ["{tmp_path}"]')
+    text = text.replace("admin_uids = [0]", f"admin_uids = [{os.getuid()}]")
+    d = start_daemon(tmp_path, config=text)
+    try:
+        where = "metrics on http://127.0.0.1:" if metrics == "tcp" else f"metrics on unix:{msock}"
+        assert where in d.logs()
+        reload = unit_directives(SYSTEMD / "tensord.service")["ExecReload"][-1]
+        subprocess.run(reload.replace("$MAINPID", str(d.pid)), shell=True, check=True)
+        end = time.monotonic() + 60
+        while "SIGHUP: reloaded" not in d.logs():
+            assert time.monotonic() < end, d.logs()
+            time.sleep(0.05)
+        with ControlClient(d.path) as c:
+            assert c.health().ready
+    finally:
+        assert d.stop() == 0, d.logs()
