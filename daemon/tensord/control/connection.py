@@ -115,6 +115,9 @@ class Services:
     make_room: Callable[[Connection, int], int]
     # Sessions or admission counts changed (gauges, systemd STATUS=).
     changed: Callable[[], None]
+    # An ended session's segment still holds responses the client has not released:
+    # (segment, uid, pid, bytes kept), called on any thread (lingering.py counts them).
+    linger: Callable[[Segment, int, int, int], None] = lambda *_: None
 
 
 class Connection:
@@ -241,6 +244,8 @@ class Connection:
         self._client = hello.client[:128]
         session_id = secrets.token_hex(16)
         self._seg = self._create_segment(session_id, req, resp)
+        uid, pid, linger = self.peer.uid, self.peer.pid, self.s.linger
+        self._seg.on_linger = lambda seg, kept: linger(seg, uid, pid, kept)
         adm.charged(self._grant)
         welcome = Welcome(version=version, session=session_id,
                           segment_size=self._seg.header.segment_size, request_ring=req,

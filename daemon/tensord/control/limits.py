@@ -25,6 +25,7 @@ class Grant:
     uid: int
     size: int
     charged: bool = False  # its pages exist (posix_fallocate done): the kernel counts them
+    session: bool = True  # False: memory of an ended session (lingering.py), no session
 
 
 @dataclass
@@ -96,14 +97,30 @@ class Admission:
             g.charged = True
             self.uncharged -= g.size
 
+    def hold(self, uid: int, size: int) -> Grant:
+        """Count `size` bytes the kernel holds for `uid` without a session: unreleased
+        responses of an ended session (lingering.py). Never refused (they exist already);
+        they count against what the uid and the daemon may admit next."""
+        u = self._by_uid.setdefault(uid, _Usage())
+        u.memory += size
+        self.memory += size
+        return Grant(uid, size, charged=True, session=False)
+
+    def resize(self, g: Grant, size: int) -> None:
+        """A held grant shrank (the client released some of it)."""
+        self.memory += size - g.size
+        self._by_uid[g.uid].memory += size - g.size
+        g.size = size
+
     def release(self, g: Grant) -> None:
         self.charged(g)
-        self.sessions -= 1
         self.memory -= g.size
         u = self._by_uid[g.uid]
-        u.sessions -= 1
         u.memory -= g.size
-        if not u.sessions:
+        if g.session:
+            self.sessions -= 1
+            u.sessions -= 1
+        if not u.sessions and not u.memory:
             del self._by_uid[g.uid]
 
     def of_uid(self, uid: int) -> tuple[int, int]:

@@ -35,6 +35,7 @@ from ..serving.scheduler import Scheduler
 from .admin import LoadPolicy, ModelControl
 from .connection import HELLO, SESSION_LOG, Connection, Services
 from .limits import Admission
+from .lingering import Lingering
 from .reconfig import Reconfigurer
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,9 @@ class Server:
             stats=self.scheduler.stats, health=self.health, run_aside=self._run_aside,
             call_soon=self.call_soon,
             want_write=self._want_write,
-            forget=self._forget, make_room=self._make_room, changed=self._changed)
+            forget=self._forget, make_room=self._make_room, changed=self._changed,
+            linger=self._linger)
+        self._lingering = Lingering(self.services.admission)
         self._conns: dict[int, Connection] = {}
         self._deadlines: list[tuple[float, int, Connection]] = []  # a heap
         self._soon: collections.deque[Callable[[], None]] = collections.deque()
@@ -218,6 +221,16 @@ class Server:
 
     def _changed(self) -> None:
         self._dirty = True
+
+    def _linger(self, seg, uid: int, pid: int, kept: int) -> None:
+        """Any thread (a session is freed by whichever thread finished its last job)."""
+        def add() -> None:
+            if self._stopping:
+                seg.close()
+                return
+            self._lingering.add(seg, uid, pid, kept)
+            self._dirty = True
+        self.call_soon(add)
 
     def _prune_pending(self) -> None:
         for c in [c for c in self._pending if c.state != HELLO]:
@@ -396,9 +409,9 @@ class Server:
             times.append(self._deadlines[0][0])
         if self._watchdog:
             times.append(self._watchdog_next)
-        summary = SESSION_LOG.next_flush()
-        if summary is not None:
-            times.append(summary)
+        for t in (SESSION_LOG.next_flush(), self._lingering.next_check()):
+            if t is not None:
+                times.append(t)
         if self.draining:
             times.append(now + 0.01)  # sessions going idle wake nobody: look again soon
         return max(0.0, min(times) - now) if times else -1
@@ -406,6 +419,10 @@ class Server:
     def _expire(self) -> None:
         now = time.monotonic()
         SESSION_LOG.flush()
+        if self._lingering:
+            n = len(self._lingering)
+            self._lingering.check(now)
+            self._dirty = self._dirty or len(self._lingering) != n
         if self._watchdog and now >= self._watchdog_next:
             self._watchdog_next = now + self._watchdog
             # The loop is turning; the dispatcher is checked too where it can tell.
@@ -435,6 +452,7 @@ class Server:
         # Requests still queued get SHUTTING_DOWN; their sessions are gone, so it is dropped.
         self.scheduler.cancel_queued(ShuttingDownError("the daemon stopped"))
         self.dispatcher.stop()
+        self._lingering.close()
         # Running forward passes may finish within what is left of the margin, no longer.
         self.scheduler.stop(timeout=STOP_MARGIN_S / 2)
         if self._owns_path:
