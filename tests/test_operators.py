@@ -265,3 +265,60 @@ def test_the_daemon_starts_and_reloads_with_the_sample_config(tmp_path, metrics)
             assert c.health().ready
     finally:
         assert d.stop() == 0, d.logs()
+
+
+# -- the three views agree (issue 17.9) ----------------------------------------------------------
+
+def scrape(path: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    with s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    body = data.decode().partition("\r\n\r\n")[2]
+    return {(x.name, frozenset(x.labels.items())): x.value
+            for fam in text_string_to_metric_families(body) for x in fam.samples}
+
+
+def test_stats_prometheus_and_the_log_agree_on_bad_input_and_failed(tmp_path):
+    """Bad client input is `bad input` in `tensord stats`, BAD_INPUT in Prometheus and in the
+    log (rate-limited), never `failed`; queue-depth and readiness gauges are scraped."""
+    import torch
+
+    msock = tmp_path / "metrics.sock"
+    d = start_daemon(tmp_path, config=f'[daemon]\nmetrics = "unix:{msock}"\n')
+    try:
+        with Client(d.path) as c:
+            for i in range(2):
+                c.infer("mlp", {"x": torch.full((1, 16), float(i))})
+            for _ in range(30):  # the wrong width: the caller's error
+                with pytest.raises(Exception, match="BAD_INPUT|input 'x'"):
+                    c.infer("mlp", {"x": torch.ones(2, 15)})
+        with ControlClient(d.path) as c:
+            mlp = next(m for m in c.stats() if m.name == "mlp")
+        assert (mlp.served, mlp.failed, mlp.bad_input) == (2, 0, 30), mlp
+        r = subprocess.run([sys.executable, "-m", "tensord", "stats", "--socket", d.path],
+                           capture_output=True, text=True, timeout=60)
+        head, row = (ln.split() for ln in r.stdout.splitlines()[:3:2]
+                     if ln.startswith(("model", "mlp")))
+        cols = dict(zip(" ".join(head).replace("bad input", "bad_input").split(), row))
+        assert (cols["served"], cols["failed"], cols["bad_input"]) == ("2", "0", "30"), r.stdout
+        m = scrape(str(msock))
+        assert m[("tensord_requests_total", frozenset({("model", "mlp"),
+                                                       ("outcome", "BAD_INPUT")}))] == 30
+        assert m[("tensord_requests_total", frozenset({("model", "mlp"),
+                                                       ("outcome", "ok")}))] == 2
+        assert not any(k[0] == "tensord_requests_total" and ("outcome", "MODEL_FAILED") in k[1]
+                       for k in m)
+        assert m[("tensord_model_queue_depth", frozenset({("model", "mlp")}))] == 0
+        assert m[("tensord_model_ready", frozenset({("model", "mlp")}))] == 1
+        assert m[("tensord_ready", frozenset())] == 1
+        assert m[("tensord_draining", frozenset())] == 0
+        answered = [ln for ln in d.logs().splitlines() if "answered BAD_INPUT" in ln]
+        assert 1 <= len(answered) <= 10, answered  # logged, and rate-limited
+    finally:
+        assert d.stop() == 0, d.logs()

@@ -78,12 +78,15 @@ def _status(c) -> int:
 
 
 def _stats(c) -> int:
-    rows = [("model", "ver", "queued", "served", "failed", "rejected", "expired", "batches",
-             "mean batch", "mean queue ms", "mean compute ms")]
+    # The columns are the outcomes Prometheus counts (tensord_requests_total{outcome}) and
+    # the log names: ok, MODEL_FAILED/INTERNAL, BAD_INPUT (and kin), OVERLOADED, DEADLINE.
+    rows = [("model", "ver", "queued", "served", "failed", "bad input", "rejected", "expired",
+             "batches", "mean batch", "mean queue ms", "mean compute ms")]
     for m in c.stats():
-        served = m.served + m.failed
+        bad = m.bad_input or 0
+        served = m.served + m.failed  # what ran in a batch (near enough)
         rows.append((m.name, str(m.version), str(m.queued), str(m.served), str(m.failed),
-                     str(m.rejected), str(m.expired), str(m.batches),
+                     str(bad), str(m.rejected), str(m.expired), str(m.batches),
                      f"{served / m.batches:.1f}" if m.batches else "-",
                      f"{m.queue_us / 1e3 / served:.2f}" if served else "-",
                      f"{m.compute_us / 1e3 / m.batches:.2f}" if m.batches else "-"))

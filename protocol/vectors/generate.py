@@ -105,7 +105,7 @@ def cases():
         frame("model_stats", m.ModelStats(12, [
             m.ModelStat("identity", 1, 0, 0, 0, 0, 0, 0, [], 0, 0, 0),
             m.ModelStat("mlp", 2, 3, 1600, 1, 4, 2, 391, [[1, 77], [8, 73], [64, 2]], 233934,
-                        164254, 68577)])),
+                        164254, 68577, bad_input=5)])),
         frame("draining", m.Draining(10000)),
         frame("health", m.Health(13)),
         frame("health_report", m.HealthReport(13, False, False, "model 'slow' has run one "

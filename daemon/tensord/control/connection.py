@@ -118,6 +118,8 @@ class Services:
     # An ended session's segment still holds responses the client has not released:
     # (segment, uid, pid, bytes kept), called on any thread (lingering.py counts them).
     linger: Callable[[Segment, int, int, int], None] = lambda *_: None
+    # A request refused at intake (dispatcher thread): the model's stats count it.
+    refused: Callable[[TensordError], None] = lambda _e: None
 
 
 class Connection:
@@ -291,6 +293,7 @@ class Connection:
         seg, self._seg = self._seg, None
         self.session = Session(self._session_id, seg, self.s.registry, self.s.executor,
                                self._fatal_from_any_thread)
+        self.session.refused = self.s.refused
         self.state = SERVING
         self.deadline = None
         self.s.dispatcher.add(self.session)

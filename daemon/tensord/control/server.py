@@ -32,6 +32,7 @@ from ..ratelog import RateLimited
 from ..serving.dispatcher import Dispatcher
 from ..serving.executor import Executor
 from ..serving.scheduler import Scheduler
+from . import model_gauges
 from .admin import LoadPolicy, ModelControl
 from .connection import HELLO, SESSION_LOG, Connection, Services
 from .limits import Admission
@@ -70,7 +71,7 @@ class Server:
             call_soon=self.call_soon,
             want_write=self._want_write,
             forget=self._forget, make_room=self._make_room, changed=self._changed,
-            linger=self._linger)
+            linger=self._linger, refused=self.scheduler.count_refused)
         self._lingering = Lingering(self.services.admission)
         self._conns: dict[int, Connection] = {}
         self._deadlines: list[tuple[float, int, Connection]] = []  # a heap
@@ -106,6 +107,7 @@ class Server:
         self._watchdog = sdnotify.watchdog_interval()
         self._watchdog_next = 0.0
         self._metrics: metrics.Listener | None = None
+        self._gauges: model_gauges.ModelGauges | None = None
 
     @property
     def signal_fd(self) -> int:
@@ -140,6 +142,7 @@ class Server:
                 self._metrics = metrics.Listener(self.config.metrics, self.config.socket_mode)
             except (ValueError, OSError) as e:
                 raise ConfigError(f"[daemon] metrics = {self.config.metrics!r}: {e}") from None
+            self._gauges = model_gauges.register(lambda: self.health(1))
             self._metrics.start()
         self._listener = s
         self._ep.register(s, select.EPOLLIN)
@@ -445,6 +448,8 @@ class Server:
         sdnotify.notify("STOPPING=1\nSTATUS=stopping")
         if self._metrics is not None:
             self._metrics.close()
+        if self._gauges is not None:
+            model_gauges.unregister(self._gauges)
         if self._listener is not None:
             self._listener.close()
         for c in list(self._conns.values()):

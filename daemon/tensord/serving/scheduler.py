@@ -28,6 +28,7 @@ from ..contract.dtypes import ByteStrings
 from ..contract.errors import (
     BadInputError,
     DeadlineError,
+    ErrorCode,
     InternalError,
     ModelFailedError,
     OverloadedError,
@@ -51,13 +52,20 @@ PRIORITIES = 2  # 0 normal, 1 high (SPEC §4.4)
 INLINE_PASS_US = 60.0
 
 
+# Errors that say the caller's request was wrong, not the model: `bad_input` in the stats.
+CLIENT_ERRORS = frozenset({ErrorCode.BAD_INPUT, ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE,
+                           ErrorCode.UNKNOWN_MODEL})
+
+
 @dataclass
 class ModelStats:
     """Counters of one model (SPEC `model_stats`); read without a lock: a snapshot may be a
     request behind, never torn (each field is one int)."""
 
     served: int = 0  # requests answered with outputs
-    failed: int = 0  # requests answered with an error by the model
+    failed: int = 0  # requests the model failed (MODEL_FAILED, INTERNAL)
+    bad_input: int = 0  # requests refused for their inputs by the model (BAD_INPUT, ...)
+    refused: int = 0  # the same found at intake, before the queue (bumped by the dispatcher)
     rejected: int = 0  # OVERLOADED at admission
     expired: int = 0  # DEADLINE while queued
     batches: int = 0
@@ -320,7 +328,12 @@ class ModelQueue:
                     job.queued_at = time.monotonic()
                     self._run([job], stream)
                 return
-            self.stats.failed += len(live)
+            # The caller's input, not the model, is what failed: counted as Prometheus and the
+            # log name it (issue 17.9), never as `failed`.
+            if e.code in CLIENT_ERRORS:
+                self.stats.bad_input += len(live)
+            else:
+                self.stats.failed += len(live)
             for job in live:
                 _fail(job, e)
             return
@@ -488,8 +501,20 @@ class Scheduler:
                 served=st.served, failed=st.failed, rejected=st.rejected, expired=st.expired,
                 batches=st.batches,
                 batch_sizes=[[k, v] for k, v in sorted(dict(st.batch_sizes).items())],
-                queue_us=st.queue_us, compute_us=st.compute_us, max_queue_us=st.max_queue_us))
+                queue_us=st.queue_us, compute_us=st.compute_us, max_queue_us=st.max_queue_us,
+                bad_input=st.bad_input + st.refused or None))
         return out
+
+    def count_refused(self, err: TensordError) -> None:
+        """A request for a model refused at intake for its inputs (dispatcher thread): it
+        counts in the model's `bad_input` as it does in Prometheus (issue 17.9)."""
+        model = getattr(err, "for_model", None)
+        if model is None or err.code not in CLIENT_ERRORS:
+            return
+        try:
+            self.queue(model).stats.refused += 1
+        except TensordError:  # no worker thread could start: the count is all that is lost
+            pass
 
     def health(self, stuck_after: float) -> list[ModelHealth]:
         """Per model: queue length and the age of its oldest running forward pass; a model

@@ -28,6 +28,7 @@ from ..contract.dtypes import decode_byte_strings, lookup
 from ..contract.errors import (
     BadInputError,
     BadRequestError,
+    ErrorCode,
     InternalError,
     TensordError,
     TooLargeError,
@@ -45,6 +46,10 @@ from . import cuda
 from .executor import Executor
 
 log = logging.getLogger(__name__)
+# Requests answered with an error (refused, expired, overloaded, failed): any client can cause
+# as many as it likes, so at most 10 lines per 10 s for all of them, the rest counted.
+_answers = RateLimited(log)
+_DAEMON_SIDE = frozenset({ErrorCode.MODEL_FAILED, ErrorCode.INTERNAL})
 
 MAX_ERROR_MESSAGE = 4000
 PLAN_CACHE = 256
@@ -112,6 +117,9 @@ class Session:
         self._running = 0  # jobs taken and not yet answered
         self.stopped = False
         self.served = 0
+        # Told of every request refused at intake (the control layer counts it in the model's
+        # stats as Prometheus does); called on the dispatcher thread.
+        self.refused: Callable[[TensordError], None] = lambda _e: None
         # What one client can make the daemon log: rate-limited, so a flood of bad requests
         # is not a flood of log lines.
         self.log = RateLimited(log)
@@ -136,6 +144,7 @@ class Session:
                     raise
                 metrics.record_request(getattr(e, "model", "-"), e.code.name,
                                        total_s=time.monotonic() - read_at)
+                self.refused(e)
                 self.finish(rec, error=e)
             except Exception as e:  # a daemon bug must cost one request, not the session
                 self.log.exception("session %s: request %d failed", self.id[:8],
@@ -175,6 +184,7 @@ class Session:
             return self._job_for(model, rec, desc, read_at)
         except TensordError as e:
             e.model = model.name  # for the metrics of the request's model
+            e.for_model = model  # and its stats
             raise
 
     def _job_for(self, model: Model, rec: Record, desc, read_at: float) -> Job:
@@ -274,6 +284,11 @@ class Session:
         ring now is parked until the client frees space (the dispatcher retries it), so no
         thread ever waits on one client."""
         if response is None and error is not None:
+            # Every request answered with an error is logged, rate-limited (issue 17.9): the
+            # code is the one the client, `tensord stats` and Prometheus see.
+            _answers.log(logging.WARNING if error.code in _DAEMON_SIDE else logging.INFO,
+                         "session %s: request %d answered %s: %s", self.id[:8], rec.request_id,
+                         error.code.name, error.message[:300])
             msg = error.message[:MAX_ERROR_MESSAGE]
             desc = encode_descriptor(ResponseDescriptor(
                 error=ErrorInfo(int(error.code), error.code.name, msg)))
