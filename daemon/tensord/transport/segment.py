@@ -40,6 +40,7 @@ class Segment:
         self.mm = mm
         self.buf = memoryview(mm)
         self.efds = efds
+        self.own_efds = True  # close() closes them; see close_efds
         self.shm = Shm(mm)
         h = read_header(self.buf)
         self.header = h
@@ -148,6 +149,14 @@ class Segment:
         os.close(fds[0])
         return seg
 
+    def close_efds(self) -> None:
+        """Close the four eventfds. The daemon's dispatcher does this itself for the sessions
+        it serves (own_efds False), once it can hold no stale event of them."""
+        for e in self.efds:
+            with contextlib.suppress(OSError):
+                os.close(e)
+        self.efds = []
+
     def close_fd(self) -> None:
         """The daemon drops its segment descriptor once the client has its own."""
         if self.fd >= 0:
@@ -200,10 +209,8 @@ class Segment:
         if self.side == "daemon" and not self.shm.closed:
             self.release_memory()
         self.close_fd()
-        for e in self.efds:
-            with contextlib.suppress(OSError):
-                os.close(e)
-        self.efds = []
+        if self.own_efds:
+            self.close_efds()
         self.shm.close()
         try:
             self.buf.release()
