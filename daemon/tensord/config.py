@@ -104,8 +104,8 @@ class ConfigError(ValueError):
 
 
 _DAEMON_KEYS = {"socket", "socket_mode", "default_ring", "max_ring", "max_sessions", "spin_us",
-                "admin_uids", "priority_uids", "builtin_models", "threads", "stuck_after_s", "drain_grace_s",
-                "max_pending",
+                "admin_uids", "priority_uids", "builtin_models", "threads", "stuck_after_s",
+                "drain_grace_s", "max_pending",
                 "max_sessions_per_uid", "max_memory", "max_memory_per_uid", "allow_handlers",
                 "max_parked_per_session",
                 "model_dirs", "metrics"}
