@@ -248,3 +248,88 @@ def test_high_priority_is_only_heard_from_priority_uids(make_daemon):
     order = _order_under_flood(d, flood_priority=1)
     light = [order.index(1.0 + k) for k in range(5)]
     assert light == [1, 3, 5, 7, 9], order
+
+
+def test_parked_responses_count_against_the_daemons_memory(tmp_path):
+    """Defect 5: responses held for a client that does not read them count against
+    max_memory; past it the request is answered TOO_LARGE (it ran) and nothing more is held.
+    Every request is still answered, the good ones with their own bytes."""
+    from tensord.contract.errors import TooLargeError, safe_to_retry
+
+    seg = 4096 + (1 << 20) + 65536  # this client's segment
+    d = start_daemon(tmp_path, config=f"[daemon]\nmax_memory = {seg + 512 * 1024}\n")
+    try:
+        with Client(d.path, request_ring=1 << 20, response_ring=65536) as c:
+            ids = set()
+            for i in range(20):  # 60 KB each: one fits the response ring, ~8 more the budget
+                publish(c, "identity", 500 + i, torch.full((15000,), float(i)), "f32")
+                ids.add(500 + i)
+            time.sleep(0.5)  # every request taken and answered before the client reads
+            got = responses(c, ids)
+        good = [rid for rid, v in got.items() if not isinstance(v, Exception)]
+        for rid in good:
+            assert torch.equal(got[rid]["y"], torch.full((15000,), float(rid - 500))), rid
+        refused = [v for v in got.values() if isinstance(v, Exception)]
+        assert 8 <= len(good) <= 10, (len(good), refused[:1])
+        assert refused and all(isinstance(e, TooLargeError) and "max_memory" in str(e)
+                               and not safe_to_retry(e) for e in refused), refused[:1]
+    finally:
+        assert d.stop() == 0, d.logs()
+
+
+def _peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_bytes_tensors_of_many_short_strings_do_not_multiply_in_memory(tmp_path):
+    """Defect 5: 2.8 M two-byte strings (16 MiB on the wire) through identity cost the
+    daemon a few copies of 16 MiB at most, not one Python object per string (~7x)."""
+    d = start_daemon(tmp_path)
+    try:
+        n = 16 * (1 << 20) // 6
+        items = [b"%02d" % (k % 100) for k in range(n)]
+        x = ByteStrings(items, (n,))
+        with Client(d.path, request_ring=64 << 20, response_ring=64 << 20) as c:
+            c.infer("identity", {"x": ByteStrings([b"warm"], (1,))}, timeout=60)
+            before = _peak_rss(d.pid)
+            y = c.infer("identity", {"x": x}, timeout=120)["y"]
+            grew = _peak_rss(d.pid) - before
+        assert y.encode() == x.encode()
+        assert grew < 4 * x.encoded_size(), f"peak RSS grew {grew >> 20} MiB for 16 MiB"
+    finally:
+        assert d.stop() == 0, d.logs()
+
+
+def test_python_retry_safety_follows_spec_section_6():
+    """Defect 6: the Python client's "ran?" per code is SPEC §6's column, read from SPEC."""
+    import re
+    from pathlib import Path
+
+    from tensord.contract.errors import NOT_RUN, ErrorCode, error_from_code, safe_to_retry
+
+    spec = (Path(__file__).resolve().parent.parent / "protocol" / "SPEC.md").read_text()
+    rows = re.findall(r"(?m)^\|\s*(\d+)\s*\|\s*`([A-Z_]+)`\s*\|[^|]*\|\s*(no|may)\s*\|", spec)
+    assert len(rows) == len(ErrorCode), rows
+    for code, name, ran in rows:
+        assert ErrorCode(int(code)).name == name
+        assert (int(code) in NOT_RUN) == (ran == "no"), name
+        assert safe_to_retry(error_from_code(int(code), "m")) == (ran == "no"), name
+
+
+def test_python_client_timeout_after_publishing_may_have_run(make_daemon):
+    """Defect 6: the client's own deadline passing after the request was published is not
+    "did not run" (the daemon may be running it)."""
+    from handlers_for_tests import wait_for
+
+    from tensord.contract.errors import DeadlineError, safe_to_retry
+
+    d = make_daemon()
+    with Client(d.path) as c:
+        with pytest.raises(DeadlineError) as e:
+            c.infer("gate", {"x": torch.tensor([1.0])}, timeout=0.5, budget=60)
+        wait_for(d.gate / "started")
+        assert not safe_to_retry(e.value), "it was published and is running"
