@@ -333,3 +333,84 @@ def test_python_client_timeout_after_publishing_may_have_run(make_daemon):
             c.infer("gate", {"x": torch.tensor([1.0])}, timeout=0.5, budget=60)
         wait_for(d.gate / "started")
         assert not safe_to_retry(e.value), "it was published and is running"
+
+
+def test_python_client_refuses_blocking_eventfds():
+    """Defect 10: SPEC §2.4 says the welcome's eventfds MUST be O_NONBLOCK; the Python
+    client checks it (the Go client does), and closes every descriptor it got."""
+    import os
+
+    from tensord.contract.errors import ProtocolError
+    from tensord.transport.segment import Segment
+
+    daemon_side = Segment.create("nonblock", 65536, 65536)
+    try:
+        fds = [os.dup(daemon_side.fd)] + [os.eventfd(0) for _ in range(4)]  # blocking
+        size = daemon_side.header.segment_size
+        with pytest.raises(ProtocolError, match="O_NONBLOCK"):
+            Segment.attach(fds, size, 65536, 65536)
+        for f in fds:
+            with pytest.raises(OSError):
+                os.fstat(f)
+        ok = [os.dup(daemon_side.fd)] + [os.dup(e) for e in daemon_side.efds]
+        Segment.attach(ok, size, 65536, 65536).close()
+    finally:
+        daemon_side.close()
+
+
+def test_hello_client_name_is_cut_at_128_bytes(tmp_path):
+    """Defect 10: SPEC says the client name is at most 128 bytes; a name of 128 characters
+    of 2 bytes each is cut to 64 characters, at a character boundary."""
+    d = start_daemon(tmp_path, "--log-level", "INFO")
+    try:
+        with Client(d.path, name="ż" * 200) as c:
+            c.ping()
+        end = time.monotonic() + 10
+        while "session" not in d.logs() or "'ż" not in d.logs():
+            assert time.monotonic() < end, d.logs()
+            time.sleep(0.05)
+        logged = d.logs().split("'ż", 1)[1]
+        name = "ż" + logged.split("'", 1)[0]
+        assert name == "ż" * 64, len(name)
+    finally:
+        assert d.stop() == 0, d.logs()
+
+
+def test_a_sessions_memory_counts_until_it_is_freed_not_until_it_disconnects(make_daemon):
+    """Defect 10: a session whose connection closed while its request still runs keeps its
+    segment mapped; its bytes count against max_memory until the segment is freed."""
+    import socket
+    import threading
+
+    from handlers_for_tests import wait_for
+
+    from tensord.contract.errors import ResourceError
+
+    seg = 4096 + 2 * 65536
+    d = make_daemon(daemon=f"max_memory = {seg}")
+    a = Client(d.path, request_ring=65536, response_ring=65536)
+    def call():
+        from tensord.contract.errors import TensordError
+
+        with pytest.raises(TensordError):  # its connection goes away under it
+            a.infer("gate", {"x": torch.tensor([1.0])}, timeout=60)
+
+    t = threading.Thread(target=call)
+    t.start()
+    wait_for(d.gate / "started")
+    a.sock.shutdown(socket.SHUT_RDWR)  # the client goes away while its request runs
+    t.join()
+    a.close()
+    time.sleep(0.3)  # the daemon has read the EOF
+    with pytest.raises(ResourceError, match="max_memory"):
+        Client(d.path, request_ring=65536, response_ring=65536).close()
+    (d.gate / "open").touch()  # the request finishes; the session's segment is freed
+    end = time.monotonic() + 30
+    while True:
+        try:
+            with Client(d.path, request_ring=65536, response_ring=65536) as b:
+                assert b.infer("identity", {"x": torch.tensor([3, 1])})["y"].tolist() == [3, 1]
+            break
+        except ResourceError:
+            assert time.monotonic() < end, "the freed session's memory was never released"
+            time.sleep(0.05)

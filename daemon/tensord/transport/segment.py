@@ -124,6 +124,12 @@ class Segment:
                 if os.readlink(f"/proc/self/fd/{e}") != "anon_inode:[eventfd]":
                     raise ProtocolError("a wake-up descriptor of the welcome is not an eventfd",
                                         fatal=True)
+                # SPEC §2.4 MUST: a blocking one would hang whoever drains it with no post
+                # pending, and O_NONBLOCK is shared with the daemon, so it is not ours to set.
+                if not fcntl.fcntl(e, fcntl.F_GETFL) & os.O_NONBLOCK:
+                    raise ProtocolError("a wake-up eventfd of the welcome is blocking; SPEC "
+                                        "§2.4 says they are O_NONBLOCK (a daemon bug: upgrade "
+                                        "it)", fatal=True)
             mm = mmap.mmap(fd, size)
             h = read_header(memoryview(mm))
             want = (LAYOUT_VERSION, HEADER_SIZE, size, HEADER_SIZE, request_ring,
