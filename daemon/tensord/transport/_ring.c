@@ -16,6 +16,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -171,9 +172,14 @@ static PyObject *Shm_notify(Shm *self, PyObject *args) {
 }
 
 static PyObject *Shm_post(Shm *self, PyObject *arg) {
-    int efd = _PyLong_AsInt(arg);
-    if (efd == -1 && PyErr_Occurred()) return NULL;
-    post(efd);
+    /* PyLong_AsLong + a range check: _PyLong_AsInt is private and gone in CPython 3.13. */
+    long v = PyLong_AsLong(arg);
+    if (v == -1 && PyErr_Occurred()) return NULL;
+    if (v < 0 || v > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "%ld is not a file descriptor", v);
+        return NULL;
+    }
+    post((int)v);
     Py_RETURN_NONE;
 }
 
