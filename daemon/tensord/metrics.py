@@ -52,6 +52,9 @@ COMPUTE_SECONDS = Histogram("tensord_compute_duration_seconds", "Forward-pass ti
                             ["model"], buckets=SECONDS, registry=REGISTRY)
 BATCH_SIZE = Histogram("tensord_batch_size", "Requests per forward pass", ["model"],
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=REGISTRY)
+RETRIES = Counter("tensord_batch_retries_total", "Forward passes run again in halves after a "
+                  "batch failed, so only the requests that fail alone get the error", ["model"],
+                  registry=REGISTRY)
 SESSIONS = Gauge("tensord_sessions", "Sessions (admitted handshakes) now", registry=REGISTRY)
 SHARED_MEMORY = Gauge("tensord_shared_memory_bytes", "Bytes of session segments now",
                       registry=REGISTRY)
@@ -92,6 +95,12 @@ def record_batch(model: str, size: int, compute_s: float | None = None) -> None:
     _child(BATCH_SIZE, model).observe(size)
     if compute_s is not None:
         _child(COMPUTE_SECONDS, model).observe(compute_s)
+
+
+def record_retry(model: str) -> None:
+    """A batch failed and is run again in halves to find the requests that fail alone."""
+    if _on:
+        _child(RETRIES, model).inc()
 
 
 def _child(metric, model: str):

@@ -56,7 +56,7 @@ from ..serving.executor import Executor
 from ..serving.session import Session
 from ..transport.segment import Segment
 from .admin import ModelControl
-from .limits import Admission, Grant
+from .limits import Admission, Grant, UidBudget
 
 log = logging.getLogger(__name__)
 # Refused and failed connections: any local user can cause as many as they like.
@@ -230,7 +230,8 @@ class Connection:
         adm = self.s.admission
         self._grant = adm.admit(self.peer.uid, segment_size(req, resp))
         self.s.changed()
-        self._client = hello.client[:128]
+        # SPEC: at most 128 bytes (not characters), cut at a character boundary.
+        self._client = hello.client.encode()[:128].decode("utf-8", "ignore")
         session_id = secrets.token_hex(16)
         self._seg = self._create_segment(session_id, req, resp)
         adm.charged(self._grant)
@@ -257,7 +258,11 @@ class Connection:
     def _attached(self) -> None:
         seg, self._seg = self._seg, None
         self.session = Session(self._session_id, seg, self.s.registry, self.s.executor,
-                               self._fatal_from_any_thread)
+                               self._fatal_from_any_thread,
+                               budget=UidBudget(self.s.admission, self.peer.uid),
+                               on_freed=self._session_freed,
+                               park_limit=self.s.config.max_parked_per_session,
+                               high_priority=self.peer.uid in self.s.config.priority_uids)
         self.state = SERVING
         self.deadline = None
         self.s.dispatcher.add(self.session)
@@ -336,6 +341,16 @@ class Connection:
 
     # -- the end --------------------------------------------------------------------------------
 
+    def _session_freed(self) -> None:
+        """The session's segment is unmapped (any thread): its memory stops counting."""
+        self.s.call_soon(self._release_grant)
+
+    def _release_grant(self) -> None:
+        if self._grant is not None:
+            self.s.admission.release(self._grant)
+            self._grant = None
+            self.s.changed()
+
     def fail(self, err: TensordError) -> None:
         """Tell the client why (best effort, without blocking), then close."""
         err.fatal = True
@@ -378,14 +393,14 @@ class Connection:
             self._seg.close()
             self._seg = None
         if self.session is not None:
-            self.s.dispatcher.remove(self.session)
+            # Ended first (no more posts to its eventfds), then forgotten by the dispatcher,
+            # which closes those eventfds once it holds no stale event of them (issue 15).
             self.session.end()
+            self.s.dispatcher.remove(self.session)
             log.info("session %s closed after %d requests", self.session.id[:8],
                      self.session.served)
-        if self._grant is not None:
-            self.s.admission.release(self._grant)
-            self._grant = None
-            self.s.changed()
+        elif self._grant is not None:  # no session: nothing of it can still be mapped
+            self._release_grant()
         self.s.forget(self)
         with contextlib.suppress(OSError):
             self.sock.close()

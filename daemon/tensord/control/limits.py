@@ -1,14 +1,17 @@
 """What clients may hold of the daemon: sessions and their shared memory, in all and per uid.
 
-Everything here runs on the control loop, one handshake at a time, and a session's bytes are
-counted from the moment it is admitted (before its memfd exists) until its connection
-closes, so concurrent handshakes can never together pass a budget meant for fewer of them.
+Admission runs on the control loop, one handshake at a time, and a session's bytes are
+counted from the moment it is admitted (before its memfd exists) until its memory is freed
+(after its last running request), so concurrent handshakes can never together pass a budget
+meant for fewer of them. Responses a session parks (its client does not read them) count too,
+against the same limits, from whichever thread parks them: hence the lock.
 The host's and the cgroup's memory are checked too (transport/segment.py), less the bytes
 admitted but not yet allocated by the kernel.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from ..config import DaemonConfig
@@ -30,6 +33,7 @@ class Grant:
 class _Usage:
     sessions: int = 0
     memory: int = 0
+    parked: int = 0  # bytes of responses held for its sessions' clients
 
 
 @dataclass
@@ -41,7 +45,9 @@ class Admission:
     sessions: int = 0
     memory: int = 0  # bytes of every admitted session's segment
     uncharged: int = 0  # of which the kernel has not allocated the pages yet
+    parked: int = 0  # bytes of parked responses, all sessions together
     _by_uid: dict[int, _Usage] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def from_config(cls, cfg: DaemonConfig) -> Admission:
@@ -51,6 +57,10 @@ class Admission:
     def admit(self, uid: int, size: int) -> Grant:
         """Count a new session of `size` bytes for `uid`, or raise ResourceError (fatal) saying
         which limit it would pass; its `reason` names the limit (a metrics label)."""
+        with self._lock:
+            return self._admit(uid, size)
+
+    def _admit(self, uid: int, size: int) -> Grant:
         u = self._by_uid.get(uid) or _Usage()
         if self.sessions >= self.max_sessions:
             _refuse("sessions", f"the daemon already serves max_sessions={self.max_sessions} "
@@ -59,13 +69,14 @@ class Admission:
             _refuse("sessions_per_uid", f"uid {uid} already has {u.sessions} sessions "
                     f"(max_sessions_per_uid={self.max_sessions_per_uid}); share one client "
                     "between threads or goroutines, or close idle ones")
-        if self.max_memory and self.memory + size > self.max_memory:
+        if self.max_memory and self.memory + self.parked + size > self.max_memory:
             _refuse("memory", f"the session needs {_mib(size)} of shared memory, but sessions "
-                    f"hold {_mib(self.memory)} of max_memory={_mib(self.max_memory)}: ask for "
+                    f"hold {_mib(self.memory + self.parked)} of max_memory="
+                    f"{_mib(self.max_memory)}: ask for "
                     "smaller rings (Go: WithRingSize) or close idle sessions")
-        if self.max_memory_per_uid and u.memory + size > self.max_memory_per_uid:
+        if self.max_memory_per_uid and u.memory + u.parked + size > self.max_memory_per_uid:
             _refuse("memory_per_uid", f"the session needs {_mib(size)} of shared memory, but "
-                    f"uid {uid} holds {_mib(u.memory)} of max_memory_per_uid="
+                    f"uid {uid} holds {_mib(u.memory + u.parked)} of max_memory_per_uid="
                     f"{_mib(self.max_memory_per_uid)}: ask for smaller rings (Go: "
                     "WithRingSize) or close idle sessions")
         u.sessions += 1
@@ -78,24 +89,71 @@ class Admission:
 
     def charged(self, g: Grant) -> None:
         """The session's pages are allocated: the kernel's own counters include them now."""
+        with self._lock:
+            self._charged(g)
+
+    def _charged(self, g: Grant) -> None:
         if not g.charged:
             g.charged = True
             self.uncharged -= g.size
 
     def release(self, g: Grant) -> None:
-        self.charged(g)
-        self.sessions -= 1
-        self.memory -= g.size
-        u = self._by_uid[g.uid]
-        u.sessions -= 1
-        u.memory -= g.size
-        if not u.sessions:
-            del self._by_uid[g.uid]
+        """The session's memory is gone (call once its segment is freed, not when its
+        connection closes: requests still running keep it mapped)."""
+        with self._lock:
+            self._charged(g)
+            self.sessions -= 1
+            self.memory -= g.size
+            u = self._by_uid[g.uid]
+            u.sessions -= 1
+            u.memory -= g.size
+            if not u.sessions and not u.parked:
+                del self._by_uid[g.uid]
+
+    def park(self, uid: int, n: int) -> str | None:
+        """Count n bytes of parked responses for uid, or say which limit they would pass."""
+        with self._lock:
+            u = self._by_uid.get(uid) or _Usage()
+            if self.max_memory and self.memory + self.parked + n > self.max_memory:
+                return (f"sessions and their unread responses hold "
+                        f"{_mib(self.memory + self.parked)} of the daemon's max_memory="
+                        f"{_mib(self.max_memory)}")
+            if self.max_memory_per_uid and u.memory + u.parked + n > self.max_memory_per_uid:
+                return (f"uid {uid}'s sessions and unread responses hold "
+                        f"{_mib(u.memory + u.parked)} of max_memory_per_uid="
+                        f"{_mib(self.max_memory_per_uid)}")
+            u.parked += n
+            self._by_uid[uid] = u
+            self.parked += n
+            return None
+
+    def unpark(self, uid: int, n: int) -> None:
+        with self._lock:
+            u = self._by_uid[uid]
+            u.parked -= n
+            self.parked -= n
+            if not u.sessions and not u.parked:
+                del self._by_uid[uid]
 
     def of_uid(self, uid: int) -> tuple[int, int]:
-        """(sessions, bytes) the uid holds."""
-        u = self._by_uid.get(uid)
-        return (u.sessions, u.memory) if u else (0, 0)
+        """(sessions, bytes) the uid holds: ring bytes and parked responses."""
+        with self._lock:
+            u = self._by_uid.get(uid)
+            return (u.sessions, u.memory + u.parked) if u else (0, 0)
+
+
+@dataclass
+class UidBudget:
+    """A session's view of Admission's parking counters (serving.session.ParkingBudget)."""
+
+    admission: Admission
+    uid: int
+
+    def take(self, n: int) -> str | None:
+        return self.admission.park(self.uid, n)
+
+    def give(self, n: int) -> None:
+        self.admission.unpark(self.uid, n)
 
 
 def _refuse(reason: str, message: str):

@@ -39,6 +39,8 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._by_fd: dict[int, tuple[Session, bool]] = {}  # eventfd -> (session, is requests)
         self._sessions: dict[Session, None] = {}
+        # Forgotten sessions whose eventfds this thread closes once they have ended (_retire).
+        self._retiring: list[Session] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
 
@@ -47,6 +49,7 @@ class Dispatcher:
 
     def add(self, session: Session) -> None:
         rd, ps = session.seg.efds[EFD_REQ_DATA], session.seg.efds[EFD_RESP_SPACE]
+        session.seg.own_efds = False  # closed by this dispatcher (_retire), not by the segment
         with self._lock:
             self._by_fd[rd] = (session, True)
             self._by_fd[ps] = (session, False)
@@ -56,8 +59,12 @@ class Dispatcher:
         os.eventfd_write(self._wake, 1)  # records may be there already: look once
 
     def remove(self, session: Session) -> None:
-        """Forget a session; its eventfds may be closed once this returns. A pass already
-        under way skips it (Session.take checks `stopped` under the session's lock)."""
+        """Forget a session. Its eventfds stay open until the dispatcher thread closes them
+        itself, between two passes and after the session has ended (_retire): an event it
+        took from epoll before this call may still name them, and a closed descriptor's
+        number can be reused at once by the next accept(), so reading a stale one would eat
+        another connection's bytes. A pass already under way skips the session (Session.take
+        checks `stopped` under the session's lock)."""
         with self._lock:
             if session in self._sessions:
                 del self._sessions[session]
@@ -65,6 +72,8 @@ class Dispatcher:
                     self._by_fd.pop(fd, None)
                     with contextlib.suppress(OSError):
                         self._ep.unregister(fd)
+                self._retiring.append(session)
+        os.eventfd_write(self._wake, 1)  # to _retire once it has ended
 
     def alive(self) -> bool:
         """Whether the dispatcher thread runs (the systemd watchdog pings only while it does)."""
@@ -78,14 +87,27 @@ class Dispatcher:
         os.eventfd_write(self._wake, 1)
         if self._thread.is_alive():
             self._thread.join()
+        self._retire(every=True)
         self._ep.close()
         os.close(self._wake)
+
+    def _retire(self, every: bool = False) -> None:
+        """Close the eventfds of forgotten sessions that have ended (no thread posts to them
+        any more). Only the dispatcher thread calls this, at the top of a pass, when it holds
+        no event from an earlier epoll call (or after it stopped: every)."""
+        with self._lock:
+            done = [s for s in self._retiring if every or s.stopped]
+            self._retiring = [s for s in self._retiring if not (every or s.stopped)]
+        for s in done:
+            s.seg.close_efds()
 
     # -- the loop -------------------------------------------------------------------------
 
     def _loop(self) -> None:
         ready: dict[Session, None] = {}  # an ordered set: round-robin in arrival order
         while not self._stopping:
+            if self._retiring:
+                self._retire()
             if not ready and self.spin > 0:
                 self._spin(ready)
                 if not ready:
@@ -97,13 +119,16 @@ class Dispatcher:
             if self.spin > 0 and events:
                 self._ask_for_posts(None)  # awake, and spinning again before sleeping
             for fd, _ in events:
-                _drain(fd)
                 if fd == self._wake:
+                    _drain(fd)
                     continue
+                # Looked up before it is read: a session forgotten since epoll returned is
+                # skipped (its descriptors are still open: only _retire closes them).
                 with self._lock:
                     entry = self._by_fd.get(fd)
                 if entry is None:
                     continue
+                _drain(fd)
                 session, is_requests = entry
                 if not is_requests:
                     session.flush()  # the client freed response space
@@ -142,7 +167,7 @@ class Dispatcher:
                 except TensordError as e:  # no worker thread could start: this request only
                     session.finish(job.record, error=e)
                     continue
-                if q in inline or q.inline_ok():
+                if q in inline or q.claim_inline():
                     inline.setdefault(q, []).append(job)
                 else:
                     q.put(job)
@@ -178,5 +203,5 @@ class Dispatcher:
 
 
 def _drain(fd: int) -> None:
-    with contextlib.suppress(OSError):  # EAGAIN: already drained; EBADF: closed meanwhile
+    with contextlib.suppress(BlockingIOError):  # already drained
         os.read(fd, 8)

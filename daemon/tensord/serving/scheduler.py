@@ -3,14 +3,23 @@ model's queue, and the model's worker threads join them into one forward pass.
 
 A queue keeps one FIFO per session and priority; a batch takes the highest priority first and,
 within it, one request per session in turn (round-robin), so a session that floods a model
-cannot starve another session of it. Requests whose non-batch dimensions or dtypes differ are
-never mixed: a batch is formed around its oldest request. A request that expires while queued
-is answered DEADLINE and never computed; a full queue answers OVERLOADED at once.
+cannot starve another session of it. High priority never starves normal: while both wait, at
+least one request in every HIGH_RUN + 1 taken is a normal one (and only sessions of uids in
+`priority_uids` get high priority at all: session.py). Requests whose non-batch dimensions or
+dtypes differ are never mixed: a batch is formed around its oldest request. A request that
+expires while queued is answered DEADLINE and never computed; a full queue answers OVERLOADED
+at once.
 
 Each model has `instances` worker threads (on a GPU each has its own CUDA stream), so a slow
 model never holds up another. A worker gathers the inputs into one batch tensor with a single
 copy, runs the forward pass, splits the outputs along dimension 0 and answers each request in
-its own session's response ring.
+its own session's response ring. A batch whose forward pass fails is retried in halves, so
+only the requests that fail on their own get the error (bounded: about 2·log2(n) extra passes
+for each failing request), and a request that was part of a failed pass is never answered as
+"not run".
+
+At most `instances` threads run a model at once: the dispatcher runs a fast model itself only
+after claiming the queue (claim_inline) under the same lock the workers take batches under.
 """
 
 from __future__ import annotations
@@ -26,7 +35,6 @@ import torch
 from .. import metrics
 from ..contract.dtypes import ByteStrings
 from ..contract.errors import (
-    BadInputError,
     DeadlineError,
     InternalError,
     ModelFailedError,
@@ -47,6 +55,9 @@ log = logging.getLogger(__name__)
 _bugs = RateLimited(log)
 
 PRIORITIES = 2  # 0 normal, 1 high (SPEC §4.4)
+# While requests of both priorities wait, at most this many high-priority ones are taken in a
+# row before a normal one: normal priority keeps at least a quarter of the model's service.
+HIGH_RUN = 3
 # Models whose forward pass averages less than this run in the dispatcher when idle.
 INLINE_PASS_US = 60.0
 
@@ -65,6 +76,7 @@ class ModelStats:
     queue_us: int = 0  # total time requests waited in the queue
     compute_us: int = 0  # total forward-pass time of all batches
     max_queue_us: int = 0
+    retried: int = 0  # extra forward passes run to isolate the requests that failed a batch
 
 
 def batch_key(inputs: list[Value]) -> tuple:
@@ -98,6 +110,10 @@ class ModelQueue:
         self._queues: list[OrderedDict] = [OrderedDict() for _ in range(PRIORITIES)]
         self.length = 0
         self._batching = policy.max_batch_size > 1 and _batchable(model)
+        self._high_run = 0  # high-priority requests taken in a row while normal ones waited
+        self._busy = 0  # workers running a batch, under _cv
+        self._inline = False  # the dispatcher runs this model itself (claim_inline), under _cv
+        self._stats_lock = threading.Lock()  # workers of one model update its stats together
         self._workers = [threading.Thread(target=self._work, args=(i,), daemon=True,
                                           name=f"model-{model.name}-{i}")
                          for i in range(max(1, policy.instances))]
@@ -112,11 +128,13 @@ class ModelQueue:
     def put(self, job: Job) -> None:
         with self._cv:
             if self.length >= self.policy.max_queue:
-                self.stats.rejected += 1
+                with self._stats_lock:
+                    self.stats.rejected += 1
                 full = True
             else:
                 full = False
                 job.queued_at = time.monotonic()
+                job.key = batch_key(job.inputs)
                 q = self._queues[job.priority]
                 fifo = q.get(job.session)
                 if fifo is None:
@@ -131,11 +149,12 @@ class ModelQueue:
 
     # -- batch formation (worker threads) --------------------------------------------------
 
-    def _take(self) -> list[Job]:
-        """Block for the next batch: [] once the model is retired and drained."""
+    def _take(self, index: int) -> list[Job]:
+        """Block for the next batch: [] once the model is retired and drained. The worker
+        counts as running from here, under the lock claim_inline checks."""
         with self._cv:
-            while self.length == 0:
-                if self._retired:
+            while self.length == 0 or self._inline:
+                if self._retired and self.length == 0:
                     return []
                 self._cv.wait()
             batch = self._form()
@@ -157,43 +176,53 @@ class ModelQueue:
                 batch = self._prefer(batch)
             if self.length:
                 self._cv.notify()  # another worker may start the next batch
+            self._busy += 1
+            self.running_since[index] = time.monotonic()
             return batch
 
     def _form(self, batch: list[Job] | None = None) -> list[Job]:
-        """Take requests for a batch (under the lock): priority first, one per session in
-        turn, all compatible with the batch's first request."""
+        """Take requests for a batch (under the lock), all compatible with the batch's first
+        request: high priority first (but see HIGH_RUN), one per session in turn."""
         taken: list[Job] = []
         batch = batch or []
         limit = self.policy.max_batch_size if self._batching else 1
         max_bytes = self.policy.max_batch_bytes
         nbytes = sum(_nbytes(j) for j in batch)
-        key = batch_key(batch[0].inputs) if batch else None
-        for q in reversed(self._queues):  # high priority first
-            progress = True
-            while progress and len(batch) + len(taken) < limit:
-                progress = False
-                for session in list(q):
-                    fifo = q[session]
-                    job = fifo[0]
-                    k = batch_key(job.inputs)
-                    if key is None:
-                        key = k
-                    elif k != key:
-                        continue
-                    if max_bytes and batch + taken and nbytes + _nbytes(job) > max_bytes:
-                        continue  # it waits for the next batch (a batch always takes one)
-                    nbytes += _nbytes(job)
-                    fifo.popleft()
-                    self.length -= 1
-                    if not fifo:
-                        del q[session]
-                    else:
-                        q.move_to_end(session)
-                    taken.append(job)
-                    progress = True
-                    if len(batch) + len(taken) >= limit:
-                        break
+        key = batch[0].key if batch else None
+        while len(batch) + len(taken) < limit:
+            room = max_bytes - nbytes if max_bytes and (batch or taken) else None
+            job = self._next(key, room)
+            if job is None:
+                break
+            key = job.key
+            nbytes += _nbytes(job)
+            taken.append(job)
         return taken
+
+    def _next(self, key: tuple | None, room: int | None) -> Job | None:
+        """The next request to join a batch of `key` with `room` bytes left (None: any)."""
+        high, normal = self._queues[1], self._queues[0]
+        order = (normal, high) if high and normal and self._high_run >= HIGH_RUN \
+            else (high, normal)
+        for q in order:
+            for session, fifo in q.items():
+                job = fifo[0]
+                if key is not None and job.key != key:
+                    continue
+                if room is not None and _nbytes(job) > room:
+                    continue  # it waits for the next batch (a batch always takes one)
+                fifo.popleft()
+                if fifo:
+                    q.move_to_end(session)
+                else:
+                    del q[session]
+                self.length -= 1
+                if q is high:
+                    self._high_run = self._high_run + 1 if normal else 0
+                else:
+                    self._high_run = 0
+                return job
+        return None
 
     def _prefer(self, batch: list[Job]) -> list[Job]:
         """Trim to the largest preferred size that fits; the rest goes back in front."""
@@ -211,26 +240,46 @@ class ModelQueue:
             self.length += 1
         return keep
 
-    def inline_ok(self) -> bool:
-        """Whether the dispatcher may run this model itself: a CPU model whose passes take
-        a few microseconds, with nothing queued or running and no batching delay. A hand-off
-        to the worker thread would cost more than the pass (it measured ~20 µs here)."""
-        return (self.pass_us is not None and self.pass_us < INLINE_PASS_US
-                and self.length == 0 and not self.running_since and not self._retired
-                and self.policy.max_queue_delay_us == 0
-                and not self.model.device.startswith("cuda"))
+    def claim_inline(self) -> bool:
+        """Whether the dispatcher may run this model itself, and if so claim it (release with
+        run_inline): a CPU model whose passes take a few microseconds, with nothing queued or
+        running and no batching delay. A hand-off to the worker thread would cost more than
+        the pass (it measured ~20 µs here). Under the lock workers take batches under, so the
+        dispatcher and a worker never run one model at once."""
+        with self._cv:
+            ok = (self.pass_us is not None and self.pass_us < INLINE_PASS_US
+                  and self.length == 0 and self._busy == 0 and not self._inline
+                  and not self._retired and self.policy.max_queue_delay_us == 0
+                  and not self.model.device.startswith("cuda"))
+            if ok:
+                self._inline = True
+                self.running_since[-1] = time.monotonic()
+            return ok
 
     def run_inline(self, jobs: list[Job]) -> None:
         """Run jobs a dispatcher pass took, in the dispatcher: batched as the worker would
         (compatible requests together, at most max_batch_size), never waiting for more."""
         groups: dict[tuple, list[Job]] = {}
         limit = self.policy.max_batch_size if self._batching else 1
-        for job in jobs:
-            job.queued_at = time.monotonic()
-            groups.setdefault(batch_key(job.inputs) if limit > 1 else (id(job),), []).append(job)
-        for group in groups.values():
-            for i in range(0, len(group), limit):
-                self._run_guarded(group[i:i + limit], None)
+        try:
+            for job in jobs:
+                job.queued_at = time.monotonic()
+                job.key = batch_key(job.inputs)
+                groups.setdefault(job.key if limit > 1 else (id(job),), []).append(job)
+            for group in groups.values():
+                for i in range(0, len(group), limit):
+                    self._run_guarded(group[i:i + limit], None)
+        finally:
+            with self._cv:
+                self._inline = False
+                self.running_since.pop(-1, None)
+                if self.length:
+                    self._cv.notify()
+
+    def stats_snapshot(self) -> ModelStats:
+        with self._stats_lock:
+            return ModelStats(**{**self.stats.__dict__,
+                                 "batch_sizes": dict(self.stats.batch_sizes)})
 
     def cancel_queued(self, err: TensordError) -> int:
         """Answer every queued request with err (it never runs); returns how many."""
@@ -257,14 +306,15 @@ class ModelQueue:
             stream = cuda.SideStream(torch.device(self.model.device))
         with torch.inference_mode():
             while True:
-                batch = self._take()
+                batch = self._take(index)
                 if not batch:
                     break
-                self.running_since[index] = time.monotonic()
                 try:
                     self._run_guarded(batch, stream)
                 finally:
-                    self.running_since.pop(index, None)
+                    with self._cv:
+                        self._busy -= 1
+                        self.running_since.pop(index, None)
         if index == 0:
             self._on_empty(self)
 
@@ -280,18 +330,29 @@ class ModelQueue:
                 if not job.done:
                     _fail(job, err)
 
-    def _run(self, batch: list[Job], stream) -> None:
+    def running_for(self, now: float) -> float:
+        """Seconds the oldest forward pass running now has run (0 when none)."""
+        with self._cv:
+            started = min(self.running_since.values(), default=None)
+        return now - started if started is not None else 0.0
+
+    def _run(self, batch: list[Job], stream, retry: bool = False) -> None:
+        """Run one batch and answer each request. `retry`: these requests were part of a
+        failed pass, so they have run (no DEADLINE, which would say they had not)."""
         now = time.monotonic()
         live = []
         for job in batch:
             waited = now - job.queued_at
-            self.stats.queue_us += int(waited * 1e6)
-            self.stats.max_queue_us = max(self.stats.max_queue_us, int(waited * 1e6))
+            if not retry:
+                with self._stats_lock:
+                    self.stats.queue_us += int(waited * 1e6)
+                    self.stats.max_queue_us = max(self.stats.max_queue_us, int(waited * 1e6))
             if job.session.stopped:
                 job.inputs, job.done = [], True
                 job.session.finish(job.record)  # nobody to answer; frees the session
-            elif job.deadline is not None and now > job.deadline:
-                self.stats.expired += 1
+            elif not retry and job.deadline is not None and now > job.deadline:
+                with self._stats_lock:
+                    self.stats.expired += 1
                 _fail(job, DeadlineError(
                     f"the request's time budget ran out after {waited * 1e3:.1f} ms in model "
                     f"{self.model.name!r}'s queue, before it ran; give it a longer deadline or "
@@ -302,30 +363,36 @@ class ModelQueue:
             return
         model = self.model
         live_batch = len(live)
-        self.stats.batches += 1
-        self.stats.batch_sizes[live_batch] = self.stats.batch_sizes.get(live_batch, 0) + 1
+        with self._stats_lock:
+            self.stats.batches += 1
+            self.stats.batch_sizes[live_batch] = self.stats.batch_sizes.get(live_batch, 0) + 1
+            if retry:
+                self.stats.retried += 1
         t0 = time.monotonic()
         try:
             inputs = live[0].inputs if len(live) == 1 else gather(model, live)
             outputs, dtypes = self.executor.run(model, inputs, stream.stream if stream else None)
             parts = [outputs] if len(live) == 1 else split(model, outputs, [rows(j) for j in live])
         except TensordError as e:
-            self.stats.compute_us += int((time.monotonic() - t0) * 1e6)
-            if isinstance(e, BadInputError) and len(live) > 1:
-                # One request's bad input must not fail the others it was joined with: run
-                # each alone, so only the bad one gets the error.
-                self.stats.batches -= 1
-                self.stats.batch_sizes[live_batch] -= 1
-                for job in live:
-                    job.queued_at = time.monotonic()
-                    self._run([job], stream)
+            took = time.monotonic() - t0
+            with self._stats_lock:
+                self.stats.compute_us += int(took * 1e6)
+            if len(live) > 1:
+                # Whatever failed the batch may be one request's doing (a bad index, a value
+                # the model rejects): run each half again, so only the requests that fail on
+                # their own get the error. Bounded: ~2·log2(n) passes per failing request.
+                metrics.record_retry(model.name)
+                mid = len(live) // 2
+                self._run(live[:mid], stream, retry=True)
+                self._run(live[mid:], stream, retry=True)
                 return
-            self.stats.failed += len(live)
-            for job in live:
-                _fail(job, e)
+            with self._stats_lock:
+                self.stats.failed += 1
+            _fail(live[0], e)
             return
         took = time.monotonic() - t0
-        self.stats.compute_us += int(took * 1e6)
+        with self._stats_lock:
+            self.stats.compute_us += int(took * 1e6)
         metrics.record_batch(model.name, live_batch, took)
         self.pass_us = took * 1e6 if self.pass_us is None else 0.8 * self.pass_us + 0.2 * took * 1e6
         sync = None
@@ -341,7 +408,8 @@ class ModelQueue:
                 else:
                     job.session.answer(job, names, outs, dtypes, None)
                 job.done = True
-                self.stats.served += 1
+                with self._stats_lock:
+                    self.stats.served += 1
                 done = time.monotonic()
                 metrics.record_request(model.name, "ok", queue_s=t0 - job.queued_at,
                                        total_s=done - job.read_at)
@@ -378,8 +446,7 @@ def gather(model: Model, jobs: list[Job]) -> list[Value]:
     for i in range(len(per_request[0])):
         parts = [inputs[i] for inputs in per_request]
         if isinstance(parts[0], ByteStrings):
-            items = [b for p in parts for b in p.items]
-            out.append(ByteStrings(items, (len(items), *parts[0].shape[1:])))
+            out.append(ByteStrings.concat(parts))
         elif device.type == "cuda":
             # Each request's rows go straight from the page-locked ring to the device
             # (async, on the worker's stream), where they are joined.
@@ -409,10 +476,8 @@ def split(model: Model, outputs: list[Value], sizes: list[int]) -> list[list[Val
                 per[k].append(part)
             continue
         start = 0
-        per_row = len(o.items) // n if n else 0  # strings in one row: shape[1:]
         for k, size in enumerate(sizes):
-            items = o.items[start * per_row:(start + size) * per_row]
-            per[k].append(ByteStrings(items, (size, *o.shape[1:])))
+            per[k].append(o.rows(start, start + size))
             start += size
     return per
 
@@ -482,7 +547,8 @@ class Scheduler:
         out = []
         for info in self.registry.infos():
             q = current.get(info.name)
-            st = q.stats if q is not None and q.model.version == info.version else ModelStats()
+            st = q.stats_snapshot() if q is not None and q.model.version == info.version \
+                else ModelStats()
             out.append(ModelStat(
                 name=info.name, version=info.version, queued=q.length if q else 0,
                 served=st.served, failed=st.failed, rejected=st.rejected, expired=st.expired,
@@ -499,8 +565,7 @@ class Scheduler:
         out = []
         for info in self.registry.infos():
             q = current.get(info.name)
-            started = min(q.running_since.values(), default=None) if q else None
-            running = now - started if started is not None else 0.0
+            running = q.running_for(now) if q else 0.0
             out.append(ModelHealth(name=info.name, version=info.version,
                                    ready=running <= stuck_after, queued=q.length if q else 0,
                                    running_ms=int(running * 1e3)))

@@ -10,6 +10,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -48,19 +49,19 @@ log = logging.getLogger(__name__)
 
 MAX_ERROR_MESSAGE = 4000
 PLAN_CACHE = 256
-# Responses parked while the client does not release response-ring space; past this many the
-# dispatcher stops taking its requests (backpressure) instead of buffering without bound.
-MAX_PARKED = 64
 # Held by the dispatcher while it spins on rings without the GIL, and by a session while it
 # unmaps its segment, so a spin never reads a mapping that is going away.
 SPIN_GUARD = threading.Lock()
+# Parked responses of one session past which the dispatcher stops taking its requests, however
+# small they are (each costs an object besides its bytes).
+MAX_PARKED = 4096
 
 
 class Job:
     """One request, validated and ready to run: its inputs view the request record."""
 
     __slots__ = ("session", "record", "model", "inputs", "deadline", "priority", "queued_at",
-                 "done", "read_at")
+                 "done", "read_at", "key")
 
     def __init__(self, session: Session, record: Record, model: Model, inputs: list[Value],
                  deadline: float | None, priority: int):
@@ -73,22 +74,30 @@ class Job:
         self.queued_at = 0.0
         self.read_at = 0.0
         self.done = False  # answered (or dropped): the record is no longer ours
+        self.key: tuple = ()  # what requests it may share a batch with (scheduler.batch_key)
 
 
-def _on_host(response: tuple) -> tuple:
-    """A parked response keeps no device tensors: it is written later, outside the stream
-    that computed them."""
-    rid, record_len, desc, payloads = response
-    if any(isinstance(v, torch.Tensor) and v.is_cuda for _, _, v in payloads):
-        payloads = [(o, n, v.cpu() if isinstance(v, torch.Tensor) else v)
-                    for o, n, v in payloads]
-    return rid, record_len, desc, payloads
+class ParkingBudget(Protocol):
+    """Where parked response bytes are counted besides the session (the uid's and the daemon's
+    memory limits, control/limits.py); any thread may call it."""
+
+    def take(self, n: int) -> str | None:
+        """Count n more bytes, or return why not (a limit's message) and count nothing."""
+
+    def give(self, n: int) -> None: ...
 
 
 class Session:
     def __init__(self, session_id: str, segment: Segment, registry: Registry, executor: Executor,
-                 on_fatal: Callable[[TensordError], None]):
+                 on_fatal: Callable[[TensordError], None], budget: ParkingBudget | None = None,
+                 on_freed: Callable[[], None] | None = None, park_limit: int = 64 << 20,
+                 high_priority: bool = False):
         self.id = session_id
+        self.budget = budget
+        self.on_freed = on_freed  # the session's memory is gone: its admission may be released
+        # Whether its requests may go ahead of others' (its uid is in priority_uids): any
+        # client could ask, so only those the operator named are heard.
+        self.high_priority = high_priority
         self.seg = segment
         self.buf = segment.buf
         self.registry = registry
@@ -108,7 +117,14 @@ class Session:
         # One lock for the session's ring state: the dispatcher takes records, compute threads
         # release them and write responses.
         self._lock = threading.Lock()
-        self._parked: deque[tuple] = deque()  # responses waiting for ring space, in order
+        # Responses waiting for ring space, in order: (request id, the whole record, bytes
+        # counted against the budget). Each owns its bytes: the request record it answers is
+        # released at once and the client may reuse that space (issue 15).
+        self._parked: deque[tuple[int, bytearray, int]] = deque()
+        self._parked_bytes = 0
+        # A client that does not read its responses makes the daemon hold at most this much
+        # of them (max_parked_per_session); the uid's and daemon's memory limits count it too.
+        self.park_limit = park_limit
         self._running = 0  # jobs taken and not yet answered
         self.stopped = False
         self.served = 0
@@ -122,7 +138,7 @@ class Session:
         """Read up to `limit` records and turn each into a job; a request that cannot run gets
         its error response here. Raises ProtocolError(BAD_RECORD) for a corrupt ring."""
         with self._lock:
-            if self.stopped or len(self._parked) >= MAX_PARKED:
+            if self.stopped or self._parked_full():
                 return []
             recs = self.seg.requests.poll(limit)
             self._running += len(recs)
@@ -161,8 +177,15 @@ class Session:
     def pending(self) -> bool:
         """Whether records wait in the request ring (more than one pass took)."""
         with self._lock:
-            return (not self.stopped and len(self._parked) < MAX_PARKED
+            return (not self.stopped and not self._parked_full()
                     and self.seg.requests.published())
+
+    def _parked_full(self) -> bool:
+        # Flow control: past its parking budget the dispatcher takes no more of this
+        # session's requests, and its client waits for request-ring space as with a slow
+        # server. What is already queued or running may still park, up to park_limit; past
+        # it, such a request is answered TOO_LARGE.
+        return len(self._parked) >= MAX_PARKED or self._parked_bytes >= self.park_limit
 
     def _job(self, rec: Record, read_at: float) -> Job:
         if rec.desc_len > MAX_DESCRIPTOR:  # before copying it out
@@ -188,7 +211,12 @@ class Session:
             self._pin()  # H2D straight from the page-locked ring, D2H straight into it
         inputs = [self._input(rec, desc.inputs[i]) for i in order]
         deadline = read_at + desc.timeout_us / 1e6 if desc.timeout_us else None
-        job = Job(self, rec, model, inputs, deadline, desc.priority or 0)
+        priority = desc.priority or 0
+        if priority and not self.high_priority:
+            priority = 0
+            self.log.info("session %s: asks for high priority, but its uid is not in the "
+                          "daemon's priority_uids: served at normal priority", self.id[:8])
+        job = Job(self, rec, model, inputs, deadline, priority)
         job.read_at = read_at
         return job
 
@@ -271,19 +299,15 @@ class Session:
                error: TensordError | None = None,
                sync: Callable[[], None] | None = None) -> None:
         """Answer a taken record and release it. A response that does not fit the response
-        ring now is parked until the client frees space (the dispatcher retries it), so no
-        thread ever waits on one client."""
+        ring now is parked (an owned copy) until the client frees space (the dispatcher
+        retries it), so no thread ever waits on one client."""
         if response is None and error is not None:
-            msg = error.message[:MAX_ERROR_MESSAGE]
-            desc = encode_descriptor(ResponseDescriptor(
-                error=ErrorInfo(int(error.code), error.code.name, msg)))
-            response = (rec.request_id, align64(RECORD_HEADER_SIZE + len(desc)), desc, [])
+            response = _error_response(rec.request_id, error)
         with self._lock:
             self._running -= 1
             if not self.stopped and response is not None:
                 if self._parked or not self._write(response, sync):
-                    self._parked.append(_on_host(response))
-                    self._want_space()
+                    self._park(response)
                 if self.seg.requests.release(rec):
                     self.requests_freed.notify()
                 if error is None:
@@ -298,20 +322,72 @@ class Session:
         with self._lock:
             if self.stopped:
                 return
-            while self._parked and self._write(self._parked[0], None):
+            ring = self.seg.responses
+            wrote = False
+            while self._parked:
+                _, blob, charged = self._parked[0]
+                off = ring.try_reserve(len(blob))
+                if off is None:
+                    break
+                self.seg.shm.copy_in(off, blob)
+                ring.publish()
+                wrote = True
                 self._parked.popleft()
+                self._parked_bytes -= len(blob)
+                if charged and self.budget is not None:
+                    self.budget.give(charged)
+            if wrote:
+                self.responses_ready.notify()
             if self._parked:
                 self._want_space()
             else:
                 resp = self.seg.resp_ctl
                 resp.set_flag(resp.producer_waiting, 0)
 
+    def _park(self, response: tuple) -> None:
+        """Keep a response that does not fit the ring now, as a copy the daemon owns (under
+        the lock). Outputs count against this session's parking budget and the uid's and
+        daemon's memory limits; past them the request is answered TOO_LARGE instead (it ran:
+        SPEC §6) and nothing more of it is held."""
+        rid, record_len, desc, payloads = response
+        charged = 0
+        if payloads:
+            why = None
+            if self._parked_bytes + record_len > self.park_limit:
+                why = (f"this session already holds {self._parked_bytes} bytes of responses "
+                       f"its client has not read, of at most {self.park_limit} "
+                       "(max_parked_per_session in the daemon's config)")
+            elif self.budget is not None:
+                why = self.budget.take(record_len)
+                charged = 0 if why else record_len
+            if why is not None:
+                response = _error_response(rid, TooLargeError(
+                    f"the {record_len}-byte response to request {rid} does not fit the response "
+                    f"ring now and cannot be held: {why}. The model ran. Read and release "
+                    "responses before sending more, or connect with a larger response ring",
+                    ran=None))
+                rid, record_len, desc, payloads = response
+        try:
+            blob = records.render(KIND_RESPONSE, rid, record_len, desc, payloads)
+        except Exception:
+            if not payloads:
+                raise  # an error record cannot fail to render; if it does, that is a bug
+            self.log.exception("session %s: copying response %d failed", self.id[:8], rid)
+            if charged and self.budget is not None:
+                self.budget.give(charged)
+            charged = 0
+            rid, record_len, desc, _ = _error_response(rid, _unwritable(rid))
+            blob = records.render(KIND_RESPONSE, rid, record_len, desc, [])
+        self._parked.append((rid, blob, charged))
+        self._parked_bytes += record_len
+        self._want_space()
+
     def _want_space(self) -> None:
         # Ask for a post of `ps` (SPEC §4.5); the dispatcher waits on it. A release that
         # happened before the flag was set is caught by the re-check.
         resp = self.seg.resp_ctl
         resp.set_flag(resp.producer_waiting, 1)
-        if self.seg.responses.fits(self._parked[0][1]):
+        if self.seg.responses.fits(len(self._parked[0][1])):
             self.seg.shm.post(self.seg.efds[EFD_RESP_SPACE])  # our own: the dispatcher flushes
 
     def _write(self, response: tuple, sync: Callable[[], None] | None) -> bool:
@@ -326,12 +402,18 @@ class Session:
             records.write(self.seg, off, KIND_RESPONSE, rid, record_len, desc, payloads)
             if sync is not None:
                 sync()  # ...so wait for those copies before the client may read them.
-        except BaseException as e:
+        except Exception:
             # The space is reserved and will be published with whatever follows: make it a
-            # PAD (SPEC §4.3), never a response with half-written bytes.
+            # PAD (SPEC §4.3), never a response with half-written bytes. The request still
+            # gets an answer (SPEC §4.8: every taken request does): an error saying it ran.
             records.write(self.seg, off, KIND_PAD, 0, record_len, b"", [])
             ring.publish()
-            log.warning("session %s: writing response %d failed: %s", self.id[:8], rid, e)
+            self.log.exception("session %s: writing response %d failed", self.id[:8], rid)
+            if not payloads:
+                raise  # an error record cannot fail to write; if it does, that is a bug
+            err = _error_response(rid, _unwritable(rid))
+            if not self._write(err, None):
+                self._park(err)
             return True
         ring.publish()
         self.responses_ready.notify()
@@ -347,10 +429,17 @@ class Session:
             if self.stopped:
                 return
             self.stopped = True
-            self._parked.clear()
+            self._drop_parked()
             if self._running:
                 return  # finish() frees it
         self._free()
+
+    def _drop_parked(self) -> None:
+        charged = sum(c for _, _, c in self._parked)
+        self._parked.clear()
+        self._parked_bytes = 0
+        if charged and self.budget is not None:
+            self.budget.give(charged)
 
     def _free(self) -> None:
         if self._pinned is not None:
@@ -360,3 +449,17 @@ class Session:
         if not closed:
             log.warning("session %s: tensors still view its memory; it is freed when they go",
                         self.id[:8])
+        if self.on_freed is not None:
+            self.on_freed()
+
+
+def _unwritable(rid: int) -> InternalError:
+    return InternalError(f"the outputs of request {rid} could not be written to the response "
+                         "ring (a daemon fault, in its log); the model ran", ran=None)
+
+
+def _error_response(rid: int, error: TensordError) -> tuple:
+    msg = error.message[:MAX_ERROR_MESSAGE]
+    desc = encode_descriptor(ResponseDescriptor(
+        error=ErrorInfo(int(error.code), error.code.name, msg)))
+    return (rid, align64(RECORD_HEADER_SIZE + len(desc)), desc, [])
