@@ -120,6 +120,9 @@ class WriteFails(Doubler):
             def encode_into(self, buf):
                 raise OSError("simulated fault while copying outputs into the ring")
 
+            def encode(self):
+                raise OSError("simulated fault while copying outputs into the ring")
+
         n = batch[0].shape[0]
         return [Exploding([b"never seen"] * n, (n,))]
 

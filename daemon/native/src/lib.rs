@@ -14,6 +14,7 @@
 
 pub mod desc;
 pub mod dtype;
+pub mod engine;
 pub mod error;
 pub mod layout;
 pub mod msgpack;

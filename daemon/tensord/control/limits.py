@@ -12,6 +12,7 @@ admitted but not yet allocated by the kernel.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import DaemonConfig
@@ -48,6 +49,8 @@ class Admission:
     parked: int = 0  # bytes of parked responses, all sessions together
     _by_uid: dict[int, _Usage] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The serving core's parked bytes: uid -> (the uid's, all sessions'); None: only ours.
+    parked_of: Callable[[int], tuple[int, int]] | None = None
 
     @classmethod
     def from_config(cls, cfg: DaemonConfig) -> Admission:
@@ -62,6 +65,8 @@ class Admission:
 
     def _admit(self, uid: int, size: int) -> Grant:
         u = self._by_uid.get(uid) or _Usage()
+        core_uid, core_all = self.parked_of(uid) if self.parked_of else (0, 0)
+        parked, uid_parked = self.parked + core_all, u.parked + core_uid
         if self.sessions >= self.max_sessions:
             _refuse("sessions", f"the daemon already serves max_sessions={self.max_sessions} "
                     "sessions; close idle clients or raise max_sessions")
@@ -69,14 +74,14 @@ class Admission:
             _refuse("sessions_per_uid", f"uid {uid} already has {u.sessions} sessions "
                     f"(max_sessions_per_uid={self.max_sessions_per_uid}); share one client "
                     "between threads or goroutines, or close idle ones")
-        if self.max_memory and self.memory + self.parked + size > self.max_memory:
+        if self.max_memory and self.memory + parked + size > self.max_memory:
             _refuse("memory", f"the session needs {_mib(size)} of shared memory, but sessions "
-                    f"hold {_mib(self.memory + self.parked)} of max_memory="
+                    f"hold {_mib(self.memory + parked)} of max_memory="
                     f"{_mib(self.max_memory)}: ask for "
                     "smaller rings (Go: WithRingSize) or close idle sessions")
-        if self.max_memory_per_uid and u.memory + u.parked + size > self.max_memory_per_uid:
+        if self.max_memory_per_uid and u.memory + uid_parked + size > self.max_memory_per_uid:
             _refuse("memory_per_uid", f"the session needs {_mib(size)} of shared memory, but "
-                    f"uid {uid} holds {_mib(u.memory + u.parked)} of max_memory_per_uid="
+                    f"uid {uid} holds {_mib(u.memory + uid_parked)} of max_memory_per_uid="
                     f"{_mib(self.max_memory_per_uid)}: ask for smaller rings (Go: "
                     "WithRingSize) or close idle sessions")
         u.sessions += 1

@@ -8,6 +8,7 @@
 use pyo3::prelude::*;
 
 mod buffer;
+mod engine;
 mod intake;
 mod rings;
 mod shm;
@@ -36,5 +37,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<rings::Producer>()?;
     m.add_function(wrap_pyfunction!(rings::spin_any, m)?)?;
     intake::register(m)?;
+    engine::register(m)?;
     Ok(())
 }
