@@ -1,8 +1,9 @@
 """The control loop: one thread (the main one) accepts clients and serves every control
 connection from one epoll call; the native serving core (serving/core.py) serves their rings.
-Nothing here runs per connection: a connection is a state machine (connection.py), a slow admin load runs on a
-short-lived thread and answers through the loop. With no handshake under way the loop sleeps
-without a timeout, so an idle daemon never wakes (unless systemd asks for watchdog pings).
+Nothing here runs per connection: a connection is a state machine (connection.py), a slow
+admin load runs on a short-lived thread and answers through the loop. With no handshake under
+way the loop sleeps without a timeout, so an idle daemon never wakes (unless systemd asks for
+watchdog pings).
 
 Nothing a client does can stop the loop: connections that have not sent hello are bounded
 (max_pending; past it, and when descriptors run out, the longest-waiting one is refused), every

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _core
+from .. import _core, metrics
 from ..contract.errors import ErrorCode, ProtocolError, ResourceError, TensordError
 from ..contract.messages import ModelHealth, ModelStat
 from ..models.base import Model
@@ -83,6 +83,7 @@ class Serving:
         self.registry = registry
         self.executor = executor
         self.engine = _core.Engine(spin_us, max_memory, max_memory_per_uid)
+        metrics.use_core(self.engine.metrics)
         self._lock = threading.Lock()
         self._served: dict[str, _Served] = {}
         self._sessions: dict[int, SessionHandle] = {}

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import metrics
 from ..contract.dtypes import DTYPES, ByteStrings
 from ..contract.errors import InternalError, ModelFailedError, TensordError
 from ..models.base import Model
@@ -69,19 +68,10 @@ def work(queue: Any, model: Model, executor: Executor, stream: Any = None,
                                "the batch failed inside the daemon (a daemon fault, in its "
                                "log); the model may have run")
             finally:
-                _metrics(batch, model)
                 batch.close()
                 del batch  # its sessions and arenas go now, not at the next batch
     if on_exit is not None:
         on_exit()
-
-
-def _metrics(batch: Any, model: Model) -> None:
-    if metrics.enabled():
-        n = len(batch)
-        metrics.record_batch(model.name, n)
-        for total, queued in batch.ages():
-            metrics.record_request(model.name, "ok", queue_s=queued, total_s=total)
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -113,7 +103,6 @@ def _attempt(batch: Any, lo: int, hi: int, run: Callable[[int, int], None]) -> N
     except TensordError as e:
         if hi - lo > 1:
             batch.retried()
-            metrics.record_retry(batch.model)
             mid = (lo + hi) // 2
             _attempt(batch, lo, mid, run)
             _attempt(batch, mid, hi, run)

@@ -128,6 +128,7 @@ impl Batch {
                         waited.as_secs_f64() * 1e3,
                         pyrepr::str(&queue.name)
                     );
+                    queue.meters.request(&queue.name, "DEADLINE", Some(job.read_at.elapsed()), Some(waited));
                     job.session.respond_error(job.request_id, Code::Deadline, &msg, Some(job.position));
                     job.session.wake_client();
                 } else {
@@ -238,10 +239,20 @@ impl Batch {
             row += rows;
         }
         self.queue.stats().served += (hi - lo) as u64;
+        self.meter(lo, hi, "ok");
         for s in woken.values() {
             s.wake_client();
         }
         Ok(())
+    }
+
+    fn meter(&self, lo: usize, hi: usize, outcome: &'static str) {
+        let now = Instant::now();
+        let times: Vec<_> = self.members[lo..hi]
+            .iter()
+            .map(|m| (now - m.read_at, self.started.saturating_duration_since(m.queued_at)))
+            .collect();
+        self.queue.meters.requests(&self.queue.name, outcome, &times);
     }
 
     /// Answers request `k` with outputs of its own (a handler's per-request split; any dtype,
@@ -251,6 +262,7 @@ impl Batch {
         let mut woken = HashMap::new();
         self.answer(k, outputs, &mut woken);
         self.queue.stats().served += 1;
+        self.meter(k, k + 1, "ok");
         for s in woken.values() {
             s.wake_client();
         }
@@ -301,6 +313,7 @@ impl Batch {
             st.failed += (hi - lo) as u64;
         }
         drop(st);
+        self.meter(lo, hi, code.name());
         for s in woken.values() {
             s.wake_client();
         }
@@ -324,7 +337,11 @@ impl Batch {
                  the model may have run",
             );
         }
-        self.queue.stats().compute_us += self.started.elapsed().as_micros() as u64;
+        let took = self.started.elapsed();
+        self.queue.stats().compute_us += took.as_micros() as u64;
+        if !self.members.is_empty() {
+            self.queue.meters.batch(&self.queue.name, self.members.len(), took);
+        }
         self.queue.finished(self.id);
         // Let go of the sessions now: an ended one is freed when its last job goes, not when
         // the Python object of this batch does.

@@ -48,21 +48,7 @@ pub fn run(sh: Arc<Shared>) {
             ask_for_posts(&sh, false);
         }
         for ev in &events[..n as usize] {
-            let token = ev.u64;
-            if token == WAKE {
-                wake::drain(sh.wake);
-                continue;
-            }
-            let Some(s) = sh.session(token >> 1) else { continue };
-            if token & 1 == 1 {
-                wake::drain(s.efd(super::session::EFD_RESP_SPACE));
-                s.flush();
-            } else {
-                wake::drain(s.efd(super::session::EFD_REQ_DATA));
-            }
-            if !ready.iter().any(|r| r.id == s.id) {
-                ready.push(s);
-            }
+            event(&sh, ev.u64, &mut ready);
         }
         let pass = std::mem::take(&mut ready);
         for s in pass {
@@ -70,6 +56,26 @@ pub fn run(sh: Arc<Shared>) {
                 ready.push(s);
             }
         }
+    }
+}
+
+/// One epoll event. The session is looked up by the id the event carries before anything is
+/// read; while we hold it, its descriptors cannot be closed. An event of a session that has
+/// ended meanwhile is dropped unread, whatever now has its descriptors' numbers.
+pub(super) fn event(sh: &Shared, token: u64, ready: &mut Vec<Arc<Session>>) {
+    if token == WAKE {
+        wake::drain(sh.wake);
+        return;
+    }
+    let Some(s) = sh.session(token >> 1) else { return };
+    if token & 1 == 1 {
+        wake::drain(s.efd(super::session::EFD_RESP_SPACE));
+        s.flush();
+    } else {
+        wake::drain(s.efd(super::session::EFD_REQ_DATA));
+    }
+    if !ready.iter().any(|r| r.id == s.id) {
+        ready.push(s);
     }
 }
 
@@ -121,12 +127,10 @@ fn serve(sh: &Shared, s: &Arc<Session>, recs: &mut Vec<RecordInfo>, sc: &mut Scr
         match intake(sh, s, rec, sc) {
             Ok(Some((q, job))) => submit(sh, q, job),
             Ok(None) => woke = true, // answered here (identity)
-            Err((model, e)) => {
-                if let Some(q) = model {
-                    if e.code == Code::BadInput {
-                        q.stats().bad_input += 1;
-                    }
-                }
+            Err((model, e, read_at)) => {
+                // Not the model's failures (stats), but requests of it all the same (metrics).
+                let name = model.as_ref().map_or("-", |q| q.name.as_str());
+                sh.meters.request(name, e.code.name(), Some(read_at.elapsed()), None);
                 s.respond_error(rec.request_id, e.code, &e.message, Some(rec.position));
                 woke = true;
             }
@@ -156,6 +160,7 @@ fn submit(sh: &Shared, q: Arc<Queue>, job: Job) {
     };
     match refused {
         Refused::Full(job, max) => {
+            q.meters.request(&q.name, "OVERLOADED", Some(job.read_at.elapsed()), None);
             let msg = format!(
                 "model {} has {max} requests queued (max_queue in its config): retry later, or \
                  add instances",
@@ -164,6 +169,7 @@ fn submit(sh: &Shared, q: Arc<Queue>, job: Job) {
             s.respond_error(job.request_id, Code::Overloaded, &msg, Some(job.position));
         }
         Refused::Retired(job) => {
+            q.meters.request("-", "UNKNOWN_MODEL", Some(job.read_at.elapsed()), None);
             s.respond_error(job.request_id, Code::UnknownModel, &unknown(sh, &q.name), Some(job.position));
         }
     }
@@ -180,7 +186,7 @@ fn unknown(sh: &Shared, name: &str) -> String {
     )
 }
 
-type IntakeError = (Option<Arc<Queue>>, RequestError);
+type IntakeError = (Option<Arc<Queue>>, RequestError, Instant);
 
 /// Decodes and checks one request record: the job and its model's queue, or Ok(None) when it
 /// was answered here.
@@ -193,18 +199,23 @@ fn intake(
     let read_at = Instant::now();
     let dlen = rec.desc_len as usize;
     if dlen > MAX_DESCRIPTOR {
-        return Err((None, RequestError::bad_request(format!("descriptor of {dlen} bytes exceeds {MAX_DESCRIPTOR}"))));
+        return Err((
+            None,
+            RequestError::bad_request(format!("descriptor of {dlen} bytes exceeds {MAX_DESCRIPTOR}")),
+            read_at,
+        ));
     }
     // A private copy: the client may write its ring while we parse.
     sc.desc.resize(dlen, 0);
     s.region().copy_out(rec.offset + RECORD_HEADER as u64, &mut sc.desc).expect("validated record");
     let mut refs: Vec<TensorRef<'_>> = Vec::new();
     let (model, timeout_us, priority) =
-        desc::decode_into(&sc.desc, rec.data_start(), rec.record_len as u64, &mut refs).map_err(|e| (None, e))?;
+        desc::decode_into(&sc.desc, rec.data_start(), rec.record_len as u64, &mut refs)
+            .map_err(|e| (None, e, read_at))?;
     let Some(q) = sh.model(model) else {
-        return Err((None, RequestError::new(Code::UnknownModel, unknown(sh, model))));
+        return Err((None, RequestError::new(Code::UnknownModel, unknown(sh, model)), read_at));
     };
-    let fail = |e: RequestError| (Some(q.clone()), e);
+    let fail = |e: RequestError| (Some(q.clone()), e, read_at);
     q.sig.order(&refs, &mut sc.order).map_err(fail)?;
     let mut inputs = Vec::with_capacity(sc.order.len());
     for &i in &sc.order {
@@ -226,7 +237,8 @@ fn intake(
         inputs.push(Input { offset: off, nbytes: r.nbytes, dtype: r.dtype, dims: r.shape.dims().to_vec() });
     }
     if q.identity {
-        identity(s, rec, &inputs[0]);
+        let ok = identity(s, rec, &inputs[0]);
+        sh.meters.request(&q.name, if ok { "ok" } else { "TOO_LARGE" }, Some(read_at.elapsed()), None);
         return Ok(None);
     }
     let rows = inputs.first().and_then(|i| i.dims.first().copied()).unwrap_or(1);
@@ -250,7 +262,8 @@ fn intake(
 }
 
 /// The built-in identity, answered from the request record itself: one copy, no queue.
-fn identity(s: &Arc<Session>, rec: &RecordInfo, x: &Input) {
+/// False: refused (its response cannot fit the response ring).
+fn identity(s: &Arc<Session>, rec: &RecordInfo, x: &Input) -> bool {
     let plan = plan_outputs(&[("y", x.dtype.name(), &x.dims, x.nbytes)]);
     let cap = s.response_capacity();
     if plan.record_len > cap {
@@ -261,7 +274,7 @@ fn identity(s: &Arc<Session>, rec: &RecordInfo, x: &Input) {
             plan.record_len.max(65536).next_power_of_two()
         );
         s.respond_error(rec.request_id, Code::TooLarge, &msg, Some(rec.position));
-        return;
+        return false;
     }
     let data: &[u8] = if x.nbytes == 0 {
         &[]
@@ -275,4 +288,5 @@ fn identity(s: &Arc<Session>, rec: &RecordInfo, x: &Input) {
         Some(rec.position),
         true,
     );
+    true
 }

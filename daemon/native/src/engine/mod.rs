@@ -21,6 +21,7 @@
 pub mod batch;
 pub mod dispatch;
 pub mod events;
+pub mod meter;
 pub mod queue;
 pub mod session;
 
@@ -32,6 +33,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use events::{Event, Events};
+use meter::Meters;
 use queue::Queue;
 use session::{Ledger, Session, EFD_REQ_DATA, EFD_RESP_SPACE};
 
@@ -45,6 +47,7 @@ pub struct Shared {
     models: RwLock<HashMap<String, Arc<Queue>>>,
     pub events: Arc<Events>,
     pub ledger: Arc<Ledger>,
+    pub meters: Arc<Meters>,
     spin: Duration,
     stopping: AtomicBool,
 }
@@ -118,6 +121,7 @@ impl Engine {
             models: RwLock::new(HashMap::new()),
             events: Arc::new(Events::new()?),
             ledger: Arc::new(Ledger::new(max_memory, max_memory_per_uid)),
+            meters: Arc::new(Meters::default()),
             spin,
             stopping: AtomicBool::new(false),
         });
@@ -209,11 +213,78 @@ impl Engine {
         let mut n = 0;
         for q in self.models() {
             for job in q.drain() {
+                self.shared.meters.request(&q.name, code.name(), Some(job.read_at.elapsed()), Some(job.queued_at.elapsed()));
                 job.session.respond_error(job.request_id, code, message, Some(job.position));
                 job.session.wake_client();
                 n += 1;
             }
         }
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::session::Session;
+
+    fn eventfd() -> RawFd {
+        unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) }
+    }
+
+    fn session(e: &Engine, id: u64) -> Session {
+        let name = std::ffi::CString::new("t").unwrap();
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        assert_eq!(unsafe { libc::ftruncate(fd, 4096 + 2 * 65536) }, 0);
+        let sh = &e.shared;
+        let s = Session::new(
+            id,
+            "t".into(),
+            fd,
+            65536,
+            65536,
+            [eventfd(), eventfd(), eventfd(), eventfd()],
+            0,
+            false,
+            1 << 20,
+            sh.ledger.clone(),
+            sh.events.clone(),
+        )
+        .unwrap();
+        unsafe { libc::close(fd) };
+        s
+    }
+
+    /// Issue 15 defect 7: an epoll event taken before a session ended names the session, not
+    /// a descriptor; handling it after the session's descriptors were closed and their numbers
+    /// reused must not read the new owner's bytes.
+    #[test]
+    fn a_stale_event_never_reads_a_reused_descriptor() {
+        let e = Engine::new(Duration::ZERO, 0, 0).unwrap();
+        e.add_session(session(&e, 7)).unwrap();
+        let rd = e.session(7).unwrap().efd(EFD_REQ_DATA);
+        wake::post(rd); // the client publishes: epoll would report (7 << 1)
+        e.end_session(7); // the control plane ends it; no job holds it: its fds close now
+        assert!(unsafe { libc::fcntl(rd, libc::F_GETFD) } < 0, "the session's eventfd is closed");
+        let mut fillers = vec![];
+        let victim = loop {
+            let f = eventfd(); // the next accept()s get the lowest free numbers
+            if f >= rd {
+                break f;
+            }
+            fillers.push(f);
+        };
+        assert_eq!(victim, rd, "the test reuses the number");
+        wake::post(victim);
+        let mut ready = vec![];
+        dispatch::event(&e.shared, 7 << 1, &mut ready); // the stale event, handled late
+        let mut v: u64 = 0;
+        let n = unsafe { libc::read(victim, &mut v as *mut u64 as *mut libc::c_void, 8) };
+        assert_eq!((n, v), (8, 1), "the stale event read the reused descriptor");
+        assert!(ready.is_empty());
+        for f in fillers.into_iter().chain([victim]) {
+            unsafe { libc::close(f) };
+        }
     }
 }

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::meter::Meters;
 use super::session::Session;
 use crate::dtype::DType;
 use crate::signature::Signature;
@@ -163,6 +164,7 @@ pub struct Queue {
     state: Mutex<State>,
     cv: Condvar,
     pub stats: Mutex<Stats>,
+    pub meters: Arc<Meters>,
     next_batch: AtomicU64,
 }
 
@@ -173,7 +175,17 @@ pub enum Refused {
 }
 
 impl Queue {
-    pub fn new(id: u64, name: &str, version: u64, sig: Signature, policy: Policy, batching: bool, identity: bool) -> Queue {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        name: &str,
+        version: u64,
+        sig: Signature,
+        policy: Policy,
+        batching: bool,
+        identity: bool,
+        meters: Arc<Meters>,
+    ) -> Queue {
         Queue {
             id,
             name: name.to_string(),
@@ -191,6 +203,7 @@ impl Queue {
             }),
             cv: Condvar::new(),
             stats: Mutex::new(Stats::default()),
+            meters,
             next_batch: AtomicU64::new(1),
         }
     }

@@ -169,13 +169,35 @@ impl PyEngine {
         let sig = Signature::new(name, specs, max_batch, max_input_bytes);
         let policy = Policy { max_batch_size, max_queue_delay_us, preferred_batch_sizes, max_queue, max_batch_bytes };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let q = Arc::new(Queue::new(id, name, version, sig, policy, batching, identity));
+        let meters = self.inner.shared.meters.clone();
+        let q = Arc::new(Queue::new(id, name, version, sig, policy, batching, identity, meters));
         self.inner.set_model(q.clone());
         Ok(PyQueue { q })
     }
 
     fn remove_model(&self, name: &str) {
         self.inner.remove_model(name);
+    }
+
+    /// Per model: (name, {outcome: requests}, request, queue, compute and batch-size
+    /// histograms as (per-bucket counts, sum), batch retries), for Prometheus at scrape time.
+    #[allow(clippy::type_complexity)]
+    fn metrics(&self) -> Vec<(String, Vec<(&'static str, u64)>, [(Vec<u64>, f64); 4], u64)> {
+        self.inner
+            .shared
+            .meters
+            .snapshot()
+            .into_iter()
+            .map(|(name, m)| {
+                let h = |h: crate::engine::meter::Hist| (h.counts, h.sum);
+                (
+                    name,
+                    m.outcomes.into_iter().collect(),
+                    [h(m.request), h(m.queue), h(m.compute), h(m.batch)],
+                    m.retries,
+                )
+            })
+            .collect()
     }
 
     /// Answers every queued request with `code` (they never run); returns how many.
@@ -379,6 +401,7 @@ impl PyBatch {
     /// One more forward pass ran to isolate failing requests.
     fn retried(&self) {
         self.b.queue.stats().retried += 1;
+        self.b.queue.meters.retry(&self.b.queue.name);
     }
 
     /// Done: unanswered requests get INTERNAL; the pass stops counting as running.
