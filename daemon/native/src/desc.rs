@@ -102,7 +102,11 @@ struct RawRef<'a> {
 /// Decodes and checks a request descriptor. `data_start` is the lowest offset tensor bytes may
 /// use (`align64(24 + desc_len)`), `record_len` the record's length; both from the validated
 /// record header.
-pub fn decode_request(desc: &[u8], data_start: u64, record_len: u64) -> Result<Request<'_>, RequestError> {
+pub fn decode_request(
+    desc: &[u8],
+    data_start: u64,
+    record_len: u64,
+) -> Result<Request<'_>, RequestError> {
     let mut inputs = Vec::new();
     let (model, timeout_us, priority) = decode_into(desc, data_start, record_len, &mut inputs)?;
     Ok(Request { model, timeout_us, priority, inputs })
@@ -129,7 +133,8 @@ pub fn decode_into<'a>(
         RequestError::bad_request(format!("request descriptor is not valid msgpack ({e})"))
     })?;
     let mut raw: [Option<RawRef<'a>>; MAX_TENSORS] = [None; MAX_TENSORS];
-    let (model, timeout, count, priority) = typed(desc, &mut raw).map_err(RequestError::bad_request)?;
+    let (model, timeout, count, priority) =
+        typed(desc, &mut raw).map_err(RequestError::bad_request)?;
     limits(model, timeout, count, priority, &raw[..count.min(MAX_TENSORS)])?;
     let raw = &raw[..count];
     check_refs(desc, raw, data_start, record_len, inputs)?;
@@ -140,7 +145,10 @@ type Typed<'a> = (&'a str, i128, usize, Option<i128>);
 
 /// The field types, in the order (and with the messages) of the Python codec's `from_wire`:
 /// model, timeout_us, inputs (each: name, dtype, shape, offset, nbytes), priority.
-fn typed<'a>(desc: &'a [u8], raw: &mut [Option<RawRef<'a>>; MAX_TENSORS]) -> Result<Typed<'a>, String> {
+fn typed<'a>(
+    desc: &'a [u8],
+    raw: &mut [Option<RawRef<'a>>; MAX_TENSORS],
+) -> Result<Typed<'a>, String> {
     let mut c = Cursor::new(desc);
     let h = head(&mut c)?;
     let Head::Map(n) = h else {
@@ -153,7 +161,9 @@ fn typed<'a>(desc: &'a [u8], raw: &mut [Option<RawRef<'a>>; MAX_TENSORS]) -> Res
     };
     let timeout = match field(desc, fields[1], "request", "timeout_us")? {
         Head::Int(v) => v,
-        h => return Err(format!("request.timeout_us: expected an integer, got {}", h.python_type())),
+        h => {
+            return Err(format!("request.timeout_us: expected an integer, got {}", h.python_type()))
+        }
     };
     let Some(at) = fields[2] else {
         return Err("request: missing field 'inputs'".into());
@@ -172,11 +182,15 @@ fn typed<'a>(desc: &'a [u8], raw: &mut [Option<RawRef<'a>>; MAX_TENSORS]) -> Res
         let f = locate(&mut c, n, &["name", "dtype", "shape", "offset", "nbytes"])?;
         let name = match field(desc, f[0], &what(), "name")? {
             Head::Str(s) => s,
-            h => return Err(format!("{}.name: expected a string, got {}", what(), h.python_type())),
+            h => {
+                return Err(format!("{}.name: expected a string, got {}", what(), h.python_type()))
+            }
         };
         let dtype = match field(desc, f[1], &what(), "dtype")? {
             Head::Str(s) => s,
-            h => return Err(format!("{}.dtype: expected a string, got {}", what(), h.python_type())),
+            h => {
+                return Err(format!("{}.dtype: expected a string, got {}", what(), h.python_type()))
+            }
         };
         let Some(shape_at) = f[2] else {
             return Err(format!("{}: missing field 'shape'", what()));
@@ -184,7 +198,9 @@ fn typed<'a>(desc: &'a [u8], raw: &mut [Option<RawRef<'a>>; MAX_TENSORS]) -> Res
         let mut sc = Cursor::at(desc, shape_at);
         let rank = match head(&mut sc)? {
             Head::Array(n) => n as usize,
-            h => return Err(format!("{}.shape: expected an array, got {}", what(), h.python_type())),
+            h => {
+                return Err(format!("{}.shape: expected an array, got {}", what(), h.python_type()))
+            }
         };
         let items_at = sc.pos();
         let mut dims = [0i128; MAX_RANK];
@@ -206,11 +222,23 @@ fn typed<'a>(desc: &'a [u8], raw: &mut [Option<RawRef<'a>>; MAX_TENSORS]) -> Res
         }
         let offset = match field(desc, f[3], &what(), "offset")? {
             Head::Int(v) => v,
-            h => return Err(format!("{}.offset: expected an integer, got {}", what(), h.python_type())),
+            h => {
+                return Err(format!(
+                    "{}.offset: expected an integer, got {}",
+                    what(),
+                    h.python_type()
+                ))
+            }
         };
         let nbytes = match field(desc, f[4], &what(), "nbytes")? {
             Head::Int(v) => v,
-            h => return Err(format!("{}.nbytes: expected an integer, got {}", what(), h.python_type())),
+            h => {
+                return Err(format!(
+                    "{}.nbytes: expected an integer, got {}",
+                    what(),
+                    h.python_type()
+                ))
+            }
         };
         if let Some(slot) = raw.get_mut(i) {
             *slot = Some(RawRef { name, dtype, rank, shape_at: items_at, dims, offset, nbytes });
@@ -221,7 +249,12 @@ fn typed<'a>(desc: &'a [u8], raw: &mut [Option<RawRef<'a>>; MAX_TENSORS]) -> Res
         Some(at) => match head(&mut Cursor::at(desc, at))? {
             Head::Nil => None,
             Head::Int(v) => Some(v),
-            h => return Err(format!("request.priority: expected an integer, got {}", h.python_type())),
+            h => {
+                return Err(format!(
+                    "request.priority: expected an integer, got {}",
+                    h.python_type()
+                ))
+            }
         },
     };
     Ok((model, timeout, count, priority))
@@ -236,7 +269,11 @@ fn head<'a>(c: &mut Cursor<'a>) -> Result<Head<'a>, String> {
 /// Walks a map of `n` entries whose head was just read, returning where the value of each of
 /// `keys` starts (the last one when a key repeats, as a Python dict keeps it); other entries
 /// are skipped.
-fn locate<const K: usize>(c: &mut Cursor<'_>, n: u32, keys: &[&str; K]) -> Result<[Option<usize>; K], String> {
+fn locate<const K: usize>(
+    c: &mut Cursor<'_>,
+    n: u32,
+    keys: &[&str; K],
+) -> Result<[Option<usize>; K], String> {
     let mut at = [None; K];
     for _ in 0..n {
         if let Head::Str(k) = head(c)? {
@@ -249,7 +286,12 @@ fn locate<const K: usize>(c: &mut Cursor<'_>, n: u32, keys: &[&str; K]) -> Resul
     Ok(at)
 }
 
-fn field<'a>(desc: &'a [u8], at: Option<usize>, what: &str, name: &str) -> Result<Head<'a>, String> {
+fn field<'a>(
+    desc: &'a [u8],
+    at: Option<usize>,
+    what: &str,
+    name: &str,
+) -> Result<Head<'a>, String> {
     match at {
         Some(at) => head(&mut Cursor::at(desc, at)),
         None => Err(format!("{what}: missing field '{name}'")),
@@ -257,7 +299,13 @@ fn field<'a>(desc: &'a [u8], at: Option<usize>, what: &str, name: &str) -> Resul
 }
 
 /// decode_request's checks after the types: input count, name lengths, timeout, priority.
-fn limits(model: &str, timeout: i128, count: usize, priority: Option<i128>, raw: &[Option<RawRef<'_>>]) -> Result<(), RequestError> {
+fn limits(
+    model: &str,
+    timeout: i128,
+    count: usize,
+    priority: Option<i128>,
+    raw: &[Option<RawRef<'_>>],
+) -> Result<(), RequestError> {
     if count > MAX_TENSORS {
         return Err(RequestError::bad_request(format!(
             "{count} inputs; at most {MAX_TENSORS} are allowed"
@@ -381,7 +429,13 @@ fn check_refs<'a>(
         for (s, &d) in shape.dims.iter_mut().zip(dims) {
             *s = d as u64;
         }
-        out.push(TensorRef { name: r.name, dtype, shape, offset: r.offset as u64, nbytes: r.nbytes as u64 });
+        out.push(TensorRef {
+            name: r.name,
+            dtype,
+            shape,
+            offset: r.offset as u64,
+            nbytes: r.nbytes as u64,
+        });
     }
     // Sorted by (start, end, name), each span must start at or after the previous one's end.
     let mut spans: [(u64, u64, u8); MAX_TENSORS] = [(0, 0, 0); MAX_TENSORS];
@@ -486,7 +540,11 @@ pub fn plan_outputs(outputs: &[(&str, &str, &[u64], u64)]) -> Plan {
         encode_response_outputs(&mut desc, &refs);
         if hdr + desc.len() as u64 <= start {
             let record_len = cur.max(align64(hdr + desc.len() as u64));
-            return Plan { record_len, descriptor: desc, offsets: refs.iter().map(|r| r.offset).collect() };
+            return Plan {
+                record_len,
+                descriptor: desc,
+                offsets: refs.iter().map(|r| r.offset).collect(),
+            };
         }
         start = align64(hdr + desc.len() as u64);
     }

@@ -28,6 +28,8 @@ pub enum Invalid {
     Depth,
     /// An ext of type -1 that is not a valid timestamp.
     Timestamp,
+    /// An ext of another negative type (reserved; msgpack-python's ExtType takes 0..=127).
+    ExtType(i8),
     /// Bytes after the value.
     Trailing(usize),
 }
@@ -41,6 +43,7 @@ impl fmt::Display for Invalid {
             Invalid::MapKey(t) => write!(f, "a map key of type {t}; keys must be strings"),
             Invalid::Depth => write!(f, "containers nested deeper than {MAX_DEPTH}"),
             Invalid::Timestamp => f.write_str("an invalid timestamp"),
+            Invalid::ExtType(t) => write!(f, "an ext of the reserved type {t}"),
             Invalid::Trailing(n) => write!(f, "{n} bytes after the value"),
         }
     }
@@ -134,6 +137,9 @@ impl<'a> Cursor<'a> {
         let data = self.take(n)?;
         if t == -1 && !valid_timestamp(data) {
             return Err(Invalid::Timestamp);
+        }
+        if t < -1 {
+            return Err(Invalid::ExtType(t));
         }
         Ok(Head::Ext(t, data))
     }
@@ -352,6 +358,9 @@ mod tests {
         assert_eq!(validate(b"\xc7\x03\xff\0\0\0"), Err(Invalid::Timestamp));
         assert_eq!(validate(b"\xd4\xff\0"), Err(Invalid::Timestamp));
         assert!(ok(b"\xd4\x05\x00"));
+        assert!(ok(b"\xd5\x7f\x00\x00"));
+        assert_eq!(validate(b"\xd5\x80\x00\x00"), Err(Invalid::ExtType(-128)));
+        assert_eq!(validate(b"\xc7\x01\xfe\x00"), Err(Invalid::ExtType(-2)));
         assert_eq!(validate(b"\xdd\xff\xff\xff\xff"), Err(Invalid::Truncated));
         assert!(ok(b"\xca\0\0\0\0"));
     }
