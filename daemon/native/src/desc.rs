@@ -14,7 +14,7 @@
 use crate::dtype::DType;
 use crate::error::RequestError;
 use crate::layout::{align64, ALIGN, RECORD_HEADER};
-use crate::msgpack::{self, Cursor, Head};
+use crate::msgpack::{self, Cursor, Head, Valid};
 use crate::pyrepr;
 
 pub const MAX_DESCRIPTOR: usize = 65536;
@@ -129,15 +129,14 @@ pub fn decode_into<'a>(
     }
     // The Python path unpacks the whole value before it looks at any field, so a value that is
     // not msgpack is refused as such whatever else is wrong with it.
-    msgpack::validate(desc).map_err(|e| {
+    let valid = msgpack::validate(desc).map_err(|e| {
         RequestError::bad_request(format!("request descriptor is not valid msgpack ({e})"))
     })?;
-    let mut raw: [Option<RawRef<'a>>; MAX_TENSORS] = [None; MAX_TENSORS];
+    let mut raw: Vec<RawRef<'a>> = Vec::new();
     let (model, timeout, count, priority) =
-        typed(desc, &mut raw).map_err(RequestError::bad_request)?;
-    limits(model, timeout, count, priority, &raw[..count.min(MAX_TENSORS)])?;
-    let raw = &raw[..count];
-    check_refs(desc, raw, data_start, record_len, inputs)?;
+        typed(valid, &mut raw).map_err(RequestError::bad_request)?;
+    limits(model, timeout, count, priority, &raw)?;
+    check_refs(desc, &raw, data_start, record_len, inputs)?;
     Ok((model, timeout as u64, priority.unwrap_or(0) as u8))
 }
 
@@ -145,30 +144,30 @@ type Typed<'a> = (&'a str, i128, usize, Option<i128>);
 
 /// The field types, in the order (and with the messages) of the Python codec's `from_wire`:
 /// model, timeout_us, inputs (each: name, dtype, shape, offset, nbytes), priority.
-fn typed<'a>(
-    desc: &'a [u8],
-    raw: &mut [Option<RawRef<'a>>; MAX_TENSORS],
-) -> Result<Typed<'a>, String> {
-    let mut c = Cursor::new(desc);
+fn typed<'a>(valid: Valid<'a>, raw: &mut Vec<RawRef<'a>>) -> Result<Typed<'a>, String> {
+    // Safety (of every trusted cursor below): each position is one that a cursor walking this
+    // structure reported (a map's value start from locate(), an array's item start from pos()).
+    let at = |pos: usize| unsafe { Cursor::trusted(valid, pos) };
+    let mut c = at(0);
     let h = head(&mut c)?;
     let Head::Map(n) = h else {
         return Err(format!("request: expected a map, got {}", h.python_type()));
     };
     let fields = locate(&mut c, n, &["model", "timeout_us", "inputs", "priority"])?;
-    let model = match field(desc, fields[0], "request", "model")? {
+    let model = match field(&at, fields[0], &|| "request".into(), "model")? {
         Head::Str(s) => s,
         h => return Err(format!("request.model: expected a string, got {}", h.python_type())),
     };
-    let timeout = match field(desc, fields[1], "request", "timeout_us")? {
-        Head::Int(v) => v,
+    let timeout = match field(&at, fields[1], &|| "request".into(), "timeout_us")? {
+        Head::Int(v) => v.get(),
         h => {
             return Err(format!("request.timeout_us: expected an integer, got {}", h.python_type()))
         }
     };
-    let Some(at) = fields[2] else {
+    let Some(pos) = fields[2] else {
         return Err("request: missing field 'inputs'".into());
     };
-    let mut c = Cursor::at(desc, at);
+    let mut c = at(pos);
     let count = match head(&mut c)? {
         Head::Array(n) => n as usize,
         h => return Err(format!("request.inputs: expected an array, got {}", h.python_type())),
@@ -180,13 +179,13 @@ fn typed<'a>(
             return Err(format!("{}: expected a map, got {}", what(), h.python_type()));
         };
         let f = locate(&mut c, n, &["name", "dtype", "shape", "offset", "nbytes"])?;
-        let name = match field(desc, f[0], &what(), "name")? {
+        let name = match field(&at, f[0], &what, "name")? {
             Head::Str(s) => s,
             h => {
                 return Err(format!("{}.name: expected a string, got {}", what(), h.python_type()))
             }
         };
-        let dtype = match field(desc, f[1], &what(), "dtype")? {
+        let dtype = match field(&at, f[1], &what, "dtype")? {
             Head::Str(s) => s,
             h => {
                 return Err(format!("{}.dtype: expected a string, got {}", what(), h.python_type()))
@@ -195,7 +194,7 @@ fn typed<'a>(
         let Some(shape_at) = f[2] else {
             return Err(format!("{}: missing field 'shape'", what()));
         };
-        let mut sc = Cursor::at(desc, shape_at);
+        let mut sc = at(shape_at);
         let rank = match head(&mut sc)? {
             Head::Array(n) => n as usize,
             h => {
@@ -208,7 +207,7 @@ fn typed<'a>(
             match head(&mut sc)? {
                 Head::Int(v) => {
                     if let Some(d) = dims.get_mut(j) {
-                        *d = v;
+                        *d = v.get();
                     }
                 }
                 h => {
@@ -220,8 +219,8 @@ fn typed<'a>(
                 }
             }
         }
-        let offset = match field(desc, f[3], &what(), "offset")? {
-            Head::Int(v) => v,
+        let offset = match field(&at, f[3], &what, "offset")? {
+            Head::Int(v) => v.get(),
             h => {
                 return Err(format!(
                     "{}.offset: expected an integer, got {}",
@@ -230,8 +229,8 @@ fn typed<'a>(
                 ))
             }
         };
-        let nbytes = match field(desc, f[4], &what(), "nbytes")? {
-            Head::Int(v) => v,
+        let nbytes = match field(&at, f[4], &what, "nbytes")? {
+            Head::Int(v) => v.get(),
             h => {
                 return Err(format!(
                     "{}.nbytes: expected an integer, got {}",
@@ -240,15 +239,15 @@ fn typed<'a>(
                 ))
             }
         };
-        if let Some(slot) = raw.get_mut(i) {
-            *slot = Some(RawRef { name, dtype, rank, shape_at: items_at, dims, offset, nbytes });
+        if i < MAX_TENSORS {
+            raw.push(RawRef { name, dtype, rank, shape_at: items_at, dims, offset, nbytes });
         }
     }
     let priority = match fields[3] {
         None => None,
-        Some(at) => match head(&mut Cursor::at(desc, at))? {
+        Some(pos) => match head(&mut at(pos))? {
             Head::Nil => None,
-            Head::Int(v) => Some(v),
+            Head::Int(v) => Some(v.get()),
             h => {
                 return Err(format!(
                     "request.priority: expected an integer, got {}",
@@ -286,15 +285,17 @@ fn locate<const K: usize>(
     Ok(at)
 }
 
+/// The head of a located field; `what` names the map for the missing-field message (built
+/// only then: this runs for every field of every request).
 fn field<'a>(
-    desc: &'a [u8],
-    at: Option<usize>,
-    what: &str,
+    at: &dyn Fn(usize) -> Cursor<'a>,
+    pos: Option<usize>,
+    what: &dyn Fn() -> String,
     name: &str,
 ) -> Result<Head<'a>, String> {
-    match at {
-        Some(at) => head(&mut Cursor::at(desc, at)),
-        None => Err(format!("{what}: missing field '{name}'")),
+    match pos {
+        Some(pos) => head(&mut at(pos)),
+        None => Err(format!("{}: missing field '{name}'", what())),
     }
 }
 
@@ -304,14 +305,14 @@ fn limits(
     timeout: i128,
     count: usize,
     priority: Option<i128>,
-    raw: &[Option<RawRef<'_>>],
+    raw: &[RawRef<'_>],
 ) -> Result<(), RequestError> {
     if count > MAX_TENSORS {
         return Err(RequestError::bad_request(format!(
             "{count} inputs; at most {MAX_TENSORS} are allowed"
         )));
     }
-    for s in std::iter::once(model).chain(raw.iter().flatten().map(|r| r.name)) {
+    for s in std::iter::once(model).chain(raw.iter().map(|r| r.name)) {
         if s.len() > MAX_NAME {
             let head: String = s.chars().take(40).collect();
             return Err(RequestError::bad_request(format!(
@@ -342,7 +343,7 @@ fn shape_repr(desc: &[u8], r: &RawRef<'_>) -> String {
     let mut c = Cursor::at(desc, r.shape_at);
     let dims: Vec<i128> = (0..r.rank)
         .map(|_| match c.head() {
-            Ok(Head::Int(v)) => v,
+            Ok(Head::Int(v)) => v.get(),
             _ => 0,
         })
         .collect();
@@ -352,13 +353,13 @@ fn shape_repr(desc: &[u8], r: &RawRef<'_>) -> String {
 /// SPEC §4.3/§5 for every tensor ref before any byte of it is touched (`check_refs`).
 fn check_refs<'a>(
     desc: &'a [u8],
-    raw: &[Option<RawRef<'a>>],
+    raw: &[RawRef<'a>],
     data_start: u64,
     record_len: u64,
     out: &mut Vec<TensorRef<'a>>,
 ) -> Result<(), RequestError> {
     let (ds, rl) = (data_start as i128, record_len as i128);
-    for r in raw.iter().flatten() {
+    for r in raw {
         let name = || pyrepr::str(r.name);
         let dtype = DType::from_name(r.dtype).ok_or_else(|| {
             RequestError::bad_input(format!(

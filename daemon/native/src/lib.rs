@@ -15,6 +15,8 @@
 pub mod desc;
 pub mod dtype;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layout;
 pub mod msgpack;
 pub mod pyrepr;
