@@ -22,6 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tensord import _core
 from tensord.contract.descriptors import (
     MAX_DIM,
     MAX_TENSORS,
@@ -41,7 +42,6 @@ from tensord.contract.layout import (
     write_header,
 )
 from tensord.contract.messages import MESSAGE_TYPES
-from tensord import _core
 from tensord.transport import records
 from tensord.transport.ring import RingConsumer, RingControl, Shm
 

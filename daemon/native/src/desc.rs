@@ -14,7 +14,7 @@
 use crate::dtype::DType;
 use crate::error::RequestError;
 use crate::layout::{align64, ALIGN, RECORD_HEADER};
-use crate::msgpack::{self, Cursor, Head};
+use crate::msgpack::{self, Cursor, Head, Valid};
 use crate::pyrepr;
 
 pub const MAX_DESCRIPTOR: usize = 65536;
@@ -102,7 +102,11 @@ struct RawRef<'a> {
 /// Decodes and checks a request descriptor. `data_start` is the lowest offset tensor bytes may
 /// use (`align64(24 + desc_len)`), `record_len` the record's length; both from the validated
 /// record header.
-pub fn decode_request(desc: &[u8], data_start: u64, record_len: u64) -> Result<Request<'_>, RequestError> {
+pub fn decode_request(
+    desc: &[u8],
+    data_start: u64,
+    record_len: u64,
+) -> Result<Request<'_>, RequestError> {
     let mut inputs = Vec::new();
     let (model, timeout_us, priority) = decode_into(desc, data_start, record_len, &mut inputs)?;
     Ok(Request { model, timeout_us, priority, inputs })
@@ -125,14 +129,14 @@ pub fn decode_into<'a>(
     }
     // The Python path unpacks the whole value before it looks at any field, so a value that is
     // not msgpack is refused as such whatever else is wrong with it.
-    msgpack::validate(desc).map_err(|e| {
+    let valid = msgpack::validate(desc).map_err(|e| {
         RequestError::bad_request(format!("request descriptor is not valid msgpack ({e})"))
     })?;
-    let mut raw: [Option<RawRef<'a>>; MAX_TENSORS] = [None; MAX_TENSORS];
-    let (model, timeout, count, priority) = typed(desc, &mut raw).map_err(RequestError::bad_request)?;
-    limits(model, timeout, count, priority, &raw[..count.min(MAX_TENSORS)])?;
-    let raw = &raw[..count];
-    check_refs(desc, raw, data_start, record_len, inputs)?;
+    let mut raw: Vec<RawRef<'a>> = Vec::new();
+    let (model, timeout, count, priority) =
+        typed(valid, &mut raw).map_err(RequestError::bad_request)?;
+    limits(model, timeout, count, priority, &raw)?;
+    check_refs(desc, &raw, data_start, record_len, inputs)?;
     Ok((model, timeout as u64, priority.unwrap_or(0) as u8))
 }
 
@@ -140,25 +144,30 @@ type Typed<'a> = (&'a str, i128, usize, Option<i128>);
 
 /// The field types, in the order (and with the messages) of the Python codec's `from_wire`:
 /// model, timeout_us, inputs (each: name, dtype, shape, offset, nbytes), priority.
-fn typed<'a>(desc: &'a [u8], raw: &mut [Option<RawRef<'a>>; MAX_TENSORS]) -> Result<Typed<'a>, String> {
-    let mut c = Cursor::new(desc);
+fn typed<'a>(valid: Valid<'a>, raw: &mut Vec<RawRef<'a>>) -> Result<Typed<'a>, String> {
+    // Safety (of every trusted cursor below): each position is one that a cursor walking this
+    // structure reported (a map's value start from locate(), an array's item start from pos()).
+    let at = |pos: usize| unsafe { Cursor::trusted(valid, pos) };
+    let mut c = at(0);
     let h = head(&mut c)?;
     let Head::Map(n) = h else {
         return Err(format!("request: expected a map, got {}", h.python_type()));
     };
     let fields = locate(&mut c, n, &["model", "timeout_us", "inputs", "priority"])?;
-    let model = match field(desc, fields[0], "request", "model")? {
+    let model = match field(&at, fields[0], &|| "request".into(), "model")? {
         Head::Str(s) => s,
         h => return Err(format!("request.model: expected a string, got {}", h.python_type())),
     };
-    let timeout = match field(desc, fields[1], "request", "timeout_us")? {
-        Head::Int(v) => v,
-        h => return Err(format!("request.timeout_us: expected an integer, got {}", h.python_type())),
+    let timeout = match field(&at, fields[1], &|| "request".into(), "timeout_us")? {
+        Head::Int(v) => v.get(),
+        h => {
+            return Err(format!("request.timeout_us: expected an integer, got {}", h.python_type()))
+        }
     };
-    let Some(at) = fields[2] else {
+    let Some(pos) = fields[2] else {
         return Err("request: missing field 'inputs'".into());
     };
-    let mut c = Cursor::at(desc, at);
+    let mut c = at(pos);
     let count = match head(&mut c)? {
         Head::Array(n) => n as usize,
         h => return Err(format!("request.inputs: expected an array, got {}", h.python_type())),
@@ -170,21 +179,27 @@ fn typed<'a>(desc: &'a [u8], raw: &mut [Option<RawRef<'a>>; MAX_TENSORS]) -> Res
             return Err(format!("{}: expected a map, got {}", what(), h.python_type()));
         };
         let f = locate(&mut c, n, &["name", "dtype", "shape", "offset", "nbytes"])?;
-        let name = match field(desc, f[0], &what(), "name")? {
+        let name = match field(&at, f[0], &what, "name")? {
             Head::Str(s) => s,
-            h => return Err(format!("{}.name: expected a string, got {}", what(), h.python_type())),
+            h => {
+                return Err(format!("{}.name: expected a string, got {}", what(), h.python_type()))
+            }
         };
-        let dtype = match field(desc, f[1], &what(), "dtype")? {
+        let dtype = match field(&at, f[1], &what, "dtype")? {
             Head::Str(s) => s,
-            h => return Err(format!("{}.dtype: expected a string, got {}", what(), h.python_type())),
+            h => {
+                return Err(format!("{}.dtype: expected a string, got {}", what(), h.python_type()))
+            }
         };
         let Some(shape_at) = f[2] else {
             return Err(format!("{}: missing field 'shape'", what()));
         };
-        let mut sc = Cursor::at(desc, shape_at);
+        let mut sc = at(shape_at);
         let rank = match head(&mut sc)? {
             Head::Array(n) => n as usize,
-            h => return Err(format!("{}.shape: expected an array, got {}", what(), h.python_type())),
+            h => {
+                return Err(format!("{}.shape: expected an array, got {}", what(), h.python_type()))
+            }
         };
         let items_at = sc.pos();
         let mut dims = [0i128; MAX_RANK];
@@ -192,7 +207,7 @@ fn typed<'a>(desc: &'a [u8], raw: &mut [Option<RawRef<'a>>; MAX_TENSORS]) -> Res
             match head(&mut sc)? {
                 Head::Int(v) => {
                     if let Some(d) = dims.get_mut(j) {
-                        *d = v;
+                        *d = v.get();
                     }
                 }
                 h => {
@@ -204,24 +219,41 @@ fn typed<'a>(desc: &'a [u8], raw: &mut [Option<RawRef<'a>>; MAX_TENSORS]) -> Res
                 }
             }
         }
-        let offset = match field(desc, f[3], &what(), "offset")? {
-            Head::Int(v) => v,
-            h => return Err(format!("{}.offset: expected an integer, got {}", what(), h.python_type())),
+        let offset = match field(&at, f[3], &what, "offset")? {
+            Head::Int(v) => v.get(),
+            h => {
+                return Err(format!(
+                    "{}.offset: expected an integer, got {}",
+                    what(),
+                    h.python_type()
+                ))
+            }
         };
-        let nbytes = match field(desc, f[4], &what(), "nbytes")? {
-            Head::Int(v) => v,
-            h => return Err(format!("{}.nbytes: expected an integer, got {}", what(), h.python_type())),
+        let nbytes = match field(&at, f[4], &what, "nbytes")? {
+            Head::Int(v) => v.get(),
+            h => {
+                return Err(format!(
+                    "{}.nbytes: expected an integer, got {}",
+                    what(),
+                    h.python_type()
+                ))
+            }
         };
-        if let Some(slot) = raw.get_mut(i) {
-            *slot = Some(RawRef { name, dtype, rank, shape_at: items_at, dims, offset, nbytes });
+        if i < MAX_TENSORS {
+            raw.push(RawRef { name, dtype, rank, shape_at: items_at, dims, offset, nbytes });
         }
     }
     let priority = match fields[3] {
         None => None,
-        Some(at) => match head(&mut Cursor::at(desc, at))? {
+        Some(pos) => match head(&mut at(pos))? {
             Head::Nil => None,
-            Head::Int(v) => Some(v),
-            h => return Err(format!("request.priority: expected an integer, got {}", h.python_type())),
+            Head::Int(v) => Some(v.get()),
+            h => {
+                return Err(format!(
+                    "request.priority: expected an integer, got {}",
+                    h.python_type()
+                ))
+            }
         },
     };
     Ok((model, timeout, count, priority))
@@ -236,7 +268,11 @@ fn head<'a>(c: &mut Cursor<'a>) -> Result<Head<'a>, String> {
 /// Walks a map of `n` entries whose head was just read, returning where the value of each of
 /// `keys` starts (the last one when a key repeats, as a Python dict keeps it); other entries
 /// are skipped.
-fn locate<const K: usize>(c: &mut Cursor<'_>, n: u32, keys: &[&str; K]) -> Result<[Option<usize>; K], String> {
+fn locate<const K: usize>(
+    c: &mut Cursor<'_>,
+    n: u32,
+    keys: &[&str; K],
+) -> Result<[Option<usize>; K], String> {
     let mut at = [None; K];
     for _ in 0..n {
         if let Head::Str(k) = head(c)? {
@@ -249,21 +285,34 @@ fn locate<const K: usize>(c: &mut Cursor<'_>, n: u32, keys: &[&str; K]) -> Resul
     Ok(at)
 }
 
-fn field<'a>(desc: &'a [u8], at: Option<usize>, what: &str, name: &str) -> Result<Head<'a>, String> {
-    match at {
-        Some(at) => head(&mut Cursor::at(desc, at)),
-        None => Err(format!("{what}: missing field '{name}'")),
+/// The head of a located field; `what` names the map for the missing-field message (built
+/// only then: this runs for every field of every request).
+fn field<'a>(
+    at: &dyn Fn(usize) -> Cursor<'a>,
+    pos: Option<usize>,
+    what: &dyn Fn() -> String,
+    name: &str,
+) -> Result<Head<'a>, String> {
+    match pos {
+        Some(pos) => head(&mut at(pos)),
+        None => Err(format!("{}: missing field '{name}'", what())),
     }
 }
 
 /// decode_request's checks after the types: input count, name lengths, timeout, priority.
-fn limits(model: &str, timeout: i128, count: usize, priority: Option<i128>, raw: &[Option<RawRef<'_>>]) -> Result<(), RequestError> {
+fn limits(
+    model: &str,
+    timeout: i128,
+    count: usize,
+    priority: Option<i128>,
+    raw: &[RawRef<'_>],
+) -> Result<(), RequestError> {
     if count > MAX_TENSORS {
         return Err(RequestError::bad_request(format!(
             "{count} inputs; at most {MAX_TENSORS} are allowed"
         )));
     }
-    for s in std::iter::once(model).chain(raw.iter().flatten().map(|r| r.name)) {
+    for s in std::iter::once(model).chain(raw.iter().map(|r| r.name)) {
         if s.len() > MAX_NAME {
             let head: String = s.chars().take(40).collect();
             return Err(RequestError::bad_request(format!(
@@ -294,7 +343,7 @@ fn shape_repr(desc: &[u8], r: &RawRef<'_>) -> String {
     let mut c = Cursor::at(desc, r.shape_at);
     let dims: Vec<i128> = (0..r.rank)
         .map(|_| match c.head() {
-            Ok(Head::Int(v)) => v,
+            Ok(Head::Int(v)) => v.get(),
             _ => 0,
         })
         .collect();
@@ -304,13 +353,13 @@ fn shape_repr(desc: &[u8], r: &RawRef<'_>) -> String {
 /// SPEC §4.3/§5 for every tensor ref before any byte of it is touched (`check_refs`).
 fn check_refs<'a>(
     desc: &'a [u8],
-    raw: &[Option<RawRef<'a>>],
+    raw: &[RawRef<'a>],
     data_start: u64,
     record_len: u64,
     out: &mut Vec<TensorRef<'a>>,
 ) -> Result<(), RequestError> {
     let (ds, rl) = (data_start as i128, record_len as i128);
-    for r in raw.iter().flatten() {
+    for r in raw {
         let name = || pyrepr::str(r.name);
         let dtype = DType::from_name(r.dtype).ok_or_else(|| {
             RequestError::bad_input(format!(
@@ -381,7 +430,13 @@ fn check_refs<'a>(
         for (s, &d) in shape.dims.iter_mut().zip(dims) {
             *s = d as u64;
         }
-        out.push(TensorRef { name: r.name, dtype, shape, offset: r.offset as u64, nbytes: r.nbytes as u64 });
+        out.push(TensorRef {
+            name: r.name,
+            dtype,
+            shape,
+            offset: r.offset as u64,
+            nbytes: r.nbytes as u64,
+        });
     }
     // Sorted by (start, end, name), each span must start at or after the previous one's end.
     let mut spans: [(u64, u64, u8); MAX_TENSORS] = [(0, 0, 0); MAX_TENSORS];
@@ -486,7 +541,11 @@ pub fn plan_outputs(outputs: &[(&str, &str, &[u64], u64)]) -> Plan {
         encode_response_outputs(&mut desc, &refs);
         if hdr + desc.len() as u64 <= start {
             let record_len = cur.max(align64(hdr + desc.len() as u64));
-            return Plan { record_len, descriptor: desc, offsets: refs.iter().map(|r| r.offset).collect() };
+            return Plan {
+                record_len,
+                descriptor: desc,
+                offsets: refs.iter().map(|r| r.offset).collect(),
+            };
         }
         start = align64(hdr + desc.len() as u64);
     }

@@ -16,6 +16,8 @@ pub mod desc;
 pub mod dtype;
 pub mod engine;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layout;
 pub mod msgpack;
 pub mod pyrepr;

@@ -28,6 +28,8 @@ pub enum Invalid {
     Depth,
     /// An ext of type -1 that is not a valid timestamp.
     Timestamp,
+    /// An ext of another negative type (reserved; msgpack-python's ExtType takes 0..=127).
+    ExtType(i8),
     /// Bytes after the value.
     Trailing(usize),
 }
@@ -41,6 +43,7 @@ impl fmt::Display for Invalid {
             Invalid::MapKey(t) => write!(f, "a map key of type {t}; keys must be strings"),
             Invalid::Depth => write!(f, "containers nested deeper than {MAX_DEPTH}"),
             Invalid::Timestamp => f.write_str("an invalid timestamp"),
+            Invalid::ExtType(t) => write!(f, "an ext of the reserved type {t}"),
             Invalid::Trailing(n) => write!(f, "{n} bytes after the value"),
         }
     }
@@ -52,8 +55,8 @@ impl fmt::Display for Invalid {
 pub enum Head<'a> {
     Nil,
     Bool(bool),
-    /// Every msgpack integer fits: -2^63 ..= 2^64-1.
-    Int(i128),
+    /// Every msgpack integer: -2^63 ..= 2^64-1 (see [`Int`]).
+    Int(Int),
     Float,
     Str(&'a str),
     Bin(&'a [u8]),
@@ -80,20 +83,68 @@ impl Head<'_> {
     }
 }
 
+/// A msgpack integer, kept in 9 bytes rather than an i128 (whose 16-byte alignment makes every
+/// [`Head`] copy slow on the hot path).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Int {
+    bits: u64,
+    negative: bool,
+}
+
+impl Int {
+    pub fn from_u64(v: u64) -> Int {
+        Int { bits: v, negative: false }
+    }
+
+    pub fn from_i64(v: i64) -> Int {
+        Int { bits: v as u64, negative: v < 0 }
+    }
+
+    pub fn get(self) -> i128 {
+        if self.negative {
+            self.bits as i64 as i128
+        } else {
+            self.bits as i128
+        }
+    }
+}
+
 /// A reader over a byte slice; every read is bounds-checked.
 #[derive(Clone, Copy, Debug)]
 pub struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// The bytes passed [`validate`] and every read starts on a value boundary: strings are
+    /// not checked for UTF-8 again (the decoder reads each descriptor twice: validation, then
+    /// the fields).
+    trusted: bool,
 }
 
 impl<'a> Cursor<'a> {
     pub fn new(buf: &'a [u8]) -> Cursor<'a> {
-        Cursor { buf, pos: 0 }
+        Cursor { buf, pos: 0, trusted: false }
     }
 
     pub fn at(buf: &'a [u8], pos: usize) -> Cursor<'a> {
-        Cursor { buf, pos }
+        Cursor { buf, pos, trusted: false }
+    }
+
+    /// A cursor over bytes [`validate`] accepted.
+    ///
+    /// # Safety
+    /// `pos` must be the start of a value (or of a map key) of that msgpack structure, as
+    /// positions taken from a cursor that walked it are: a string read from the middle of
+    /// another value could be invalid UTF-8, which a trusted cursor does not check.
+    pub unsafe fn trusted(v: Valid<'a>, pos: usize) -> Cursor<'a> {
+        Cursor { buf: v.0, pos, trusted: true }
+    }
+
+    /// A cursor like this one at another position (same trust).
+    ///
+    /// # Safety
+    /// As [`Cursor::trusted`] when this cursor is trusted.
+    pub unsafe fn moved(&self, pos: usize) -> Cursor<'a> {
+        Cursor { buf: self.buf, pos, trusted: self.trusted }
     }
 
     pub fn pos(&self) -> usize {
@@ -126,6 +177,10 @@ impl<'a> Cursor<'a> {
 
     fn str(&mut self, n: usize) -> Result<Head<'a>, Invalid> {
         let b = self.take(n)?;
+        if self.trusted {
+            // Safety: validate() checked this very string (see Cursor::trusted).
+            return Ok(Head::Str(unsafe { std::str::from_utf8_unchecked(b) }));
+        }
         std::str::from_utf8(b).map(Head::Str).map_err(|_| Invalid::Utf8)
     }
 
@@ -135,6 +190,9 @@ impl<'a> Cursor<'a> {
         if t == -1 && !valid_timestamp(data) {
             return Err(Invalid::Timestamp);
         }
+        if t < -1 {
+            return Err(Invalid::ExtType(t));
+        }
         Ok(Head::Ext(t, data))
     }
 
@@ -142,7 +200,7 @@ impl<'a> Cursor<'a> {
     pub fn head(&mut self) -> Result<Head<'a>, Invalid> {
         let b = self.byte()?;
         Ok(match b {
-            0x00..=0x7f => Head::Int(b as i128),
+            0x00..=0x7f => Head::Int(Int::from_u64(b as u64)),
             0x80..=0x8f => Head::Map((b & 0x0f) as u32),
             0x90..=0x9f => Head::Array((b & 0x0f) as u32),
             0xa0..=0xbf => return self.str((b & 0x1f) as usize),
@@ -166,11 +224,11 @@ impl<'a> Cursor<'a> {
                 self.take(8)?;
                 Head::Float
             }
-            0xcc..=0xcf => Head::Int(self.be(1 << (b - 0xcc))? as i128),
-            0xd0 => Head::Int(self.be(1)? as u8 as i8 as i128),
-            0xd1 => Head::Int(self.be(2)? as u16 as i16 as i128),
-            0xd2 => Head::Int(self.be(4)? as u32 as i32 as i128),
-            0xd3 => Head::Int(self.be(8)? as i64 as i128),
+            0xcc..=0xcf => Head::Int(Int::from_u64(self.be(1 << (b - 0xcc))?)),
+            0xd0 => Head::Int(Int::from_i64(self.be(1)? as u8 as i8 as i64)),
+            0xd1 => Head::Int(Int::from_i64(self.be(2)? as u16 as i16 as i64)),
+            0xd2 => Head::Int(Int::from_i64(self.be(4)? as u32 as i32 as i64)),
+            0xd3 => Head::Int(Int::from_i64(self.be(8)? as i64)),
             0xd4..=0xd8 => return self.ext(1 << (b - 0xd4)),
             0xd9..=0xdb => {
                 let n = self.be(1 << (b - 0xd9))? as usize;
@@ -178,57 +236,100 @@ impl<'a> Cursor<'a> {
             }
             0xdc | 0xdd => Head::Array(self.be(2 << (b - 0xdc))? as u32),
             0xde | 0xdf => Head::Map(self.be(2 << (b - 0xde))? as u32),
-            0xe0..=0xff => Head::Int(b as i8 as i128),
+            0xe0..=0xff => Head::Int(Int::from_i64(b as i8 as i64)),
         })
     }
 
     /// Skips one whole value, validating it as msgpack-python would; `depth` is the number of
-    /// containers already open around it.
+    /// containers already open around it. Works on bytes, without building a [`Head`]: it
+    /// runs over every byte of every descriptor.
     pub fn skip(&mut self, depth: usize) -> Result<(), Invalid> {
-        let h = self.head()?;
-        self.skip_items(h, depth)
+        let b = self.byte()?;
+        match b {
+            0x00..=0x7f | 0xc0 | 0xc2 | 0xc3 | 0xe0..=0xff => Ok(()),
+            0x80..=0x8f => self.skip_map((b & 0x0f) as u32, depth),
+            0x90..=0x9f => self.skip_array((b & 0x0f) as u32, depth),
+            0xa0..=0xbf => self.skip_str((b & 0x1f) as usize),
+            0xc1 => Err(Invalid::Reserved),
+            0xc4..=0xc6 => {
+                let n = self.be(1 << (b - 0xc4))? as usize;
+                self.take(n).map(|_| ())
+            }
+            0xc7..=0xc9 => {
+                let n = self.be(1 << (b - 0xc7))? as usize;
+                self.ext(n).map(|_| ())
+            }
+            0xca => self.take(4).map(|_| ()),
+            0xcb => self.take(8).map(|_| ()),
+            0xcc..=0xcf => self.take(1 << (b - 0xcc)).map(|_| ()),
+            0xd0..=0xd3 => self.take(1 << (b - 0xd0)).map(|_| ()),
+            0xd4..=0xd8 => self.ext(1 << (b - 0xd4)).map(|_| ()),
+            0xd9..=0xdb => {
+                let n = self.be(1 << (b - 0xd9))? as usize;
+                self.skip_str(n)
+            }
+            0xdc | 0xdd => {
+                let n = self.be(2 << (b - 0xdc))? as u32;
+                self.skip_array(n, depth)
+            }
+            0xde | 0xdf => {
+                let n = self.be(2 << (b - 0xde))? as u32;
+                self.skip_map(n, depth)
+            }
+        }
+    }
+
+    fn skip_str(&mut self, n: usize) -> Result<(), Invalid> {
+        let b = self.take(n)?;
+        if self.trusted || b.is_ascii() {
+            return Ok(());
+        }
+        std::str::from_utf8(b).map(|_| ()).map_err(|_| Invalid::Utf8)
+    }
+
+    fn skip_array(&mut self, n: u32, depth: usize) -> Result<(), Invalid> {
+        if depth >= MAX_DEPTH {
+            return Err(Invalid::Depth);
+        }
+        for _ in 0..n {
+            // Each item is at least one byte: a count beyond the data ends here, not after
+            // 2^32 iterations.
+            if self.rest() == 0 {
+                return Err(Invalid::Truncated);
+            }
+            self.skip(depth + 1)?;
+        }
+        Ok(())
+    }
+
+    fn skip_map(&mut self, n: u32, depth: usize) -> Result<(), Invalid> {
+        if depth >= MAX_DEPTH {
+            return Err(Invalid::Depth);
+        }
+        for _ in 0..n {
+            match self.buf.get(self.pos) {
+                None => return Err(Invalid::Truncated),
+                // str or bin: the keys msgpack-python's strict_map_key allows
+                Some(0xa0..=0xbf | 0xd9..=0xdb | 0xc4..=0xc6) => self.skip(depth + 1)?,
+                Some(_) => {
+                    let k = self.head()?;
+                    // msgpack-python reads the whole key before refusing its type.
+                    self.skip_items(k, depth + 1)?;
+                    return Err(Invalid::MapKey(k.python_type()));
+                }
+            }
+            self.skip(depth + 1)?;
+        }
+        Ok(())
     }
 
     /// Skips the items of a container whose head was just read (nothing for a scalar).
     pub fn skip_items(&mut self, h: Head<'a>, depth: usize) -> Result<(), Invalid> {
         match h {
-            Head::Array(n) => {
-                if depth >= MAX_DEPTH {
-                    return Err(Invalid::Depth);
-                }
-                for _ in 0..n {
-                    // Each item is at least one byte: a count beyond the data ends here,
-                    // not after 2^32 iterations.
-                    if self.rest() == 0 {
-                        return Err(Invalid::Truncated);
-                    }
-                    self.skip(depth + 1)?;
-                }
-            }
-            Head::Map(n) => {
-                if depth >= MAX_DEPTH {
-                    return Err(Invalid::Depth);
-                }
-                for _ in 0..n {
-                    if self.rest() == 0 {
-                        return Err(Invalid::Truncated);
-                    }
-                    let k = self.head()?;
-                    match k {
-                        Head::Str(_) | Head::Bin(_) => {}
-                        Head::Array(_) | Head::Map(_) => {
-                            // msgpack-python reads the whole key before refusing its type.
-                            self.skip_items(k, depth + 1)?;
-                            return Err(Invalid::MapKey(k.python_type()));
-                        }
-                        _ => return Err(Invalid::MapKey(k.python_type())),
-                    }
-                    self.skip(depth + 1)?;
-                }
-            }
-            _ => {}
+            Head::Array(n) => self.skip_array(n, depth),
+            Head::Map(n) => self.skip_map(n, depth),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -244,14 +345,24 @@ fn valid_timestamp(d: &[u8]) -> bool {
     }
 }
 
+/// Bytes that are exactly one msgpack value msgpack-python accepts (made by [`validate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Valid<'a>(&'a [u8]);
+
+impl<'a> Valid<'a> {
+    pub fn bytes(&self) -> &'a [u8] {
+        self.0
+    }
+}
+
 /// Whether `buf` is exactly one msgpack value that msgpack-python accepts.
-pub fn validate(buf: &[u8]) -> Result<(), Invalid> {
+pub fn validate(buf: &[u8]) -> Result<Valid<'_>, Invalid> {
     let mut c = Cursor::new(buf);
     c.skip(0)?;
     if c.rest() != 0 {
         return Err(Invalid::Trailing(c.rest()));
     }
-    Ok(())
+    Ok(Valid(buf))
 }
 
 // -- writing, in msgpack-python's canonical forms (the smallest that holds the value) ------
@@ -352,6 +463,9 @@ mod tests {
         assert_eq!(validate(b"\xc7\x03\xff\0\0\0"), Err(Invalid::Timestamp));
         assert_eq!(validate(b"\xd4\xff\0"), Err(Invalid::Timestamp));
         assert!(ok(b"\xd4\x05\x00"));
+        assert!(ok(b"\xd5\x7f\x00\x00"));
+        assert_eq!(validate(b"\xd5\x80\x00\x00"), Err(Invalid::ExtType(-128)));
+        assert_eq!(validate(b"\xc7\x01\xfe\x00"), Err(Invalid::ExtType(-2)));
         assert_eq!(validate(b"\xdd\xff\xff\xff\xff"), Err(Invalid::Truncated));
         assert!(ok(b"\xca\0\0\0\0"));
     }
@@ -368,16 +482,16 @@ mod tests {
     #[test]
     fn every_width_of_every_form_is_read() {
         for (b, want) in [
-            (&b"\x05"[..], Head::Int(5)),
-            (b"\xcc\xff", Head::Int(255)),
-            (b"\xcd\x01\x00", Head::Int(256)),
-            (b"\xce\x00\x01\x00\x00", Head::Int(65536)),
-            (b"\xcf\xff\xff\xff\xff\xff\xff\xff\xff", Head::Int(u64::MAX as i128)),
-            (b"\xff", Head::Int(-1)),
-            (b"\xd0\x80", Head::Int(-128)),
-            (b"\xd1\x80\x00", Head::Int(-32768)),
-            (b"\xd2\x80\x00\x00\x00", Head::Int(i32::MIN as i128)),
-            (b"\xd3\x80\0\0\0\0\0\0\0", Head::Int(i64::MIN as i128)),
+            (&b"\x05"[..], Head::Int(Int::from_i64(5))),
+            (b"\xcc\xff", Head::Int(Int::from_i64(255))),
+            (b"\xcd\x01\x00", Head::Int(Int::from_i64(256))),
+            (b"\xce\x00\x01\x00\x00", Head::Int(Int::from_i64(65536))),
+            (b"\xcf\xff\xff\xff\xff\xff\xff\xff\xff", Head::Int(Int::from_u64(u64::MAX))),
+            (b"\xff", Head::Int(Int::from_i64(-1))),
+            (b"\xd0\x80", Head::Int(Int::from_i64(-128))),
+            (b"\xd1\x80\x00", Head::Int(Int::from_i64(-32768))),
+            (b"\xd2\x80\x00\x00\x00", Head::Int(Int::from_i64(i32::MIN.into()))),
+            (b"\xd3\x80\0\0\0\0\0\0\0", Head::Int(Int::from_i64(i64::MIN))),
             (b"\xd9\x01a", Head::Str("a")),
             (b"\xda\x00\x01a", Head::Str("a")),
             (b"\xdb\x00\x00\x00\x01a", Head::Str("a")),

@@ -150,7 +150,9 @@ impl Region {
     pub fn copy_in(&self, off: u64, src: &[u8]) -> Result<(), RegionError> {
         let i = self.check(off, src.len() as u64)?;
         // Safety: the range is inside the mapping; `src` is private memory, so no overlap.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.base.as_ptr().add(i), src.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.base.as_ptr().add(i), src.len())
+        };
         Ok(())
     }
 
@@ -158,7 +160,9 @@ impl Region {
     pub fn copy_out(&self, off: u64, dst: &mut [u8]) -> Result<(), RegionError> {
         let i = self.check(off, dst.len() as u64)?;
         // Safety: as copy_in.
-        unsafe { std::ptr::copy_nonoverlapping(self.base.as_ptr().add(i), dst.as_mut_ptr(), dst.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.base.as_ptr().add(i), dst.as_mut_ptr(), dst.len())
+        };
         Ok(())
     }
 

@@ -225,7 +225,11 @@ impl Consumer {
                 return Err(Corrupt::Length { position: self.read, len: h.record_len, tail, cap });
             }
             if h.kind == KIND_PAD {
-                self.held.push_back(Held { position: self.read, len: h.record_len, released: true });
+                self.held.push_back(Held {
+                    position: self.read,
+                    len: h.record_len,
+                    released: true,
+                });
             } else if h.kind == self.kind {
                 if h.desc_len as u64 > n - RECORD_HEADER as u64 {
                     return Err(Corrupt::Descriptor {
@@ -241,7 +245,11 @@ impl Consumer {
                     desc_len: h.desc_len,
                     record_len: h.record_len,
                 });
-                self.held.push_back(Held { position: self.read, len: h.record_len, released: false });
+                self.held.push_back(Held {
+                    position: self.read,
+                    len: h.record_len,
+                    released: false,
+                });
             } else {
                 return Err(Corrupt::Kind { position: self.read, kind: h.kind });
             }
@@ -369,7 +377,12 @@ impl Producer {
         let mut idx = self.tail & (cap - 1);
         let rest = cap - idx;
         if n > rest {
-            let pad = RecordHeader { record_len: rest as u32, kind: KIND_PAD, request_id: 0, desc_len: 0 };
+            let pad = RecordHeader {
+                record_len: rest as u32,
+                kind: KIND_PAD,
+                request_id: 0,
+                desc_len: 0,
+            };
             self.g
                 .region
                 .copy_in(self.g.ring + idx, &pad.bytes())
@@ -391,17 +404,19 @@ impl Producer {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WriteError {
     /// The record cannot hold its header and descriptor, or is longer than a u32.
-    TooShort { record_len: u64, desc_len: usize },
+    TooShort {
+        record_len: u64,
+        desc_len: usize,
+    },
     Region(RegionError),
 }
 
 impl fmt::Display for WriteError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            WriteError::TooShort { record_len, desc_len } => write!(
-                f,
-                "a {record_len}-byte record cannot hold a {desc_len}-byte descriptor"
-            ),
+            WriteError::TooShort { record_len, desc_len } => {
+                write!(f, "a {record_len}-byte record cannot hold a {desc_len}-byte descriptor")
+            }
             WriteError::Region(e) => e.fmt(f),
         }
     }
@@ -421,7 +436,12 @@ pub fn write_record(
         return Err(WriteError::TooShort { record_len, desc_len: desc.len() });
     }
     region.check(off, record_len).map_err(WriteError::Region)?;
-    let h = RecordHeader { record_len: record_len as u32, kind, request_id, desc_len: desc.len() as u32 };
+    let h = RecordHeader {
+        record_len: record_len as u32,
+        kind,
+        request_id,
+        desc_len: desc.len() as u32,
+    };
     region.copy_in(off, &h.bytes()).map_err(WriteError::Region)?;
     region.copy_in(off + RECORD_HEADER as u64, desc).map_err(WriteError::Region)?;
     Ok(())
@@ -458,7 +478,12 @@ mod tests {
 
     fn put(p: &mut Producer, n: u64, rid: u64, dlen: u32) -> u64 {
         let off = p.reserve(n).unwrap().expect("space");
-        let h = RecordHeader { record_len: n as u32, kind: KIND_REQUEST, request_id: rid, desc_len: dlen };
+        let h = RecordHeader {
+            record_len: n as u32,
+            kind: KIND_REQUEST,
+            request_id: rid,
+            desc_len: dlen,
+        };
         p.geometry().region.copy_in(off, &h.bytes()).unwrap();
         p.publish();
         off
@@ -571,15 +596,24 @@ mod tests {
             ));
         }
         // longer than what was published
-        assert!(matches!(corrupt_after(header_and_tail(256, KIND_REQUEST, 0, 128)), Corrupt::Length { .. }));
+        assert!(matches!(
+            corrupt_after(header_and_tail(256, KIND_REQUEST, 0, 128)),
+            Corrupt::Length { .. }
+        ));
         assert!(matches!(
             corrupt_after(header_and_tail(128, KIND_RESPONSE, 0, 128)),
             Corrupt::Kind { kind: 2, .. }
         ));
         let e = corrupt_after(header_and_tail(128, KIND_REQUEST, 200, 128));
         assert_eq!(e.to_string(), "record 9: descriptor length 200 exceeds its record length 128");
-        assert!(matches!(corrupt_after(header_and_tail(128, KIND_REQUEST, 0, 65)), Corrupt::Tail { .. }));
-        assert!(matches!(corrupt_after(header_and_tail(128, KIND_REQUEST, 0, 3 * CAP)), Corrupt::Tail { .. }));
+        assert!(matches!(
+            corrupt_after(header_and_tail(128, KIND_REQUEST, 0, 65)),
+            Corrupt::Tail { .. }
+        ));
+        assert!(matches!(
+            corrupt_after(header_and_tail(128, KIND_REQUEST, 0, 3 * CAP)),
+            Corrupt::Tail { .. }
+        ));
     }
 
     #[test]

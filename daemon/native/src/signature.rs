@@ -120,7 +120,11 @@ impl Signature {
     /// `refs` of each declared input, in the model's order. Errors: TOO_LARGE over
     /// max_input_bytes, else BAD_INPUT (a name given twice, names that differ from the
     /// declared ones, a dtype or shape the model does not take, more rows than max_batch).
-    pub fn order(&self, refs: &[TensorRef<'_>], order: &mut Vec<usize>) -> Result<(), RequestError> {
+    pub fn order(
+        &self,
+        refs: &[TensorRef<'_>],
+        order: &mut Vec<usize>,
+    ) -> Result<(), RequestError> {
         order.clear();
         let model = || pyrepr::str(&self.model);
         if self.max_input_bytes != 0 {
@@ -323,7 +327,10 @@ mod tests {
             assert_eq!(e.code, Code::BadInput);
             e.message
         };
-        assert_eq!(msg(&[r("x", DType::F32, &[1, 16]), r("x", DType::F32, &[1, 16])]), "input 'x' is given twice");
+        assert_eq!(
+            msg(&[r("x", DType::F32, &[1, 16]), r("x", DType::F32, &[1, 16])]),
+            "input 'x' is given twice"
+        );
         assert_eq!(
             msg(&[r("x", DType::F32, &[1, 16])]),
             "model 'mlp' takes inputs ['x', 'mask'], the request has ['x']"

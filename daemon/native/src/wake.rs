@@ -186,7 +186,10 @@ mod tests {
         assert!(!wait(&counter, 5, &flag, efd, Duration::ZERO, Some(Duration::from_millis(2))));
         assert!(t0.elapsed() >= Duration::from_millis(2));
         assert_eq!(flag.load(Ordering::Relaxed), 0, "the flag is cleared on return");
-        assert!(wait(&counter, 4, &flag, efd, Duration::ZERO, Some(Duration::ZERO)), "moved already");
+        assert!(
+            wait(&counter, 4, &flag, efd, Duration::ZERO, Some(Duration::ZERO)),
+            "moved already"
+        );
 
         let (c2, f2) = (counter.clone(), flag.clone());
         let poster = std::thread::spawn(move || {

@@ -1,11 +1,12 @@
 """Single-producer/single-consumer byte rings over shared memory (SPEC §4.2–§4.7).
 
 The work is done by the native core (`tensord._core`, the Rust crate in daemon/native):
-acquire/release counters, record-header validation and the out-of-order release list. These classes give it the daemon's error type
-and records with names."""
+acquire/release counters, record-header validation and the out-of-order release list. These
+classes give it the daemon's error type and records with names."""
 
 from __future__ import annotations
 
+from .. import _core
 from ..contract.errors import ErrorCode, ProtocolError
 from ..contract.layout import (
     CTL_CONSUMER_WAITING,
@@ -14,7 +15,6 @@ from ..contract.layout import (
     CTL_TAIL,
     RECORD_HEADER_SIZE,
 )
-from .. import _core
 
 Shm = _core.Shm
 

@@ -27,9 +27,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 fn raise(py: Python<'_>, e: RequestError) -> PyErr {
     let err = PyRequestError::new_err(e.message.clone());
     let value = err.value(py);
-    if let Err(set) = value
-        .setattr("code", e.code as u32)
-        .and_then(|_| value.setattr("message", e.message))
+    if let Err(set) =
+        value.setattr("code", e.code as u32).and_then(|_| value.setattr("message", e.message))
     {
         return set;
     }
@@ -53,7 +52,8 @@ fn decode_request<'py>(
     record_len: u64,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let buf = Buffer::get(data, false)?;
-    let req = desc::decode_request(buf.as_slice(), data_start, record_len).map_err(|e| raise(py, e))?;
+    let req =
+        desc::decode_request(buf.as_slice(), data_start, record_len).map_err(|e| raise(py, e))?;
     let inputs = PyList::new(py, req.inputs.iter().map(ref_tuple))?;
     (req.model, req.timeout_us, req.priority, inputs).into_pyobject(py)
 }
@@ -81,7 +81,12 @@ fn encode_response_outputs<'py>(py: Python<'py>, outputs: Vec<RefTuple>) -> Boun
 
 /// encode_response_error(code, name, message) -> bytes, canonical.
 #[pyfunction]
-fn encode_response_error<'py>(py: Python<'py>, code: u32, name: &str, message: &str) -> Bound<'py, PyBytes> {
+fn encode_response_error<'py>(
+    py: Python<'py>,
+    code: u32,
+    name: &str,
+    message: &str,
+) -> Bound<'py, PyBytes> {
     let mut out = Vec::with_capacity(48 + name.len() + message.len());
     desc::encode_response_error(&mut out, code, name, message);
     PyBytes::new(py, &out)
@@ -104,7 +109,12 @@ fn plan_outputs<'py>(
 /// `data`: string i is data[offsets[i]:offsets[i + 1]]. Checks the length table against
 /// len(data) as SPEC §5 says; raises RequestError (BAD_INPUT).
 #[pyfunction]
-fn byte_strings<'py>(py: Python<'py>, data: &Bound<'py, PyAny>, count: u64, name: &str) -> PyResult<Bound<'py, PyBytes>> {
+fn byte_strings<'py>(
+    py: Python<'py>,
+    data: &Bound<'py, PyAny>,
+    count: u64,
+    name: &str,
+) -> PyResult<Bound<'py, PyBytes>> {
     let buf = Buffer::get(data, false)?;
     let t = signature::byte_strings(buf.as_slice(), count, name).map_err(|e| raise(py, e))?;
     let raw: Vec<u8> = t.offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
@@ -175,7 +185,8 @@ impl Signature {
         record_len: u64,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let buf = Buffer::get(data, false)?;
-        let req = desc::decode_request(buf.as_slice(), data_start, record_len).map_err(|e| raise(py, e))?;
+        let req = desc::decode_request(buf.as_slice(), data_start, record_len)
+            .map_err(|e| raise(py, e))?;
         let mut order = Vec::with_capacity(req.inputs.len());
         self.inner.order(&req.inputs, &mut order).map_err(|e| raise(py, e))?;
         let inputs = PyList::new(py, order.iter().map(|&i| ref_tuple(&req.inputs[i])))?;

@@ -47,7 +47,11 @@ impl Consumer {
     fn new(shm: &Bound<'_, PyAny>, ctl: i64, ring: i64, cap: u64, kind: u32) -> PyResult<Consumer> {
         let shm = shm.cast::<Shm>().map_err(|_| PyTypeError::new_err("expected a Shm"))?;
         let g = geometry(shm.get(), ctl, ring, cap)?;
-        Ok(Consumer { shm: shm.clone().unbind(), core: ring::Consumer::new(g, kind), found: Vec::new() })
+        Ok(Consumer {
+            shm: shm.clone().unbind(),
+            core: ring::Consumer::new(g, kind),
+            found: Vec::new(),
+        })
     }
 
     /// poll(limit) -> [(position, offset, request_id, desc_len, record_len)]: at most `limit`
@@ -57,12 +61,11 @@ impl Consumer {
         self.live()?;
         self.found.clear();
         let limit = limit.max(0) as usize;
-        self.core
-            .poll(limit, &mut self.found)
-            .map_err(|e| CorruptError::new_err(e.to_string()))?;
-        let items = self.found.iter().map(|r| {
-            (r.position, r.offset, r.request_id, r.desc_len, r.record_len)
-        });
+        self.core.poll(limit, &mut self.found).map_err(|e| CorruptError::new_err(e.to_string()))?;
+        let items = self
+            .found
+            .iter()
+            .map(|r| (r.position, r.offset, r.request_id, r.desc_len, r.record_len));
         PyList::new(py, items)
     }
 
@@ -180,7 +183,8 @@ pub fn spin_any(py: Python<'_>, consumers: &Bound<'_, PyAny>, spin_ns: i64) -> P
         c.live()?;
         regions.push((*c.core.geometry(), c.core.read()));
     }
-    let tails: Vec<(&AtomicU64, u64)> = regions.iter().map(|(g, read)| (g.tail_word(), *read)).collect();
+    let tails: Vec<(&AtomicU64, u64)> =
+        regions.iter().map(|(g, read)| (g.tail_word(), *read)).collect();
     let spin = Duration::from_nanos(spin_ns.max(0) as u64);
     Ok(py.detach(|| wake::spin_any(&tails, spin)).map_or(-1, |i| i as i64))
 }

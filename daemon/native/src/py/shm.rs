@@ -190,9 +190,7 @@ impl Shm {
     fn copy_out<'py>(&self, py: Python<'py>, off: i64, n: i64) -> PyResult<Bound<'py, PyBytes>> {
         let (r, off) = self.at(off, n)?;
         r.check(off, n as u64).map_err(region_err)?;
-        PyBytes::new_with(py, n as usize, |buf| {
-            r.copy_out(off, buf).map_err(region_err)
-        })
+        PyBytes::new_with(py, n as usize, |buf| r.copy_out(off, buf).map_err(region_err))
     }
 
     /// write_record(off, kind, request_id, record_len, descriptor): header + descriptor bytes.
