@@ -133,3 +133,86 @@ class Signature:
     def intake(self, descriptor: Buffer, data_start: int, record_len: int,
                /) -> tuple[str, int, int, list[TensorRef]]:
         """decode_request, then order, in one call; inputs in the model's order."""
+
+# -- the serving core (daemon/native/src/engine; serving/core.py and worker.py drive it) ---
+
+class Engine:
+    """The serving core: one dispatcher thread over every session, per-model queues, batches.
+    Per request nothing runs in Python."""
+
+    def __init__(self, spin_us: int, max_memory: int, max_memory_per_uid: int) -> None: ...
+    def start(self) -> None: ...
+    def stop(self) -> None:
+        """Stops the dispatcher (GIL released while it joins) and retires every model."""
+    def alive(self) -> bool: ...
+    @property
+    def events_fd(self) -> int:
+        """Readable when take_events() has something."""
+    def take_events(self) -> list[tuple[str, int, int, str]]:
+        """[("fatal", session, code, message) | ("freed", session, 0, "")]."""
+    def add_session(self, name: str, memfd: int, request_ring: int, response_ring: int,
+                    efds: tuple[int, int, int, int], uid: int, high_priority: bool,
+                    park_limit: int) -> int:
+        """Maps the memfd itself, owns the eventfds (pass duplicates); the session's id."""
+    def end_session(self, id: int) -> None: ...
+    def session_idle(self, id: int) -> bool: ...
+    def session_served(self, id: int) -> int: ...
+    def sessions(self) -> int: ...
+    def parked(self, uid: int) -> tuple[int, int]:
+        """(parked response bytes of uid, in all)."""
+    def set_model(self, name: str, version: int,
+                  inputs: list[tuple[str, str, list[int] | None]], max_batch: int,
+                  max_input_bytes: int, max_batch_size: int, max_queue_delay_us: int,
+                  preferred_batch_sizes: list[int], max_queue: int, max_batch_bytes: int,
+                  batching: bool, identity: bool) -> ModelQueue:
+        """Serves a model under its name (the version it replaces drains)."""
+    def remove_model(self, name: str) -> None: ...
+    def metrics(self) -> list[tuple[str, list[tuple[str, int]],
+                                    list[tuple[list[int], float]], int]]:
+        """Per model: (name, [(outcome, requests)], [request, queue, compute, batch-size
+        histograms as (per-bucket counts, sum)], batch retries)."""
+    def cancel_queued(self, code: int, message: str) -> int: ...
+
+class ModelQueue:
+    """One model's queue in the core; its workers take batches from it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+    def next_batch(self) -> Batch | None:
+        """Blocks (GIL released) for the next batch; None once retired and drained."""
+    def stats(self) -> tuple[int, int, int, int, int, int, list[tuple[int, int]], int, int,
+                             int, int]:
+        """(served, failed, bad_input, rejected, expired, batches, [(size, count)],
+        queue_us, compute_us, max_queue_us, retried)."""
+    def running_for(self) -> float: ...
+    def retire(self) -> None: ...
+
+class Arena:
+    """One input's bytes for every request of a batch (buffer protocol, writable)."""
+
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+class Batch:
+    """Requests a worker took; answered once each by complete/complete_one/fail."""
+
+    def __len__(self) -> int: ...
+    @property
+    def rows(self) -> list[int]: ...
+    @property
+    def model(self) -> str: ...
+    def inputs(self) -> list[tuple[Arena, str, list[tuple[int, int, list[int]]]]]:
+        """Per input: (arena, dtype, [(offset, nbytes, shape) per request])."""
+    def ages(self) -> list[tuple[float, float]]: ...
+    def complete(self, lo: int, hi: int,
+                 outputs: list[tuple[str, str, list[int], Buffer]]) -> None:
+        """Requests [lo, hi) get their rows of the outputs; ValueError if the rows differ."""
+    def complete_one(self, k: int, outputs: list[tuple[str, str, list[int], Buffer]]) -> None: ...
+    def fail(self, lo: int, hi: int, code: int, message: str) -> None: ...
+    def open(self) -> list[int]: ...
+    def retried(self) -> None: ...
+    def close(self) -> None: ...

@@ -223,7 +223,7 @@ impl Batch {
             let rows = self.members[k].rows;
             slices.clear();
             for (o, shape) in outputs.iter().zip(shapes.iter_mut()) {
-                let per_row = if total == 0 { 0 } else { o.data.len() as u64 / total };
+                let per_row = (o.data.len() as u64).checked_div(total).unwrap_or(0);
                 let a = (row * per_row) as usize;
                 let b = ((row + rows) * per_row) as usize;
                 slices.push(&o.data[a..b]);

@@ -149,7 +149,7 @@ fn submit(sh: &Shared, q: Arc<Queue>, job: Job) {
         Err(Refused::Retired(job)) => {
             // A reload replaced the model between lookup and put: the new version takes it.
             match sh.model(&q.name) {
-                Some(now) if !Arc::ptr_eq(&now, &q) => match now.put(job) {
+                Some(now) if !Arc::ptr_eq(&now, &q) => match now.put(*job) {
                     Ok(()) => return,
                     Err(r) => r,
                 },

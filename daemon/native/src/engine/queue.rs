@@ -170,8 +170,8 @@ pub struct Queue {
 
 /// Why put() refused a job: the queue is full (OVERLOADED) or the model is gone.
 pub enum Refused {
-    Full(Job, u64),
-    Retired(Job),
+    Full(Box<Job>, u64),
+    Retired(Box<Job>),
 }
 
 impl Queue {
@@ -223,12 +223,12 @@ impl Queue {
     pub fn put(&self, mut job: Job) -> Result<(), Refused> {
         let mut s = self.lock();
         if s.retired {
-            return Err(Refused::Retired(job));
+            return Err(Refused::Retired(Box::new(job)));
         }
         if s.length >= self.policy.max_queue {
             drop(s);
             self.stats().rejected += 1;
-            return Err(Refused::Full(job, self.policy.max_queue));
+            return Err(Refused::Full(Box::new(job), self.policy.max_queue));
         }
         job.queued_at = Instant::now();
         let p = job.priority.min(1) as usize;
@@ -328,7 +328,7 @@ impl Queue {
             let order: [usize; 2] = if both && s.high_run >= HIGH_RUN { [0, 1] } else { [1, 0] };
             let mut got = None;
             for p in order {
-                if let Some(j) = s.lanes[p].pick(&fits) {
+                if let Some(j) = s.lanes[p].pick(fits) {
                     got = Some((p, j));
                     break;
                 }
