@@ -26,6 +26,9 @@ use crate::wake;
 
 /// Records taken from one session per pass (PADs count: the ring counts every record).
 pub const PER_PASS: usize = 16;
+/// ...taken this many at a time, until the pass has used PASS_BUDGET.
+const CHUNK: usize = 4;
+const PASS_BUDGET: Duration = Duration::from_micros(500);
 /// The wake-up eventfd's epoll token; sessions use (id << 1) | is_response_space.
 pub const WAKE: u64 = u64::MAX;
 
@@ -113,15 +116,35 @@ struct Scratch {
     order: Vec<usize>,
 }
 
-/// One bounded slice of a session's records; true when it has more waiting.
+/// One bounded slice of a session's records; true when it has more waiting. Bounded in count
+/// (PER_PASS records, PADs included) and in time (PASS_BUDGET): whatever a session's records
+/// are, the next session's turn comes soon.
 fn serve(sh: &Shared, s: &Arc<Session>, recs: &mut Vec<RecordInfo>, sc: &mut Scratch) -> bool {
-    if let Err(e) = s.take(PER_PASS, recs) {
-        // A corrupt ring: this session ends (the control plane closes its connection), no
-        // other session is affected. Records read before the corrupt one are dropped too.
-        s.stop();
-        sh.events.push(Event::Fatal { session: s.id, code: Code::BadRecord, message: e.to_string() });
-        return false;
+    let start = Instant::now();
+    let mut taken = 0;
+    let mut woke = false;
+    while taken < PER_PASS && start.elapsed() < PASS_BUDGET {
+        if let Err(e) = s.take(CHUNK.min(PER_PASS - taken), recs) {
+            // A corrupt ring: this session ends (the control plane closes its connection), no
+            // other session is affected. Records read before the corrupt one are dropped too.
+            s.stop();
+            sh.events.push(Event::Fatal { session: s.id, code: Code::BadRecord, message: e.to_string() });
+            return false;
+        }
+        if recs.is_empty() {
+            break;
+        }
+        taken += recs.len().max(1);
+        woke |= take_all(sh, s, recs, sc);
     }
+    if woke {
+        s.wake_client();
+    }
+    s.pending()
+}
+
+/// Intake of the records one take() returned; true when a response was written here.
+fn take_all(sh: &Shared, s: &Arc<Session>, recs: &[RecordInfo], sc: &mut Scratch) -> bool {
     let mut woke = false;
     for rec in recs.iter() {
         match intake(sh, s, rec, sc) {
@@ -136,21 +159,38 @@ fn serve(sh: &Shared, s: &Arc<Session>, recs: &mut Vec<RecordInfo>, sc: &mut Scr
             }
         }
     }
-    if woke {
-        s.wake_client();
-    }
-    s.pending()
+    woke
 }
 
 fn submit(sh: &Shared, q: Arc<Queue>, job: Job) {
     let s = job.session.clone();
     let refused = match q.put(job) {
-        Ok(()) => return,
+        Ok(None) => return,
+        Ok(Some(evicted)) => {
+            // Another session holds more of the queue: its newest request makes room.
+            let msg = format!(
+                "model {} has {} requests queued (max_queue in its config) and this session \
+                 holds the most of them: retry later, or send fewer at once",
+                pyrepr::str(&q.name),
+                q.policy.max_queue
+            );
+            q.meters.request(&q.name, "OVERLOADED", Some(evicted.read_at.elapsed()), None);
+            let es = evicted.session.clone();
+            es.respond_error(evicted.request_id, Code::Overloaded, &msg, Some(evicted.position));
+            es.wake_client();
+            return;
+        }
         Err(Refused::Retired(job)) => {
             // A reload replaced the model between lookup and put: the new version takes it.
             match sh.model(&q.name) {
                 Some(now) if !Arc::ptr_eq(&now, &q) => match now.put(*job) {
-                    Ok(()) => return,
+                    Ok(evicted) => {
+                        if let Some(e) = evicted {
+                            e.session.respond_error(e.request_id, Code::Overloaded, "the queue is full", Some(e.position));
+                            e.session.wake_client();
+                        }
+                        return;
+                    }
                     Err(r) => r,
                 },
                 _ => Refused::Retired(job),

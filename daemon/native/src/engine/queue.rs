@@ -100,6 +100,21 @@ impl Lane {
         self.order.is_empty()
     }
 
+    fn count(&self, sid: u64) -> usize {
+        self.fifos.get(&sid).map_or(0, |f| f.len())
+    }
+
+    /// Takes the newest request of a session out (it gets OVERLOADED instead).
+    fn pop_newest(&mut self, sid: u64) -> Option<Job> {
+        let fifo = self.fifos.get_mut(&sid)?;
+        let job = fifo.pop_back();
+        if fifo.is_empty() {
+            self.fifos.remove(&sid);
+            self.order.retain(|&o| o != sid);
+        }
+        job
+    }
+
     /// The first request, in round-robin order, that `fits`; its session moves to the back.
     fn pick(&mut self, fits: impl Fn(&Job) -> bool) -> Option<Job> {
         for i in 0..self.order.len() {
@@ -220,15 +235,39 @@ impl Queue {
         self.lock().length
     }
 
-    pub fn put(&self, mut job: Job) -> Result<(), Refused> {
+    /// Queues a job. When the queue is full, OVERLOADED goes to whoever holds the most of
+    /// it: a session holding fewer requests than the heaviest one (by two or more) takes the
+    /// place of that session's newest request, which is returned to be answered OVERLOADED;
+    /// otherwise the job itself is refused. One session flooding a model thus cannot make
+    /// another's requests OVERLOADED.
+    pub fn put(&self, mut job: Job) -> Result<Option<Job>, Refused> {
         let mut s = self.lock();
         if s.retired {
             return Err(Refused::Retired(Box::new(job)));
         }
+        let mut evicted = None;
         if s.length >= self.policy.max_queue {
-            drop(s);
+            let sid = job.session.id;
+            let mine = s.lanes[0].count(sid) + s.lanes[1].count(sid);
+            let heaviest = s.lanes[0]
+                .fifos
+                .keys()
+                .chain(s.lanes[1].fifos.keys())
+                .map(|&o| (s.lanes[0].count(o) + s.lanes[1].count(o), o))
+                .max();
+            match heaviest {
+                Some((n, other)) if other != sid && n > mine + 1 => {
+                    evicted = s.lanes[0].pop_newest(other).or_else(|| s.lanes[1].pop_newest(other));
+                    s.length -= evicted.is_some() as u64;
+                }
+                _ => {}
+            }
+            if evicted.is_none() {
+                drop(s);
+                self.stats().rejected += 1;
+                return Err(Refused::Full(Box::new(job), self.policy.max_queue));
+            }
             self.stats().rejected += 1;
-            return Err(Refused::Full(Box::new(job), self.policy.max_queue));
         }
         job.queued_at = Instant::now();
         let p = job.priority.min(1) as usize;
@@ -236,7 +275,7 @@ impl Queue {
         s.length += 1;
         drop(s);
         self.cv.notify_one();
-        Ok(())
+        Ok(evicted)
     }
 
     /// Stops taking requests; workers drain what is queued, then get None.
