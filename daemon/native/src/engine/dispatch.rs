@@ -43,7 +43,8 @@ pub fn run(sh: Arc<Shared>) {
         }
         let timeout = if ready.is_empty() { -1 } else { 0 };
         // Safety: a valid epoll fd and a buffer of events.len() entries.
-        let n = unsafe { libc::epoll_wait(sh.ep, events.as_mut_ptr(), events.len() as i32, timeout) };
+        let n =
+            unsafe { libc::epoll_wait(sh.ep, events.as_mut_ptr(), events.len() as i32, timeout) };
         if n < 0 {
             continue; // EINTR
         }
@@ -128,7 +129,11 @@ fn serve(sh: &Shared, s: &Arc<Session>, recs: &mut Vec<RecordInfo>, sc: &mut Scr
             // A corrupt ring: this session ends (the control plane closes its connection), no
             // other session is affected. Records read before the corrupt one are dropped too.
             s.stop();
-            sh.events.push(Event::Fatal { session: s.id, code: Code::BadRecord, message: e.to_string() });
+            sh.events.push(Event::Fatal {
+                session: s.id,
+                code: Code::BadRecord,
+                message: e.to_string(),
+            });
             return false;
         }
         if recs.is_empty() {
@@ -186,7 +191,12 @@ fn submit(sh: &Shared, q: Arc<Queue>, job: Job) {
                 Some(now) if !Arc::ptr_eq(&now, &q) => match now.put(*job) {
                     Ok(evicted) => {
                         if let Some(e) = evicted {
-                            e.session.respond_error(e.request_id, Code::Overloaded, "the queue is full", Some(e.position));
+                            e.session.respond_error(
+                                e.request_id,
+                                Code::Overloaded,
+                                "the queue is full",
+                                Some(e.position),
+                            );
                             e.session.wake_client();
                         }
                         return;
@@ -210,7 +220,12 @@ fn submit(sh: &Shared, q: Arc<Queue>, job: Job) {
         }
         Refused::Retired(job) => {
             q.meters.request("-", "UNKNOWN_MODEL", Some(job.read_at.elapsed()), None);
-            s.respond_error(job.request_id, Code::UnknownModel, &unknown(sh, &q.name), Some(job.position));
+            s.respond_error(
+                job.request_id,
+                Code::UnknownModel,
+                &unknown(sh, &q.name),
+                Some(job.position),
+            );
         }
     }
     s.wake_client();
@@ -241,7 +256,9 @@ fn intake(
     if dlen > MAX_DESCRIPTOR {
         return Err((
             None,
-            RequestError::bad_request(format!("descriptor of {dlen} bytes exceeds {MAX_DESCRIPTOR}")),
+            RequestError::bad_request(format!(
+                "descriptor of {dlen} bytes exceeds {MAX_DESCRIPTOR}"
+            )),
             read_at,
         ));
     }
@@ -274,11 +291,21 @@ fn intake(
             }
             _ => {}
         }
-        inputs.push(Input { offset: off, nbytes: r.nbytes, dtype: r.dtype, dims: r.shape.dims().to_vec() });
+        inputs.push(Input {
+            offset: off,
+            nbytes: r.nbytes,
+            dtype: r.dtype,
+            dims: r.shape.dims().to_vec(),
+        });
     }
     if q.identity {
         let ok = identity(s, rec, &inputs[0]);
-        sh.meters.request(&q.name, if ok { "ok" } else { "TOO_LARGE" }, Some(read_at.elapsed()), None);
+        sh.meters.request(
+            &q.name,
+            if ok { "ok" } else { "TOO_LARGE" },
+            Some(read_at.elapsed()),
+            None,
+        );
         return Ok(None);
     }
     let rows = inputs.first().and_then(|i| i.dims.first().copied()).unwrap_or(1);
@@ -320,11 +347,21 @@ fn identity(s: &Arc<Session>, rec: &RecordInfo, x: &Input) -> bool {
         &[]
     } else {
         // Safety: inside the validated record, which is held until respond() releases it.
-        unsafe { std::slice::from_raw_parts(s.region().ptr(x.offset, x.nbytes).expect("validated"), x.nbytes as usize) }
+        unsafe {
+            std::slice::from_raw_parts(
+                s.region().ptr(x.offset, x.nbytes).expect("validated"),
+                x.nbytes as usize,
+            )
+        }
     };
     let payloads = [(plan.offsets[0], data)];
     s.respond(
-        &Response { request_id: rec.request_id, record_len: plan.record_len, desc: &plan.descriptor, payloads: &payloads },
+        &Response {
+            request_id: rec.request_id,
+            record_len: plan.record_len,
+            desc: &plan.descriptor,
+            payloads: &payloads,
+        },
         Some(rec.position),
         true,
     );
