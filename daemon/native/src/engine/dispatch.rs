@@ -115,6 +115,7 @@ fn ask_for_posts(sh: &Shared, on: bool) {
 struct Scratch {
     desc: Vec<u8>,
     order: Vec<usize>,
+    payload: Vec<u8>,
 }
 
 /// One bounded slice of a session's records; true when it has more waiting. Bounded in count
@@ -299,7 +300,7 @@ fn intake(
         });
     }
     if q.identity {
-        let ok = identity(s, rec, &inputs[0]);
+        let ok = identity(s, rec, &inputs[0], &mut sc.payload);
         sh.meters.request(
             &q.name,
             if ok { "ok" } else { "TOO_LARGE" },
@@ -328,9 +329,10 @@ fn intake(
     Ok(Some((q, job)))
 }
 
-/// The built-in identity, answered from the request record itself: one copy, no queue.
-/// False: refused (its response cannot fit the response ring).
-fn identity(s: &Arc<Session>, rec: &RecordInfo, x: &Input) -> bool {
+/// The built-in identity, answered from the request record itself: its bytes copied out once
+/// (the client may scribble over its ring: nothing here holds a reference into it), then into
+/// the response. False: refused (its response cannot fit the response ring).
+fn identity(s: &Arc<Session>, rec: &RecordInfo, x: &Input, buf: &mut Vec<u8>) -> bool {
     let plan = plan_outputs(&[("y", x.dtype.name(), &x.dims, x.nbytes)]);
     let cap = s.response_capacity();
     if plan.record_len > cap {
@@ -343,18 +345,9 @@ fn identity(s: &Arc<Session>, rec: &RecordInfo, x: &Input) -> bool {
         s.respond_error(rec.request_id, Code::TooLarge, &msg, Some(rec.position));
         return false;
     }
-    let data: &[u8] = if x.nbytes == 0 {
-        &[]
-    } else {
-        // Safety: inside the validated record, which is held until respond() releases it.
-        unsafe {
-            std::slice::from_raw_parts(
-                s.region().ptr(x.offset, x.nbytes).expect("validated"),
-                x.nbytes as usize,
-            )
-        }
-    };
-    let payloads = [(plan.offsets[0], data)];
+    buf.resize(x.nbytes as usize, 0);
+    s.region().copy_out(x.offset, buf).expect("inside the validated record");
+    let payloads = [(plan.offsets[0], &buf[..])];
     s.respond(
         &Response {
             request_id: rec.request_id,
