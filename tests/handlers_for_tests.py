@@ -120,6 +120,9 @@ class WriteFails(Doubler):
             def encode_into(self, buf):
                 raise OSError("simulated fault while copying outputs into the ring")
 
+            def encode(self):
+                raise OSError("simulated fault while copying outputs into the ring")
+
         n = batch[0].shape[0]
         return [Exploding([b"never seen"] * n, (n,))]
 
@@ -152,3 +155,27 @@ def wait_for(path, timeout: float = 60.0) -> None:
         if time.monotonic() > end:
             raise TimeoutError(f"{path} did not appear within {timeout} s")
         time.sleep(0.005)
+
+
+class Overlap(Doubler):
+    """Counts how many forward passes run at once (`<dir>/max` holds the most seen)."""
+
+    def load(self, ctx):
+        import threading
+
+        super().load(ctx)
+        self.dir = ctx.options["dir"]
+        self.lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+
+    def forward(self, batch):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            with open(os.path.join(self.dir, "max"), "w") as f:
+                f.write(str(self.most))
+        time.sleep(0.002)
+        with self.lock:
+            self.now -= 1
+        return super().forward(batch)

@@ -49,7 +49,8 @@ class ModelConfig:
     module: str = ""  # "package.module:factory" returning a torch.nn.Module
     labels: str = ""  # one class name per line
     tokenizer: str = ""  # a Hugging Face tokenizer.json
-    # Scheduling (serving/scheduler.py): batching is off while max_batch_size <= 1.
+    # Scheduling (the serving core's queues, daemon/native/src/engine): batching is off
+    # while max_batch_size <= 1.
     max_batch_size: int = 0  # 0: the model's own default (1, or the built-in's)
     max_queue_delay_us: int = 0
     preferred_batch_sizes: list[int] = field(default_factory=list)
@@ -69,7 +70,7 @@ class DaemonConfig:
     spin_us: int = 0
     admin_uids: list[int] = field(default_factory=lambda: [os.getuid()])
     # Whose requests may ask for high priority (SPEC §4.4); others' are served at normal
-    # priority. High priority never starves normal (serving/scheduler.py HIGH_RUN).
+    # priority. High priority never starves normal (the core's HIGH_RUN).
     priority_uids: list[int] = field(default_factory=list)
     builtin_models: bool = True
     threads: int = 0  # PyTorch intra-op threads on the CPU; 0: half the cores this process may use

@@ -51,12 +51,11 @@ from ..contract.messages import (
 )
 from ..models.registry import Registry
 from ..ratelog import PerUid, RateLimited
-from ..serving.dispatcher import Dispatcher
+from ..serving.core import Serving, SessionHandle
 from ..serving.executor import Executor
-from ..serving.session import Session
 from ..transport.segment import Segment
 from .admin import ModelControl
-from .limits import Admission, Grant, UidBudget
+from .limits import Admission, Grant
 
 log = logging.getLogger(__name__)
 # Refused and failed connections: any local user can cause as many as they like.
@@ -94,7 +93,7 @@ class Services:
     config: DaemonConfig
     registry: Registry
     executor: Executor
-    dispatcher: Dispatcher
+    serving: Serving
     admission: Admission
     control: ModelControl
     # Runs a slow job (an admin load) off the control loop, then calls back on the loop.
@@ -118,8 +117,6 @@ class Services:
     # An ended session's segment still holds responses the client has not released:
     # (segment, uid, pid, bytes kept), called on any thread (lingering.py counts them).
     linger: Callable[[Segment, int, int, int], None] = lambda *_: None
-    # A request refused at intake (dispatcher thread): the model's stats count it.
-    refused: Callable[[TensordError], None] = lambda _e: None
 
 
 class Connection:
@@ -130,12 +127,13 @@ class Connection:
         sock.setblocking(False)
         self.state = HELLO
         self.deadline: float | None = time.monotonic() + HANDSHAKE_TIMEOUT
-        self.session: Session | None = None
+        self.session: SessionHandle | None = None
         self._frames = FrameBuffer()
         self._out = bytearray()
         self._writing = False  # the loop watches for writability
         self._seg: Segment | None = None
         self._grant: Grant | None = None
+        self._segment: Segment | None = None  # the session's, until the core has freed it
         self._client = ""
         self.control_only = False  # no session: control messages only (SPEC hello)
 
@@ -255,7 +253,6 @@ class Connection:
                           response_ring=resp, max_frame=MAX_FRAME,
                           daemon=f"tensord {__version__}")
         self._send_with_fds(encode_frame(welcome), self._seg.descriptors())
-        self._seg.close_fd()  # the client holds its own descriptor of the segment now
         self._session_id = session_id
         self.state = ATTACH
 
@@ -292,16 +289,17 @@ class Connection:
                       self.peer.uid)
             return
         seg, self._seg = self._seg, None
-        self.session = Session(self._session_id, seg, self.s.registry, self.s.executor,
-                               self._fatal_from_any_thread,
-                               budget=UidBudget(self.s.admission, self.peer.uid),
-                               on_freed=self._session_freed,
-                               park_limit=self.s.config.max_parked_per_session,
-                               high_priority=self.peer.uid in self.s.config.priority_uids)
-        self.session.refused = self.s.refused
+        try:
+            self.session = self.s.serving.add_session(
+                self._session_id, seg, self.peer.uid,
+                high_priority=self.peer.uid in self.s.config.priority_uids,
+                park_limit=self.s.config.max_parked_per_session,
+                on_fatal=self._fatal_from_any_thread, on_freed=self._session_freed)
+        finally:
+            seg.close_fd()  # the core maps it itself; the client holds its own descriptor
+        self._segment = seg  # closed (pages punched) once the core has freed the session
         self.state = SERVING
         self.deadline = None
-        self.s.dispatcher.add(self.session)
         self.send(Ready())
         h = seg.header
         SESSION_LOG.log(self.peer.uid, "opened", logging.INFO,
@@ -379,8 +377,15 @@ class Connection:
     # -- the end --------------------------------------------------------------------------------
 
     def _session_freed(self) -> None:
-        """The session's segment is unmapped (any thread): its memory stops counting."""
-        self.s.call_soon(self._release_grant)
+        """The core has unmapped the session (any thread): punch its pages, unmap ours, and
+        its memory stops counting."""
+        def freed() -> None:
+            if self._segment is not None:
+                self._segment.close()
+                self._segment = None
+            self._release_grant()
+
+        self.s.call_soon(freed)
 
     def _release_grant(self) -> None:
         if self._grant is not None:
@@ -438,13 +443,13 @@ class Connection:
             self._seg.close()
             self._seg = None
         if self.session is not None:
-            # Ended first (no more posts to its eventfds), then forgotten by the dispatcher,
-            # which closes those eventfds once it holds no stale event of them (issue 15).
+            served = self.session.served
+            # The core stops serving it; its memory and eventfds go once no batch holds it
+            # (then _session_freed releases the rest).
             self.session.end()
-            self.s.dispatcher.remove(self.session)
             SESSION_LOG.log(self.peer.uid, "closed", logging.INFO,
                             "session %s of uid %d closed after %d requests",
-                            self.session.id[:8], self.peer.uid, self.session.served)
+                            self.session.id[:8], self.peer.uid, served)
         elif self._grant is not None:  # no session: nothing of it can still be mapped
             self._release_grant()
         if self.control_only:

@@ -3,8 +3,8 @@
 Admission runs on the control loop, one handshake at a time, and a session's bytes are
 counted from the moment it is admitted (before its memfd exists) until its memory is freed
 (after its last running request), so concurrent handshakes can never together pass a budget
-meant for fewer of them. Responses a session parks (its client does not read them) count too,
-against the same limits, from whichever thread parks them: hence the lock.
+meant for fewer of them. Responses the serving core parks for clients that do not read them
+count against the same limits (the core holds them to these limits itself; `parked_of`).
 The host's and the cgroup's memory are checked too (transport/segment.py), less the bytes
 admitted but not yet allocated by the kernel.
 """
@@ -12,6 +12,7 @@ admitted but not yet allocated by the kernel.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import DEFAULT_SHARE, UID_SHARE, DaemonConfig
@@ -35,7 +36,6 @@ class Grant:
 class _Usage:
     sessions: int = 0
     memory: int = 0
-    parked: int = 0  # bytes of responses held for its sessions' clients
 
 
 @dataclass
@@ -48,9 +48,10 @@ class Admission:
     memory: int = 0  # bytes of every admitted session's segment
     uncharged: int = 0  # of which the kernel has not allocated the pages yet
     control: int = 0  # control-only connections (no session, no memory): probes, admin
-    parked: int = 0  # bytes of parked responses, all sessions together
     _by_uid: dict[int, _Usage] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The serving core's parked bytes: uid -> (the uid's, all sessions'); None: only ours.
+    parked_of: Callable[[int], tuple[int, int]] | None = None
 
     @classmethod
     def from_config(cls, cfg: DaemonConfig) -> Admission:
@@ -64,6 +65,7 @@ class Admission:
 
     def _admit(self, uid: int, size: int) -> Grant:
         u = self._by_uid.get(uid) or _Usage()
+        uid_parked, parked = self.parked_of(uid) if self.parked_of else (0, 0)
         if self.sessions >= self.max_sessions:
             _refuse("sessions", f"the daemon already serves max_sessions={self.max_sessions} "
                     "sessions; close idle clients or raise max_sessions")
@@ -71,14 +73,14 @@ class Admission:
             _refuse("sessions_per_uid", f"uid {uid} already has {u.sessions} sessions "
                     f"(max_sessions_per_uid={self.max_sessions_per_uid}); share one client "
                     "between threads or goroutines, or close idle ones")
-        if self.max_memory and self.memory + self.parked + size > self.max_memory:
+        if self.max_memory and self.memory + parked + size > self.max_memory:
             _refuse("memory", f"the session needs {_mib(size)} of shared memory, but sessions "
-                    f"hold {_mib(self.memory + self.parked)} of max_memory="
+                    f"hold {_mib(self.memory + parked)} of max_memory="
                     f"{_mib(self.max_memory)}: ask for "
                     "smaller rings (Go: WithRingSize) or close idle sessions")
-        if self.max_memory_per_uid and u.memory + u.parked + size > self.max_memory_per_uid:
+        if self.max_memory_per_uid and u.memory + uid_parked + size > self.max_memory_per_uid:
             _refuse("memory_per_uid", f"the session needs {_mib(size)} of shared memory, but "
-                    f"uid {uid} holds {_mib(u.memory + u.parked)} of max_memory_per_uid="
+                    f"uid {uid} holds {_mib(u.memory + uid_parked)} of max_memory_per_uid="
                     f"{_mib(self.max_memory_per_uid)}: ask for smaller rings (Go: "
                     "WithRingSize) or close idle sessions")
         u.sessions += 1
@@ -142,53 +144,15 @@ class Admission:
             if g.session:
                 self.sessions -= 1
                 u.sessions -= 1
-            if not u.sessions and not u.parked and not u.memory:
+            if not u.sessions and not u.memory:
                 del self._by_uid[g.uid]
-
-    def park(self, uid: int, n: int) -> str | None:
-        """Count n bytes of parked responses for uid, or say which limit they would pass."""
-        with self._lock:
-            u = self._by_uid.get(uid) or _Usage()
-            if self.max_memory and self.memory + self.parked + n > self.max_memory:
-                return (f"sessions and their unread responses hold "
-                        f"{_mib(self.memory + self.parked)} of the daemon's max_memory="
-                        f"{_mib(self.max_memory)}")
-            if self.max_memory_per_uid and u.memory + u.parked + n > self.max_memory_per_uid:
-                return (f"uid {uid}'s sessions and unread responses hold "
-                        f"{_mib(u.memory + u.parked)} of max_memory_per_uid="
-                        f"{_mib(self.max_memory_per_uid)}")
-            u.parked += n
-            self._by_uid[uid] = u
-            self.parked += n
-            return None
-
-    def unpark(self, uid: int, n: int) -> None:
-        with self._lock:
-            u = self._by_uid[uid]
-            u.parked -= n
-            self.parked -= n
-            if not u.sessions and not u.parked and not u.memory:
-                del self._by_uid[uid]
 
     def of_uid(self, uid: int) -> tuple[int, int]:
         """(sessions, bytes) the uid holds: ring bytes and parked responses."""
         with self._lock:
             u = self._by_uid.get(uid)
-            return (u.sessions, u.memory + u.parked) if u else (0, 0)
-
-
-@dataclass
-class UidBudget:
-    """A session's view of Admission's parking counters (serving.session.ParkingBudget)."""
-
-    admission: Admission
-    uid: int
-
-    def take(self, n: int) -> str | None:
-        return self.admission.park(self.uid, n)
-
-    def give(self, n: int) -> None:
-        self.admission.unpark(self.uid, n)
+            parked = self.parked_of(uid)[0] if self.parked_of else 0
+            return (u.sessions, u.memory + parked) if u else (0, 0)
 
 
 def per_uid_limits(cfg: DaemonConfig) -> tuple[int, int, int]:
