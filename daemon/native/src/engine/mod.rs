@@ -157,16 +157,17 @@ impl Engine {
         }
     }
 
-    pub fn add_session(&self, s: Session) -> std::io::Result<()> {
-        let s = Arc::new(s);
+    /// Serves a session. On error its eventfds are left to the caller (not closed here).
+    pub fn add_session(&self, mut s: Session) -> std::io::Result<()> {
         let id = s.id;
-        self.shared.sessions.write().unwrap().insert(id, s.clone());
         let r = epoll_add(self.shared.ep, s.efd(EFD_REQ_DATA), id << 1)
             .and_then(|_| epoll_add(self.shared.ep, s.efd(EFD_RESP_SPACE), (id << 1) | 1));
         if let Err(e) = r {
-            self.end_session(id);
+            epoll_del(self.shared.ep, s.efd(EFD_REQ_DATA));
+            s.disown_efds();
             return Err(e);
         }
+        self.shared.sessions.write().unwrap().insert(id, Arc::new(s));
         wake::post(self.shared.wake); // records may be there already: look once
         Ok(())
     }

@@ -273,6 +273,11 @@ impl Session {
         self.efds[i]
     }
 
+    /// The caller keeps the eventfds: they are not closed when this session goes.
+    pub fn disown_efds(&mut self) {
+        self.efds = [-1; 4];
+    }
+
     fn flag(&self, off: u64) -> &AtomicU32 {
         self.region.atomic_u32(off).expect("control block inside the header")
     }
@@ -519,7 +524,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        for &fd in &self.efds {
+        for &fd in self.efds.iter().filter(|&&fd| fd >= 0) {
             // Safety: our own descriptors, closed once, after every user of them is gone.
             unsafe { libc::close(fd) };
         }
