@@ -290,15 +290,11 @@ class Connection:
             return
         seg, self._seg = self._seg, None
         try:
-            try:
-                self.session = self._add_session(seg)
-            except OSError as e:
-                # The core duplicates the four eventfds: out of descriptors, connections that
-                # never sent hello give theirs up first, then it is tried once more.
-                if e.errno not in (errno.EMFILE, errno.ENFILE) or not self.s.make_room(self, 4):
-                    self._seg = seg  # closed with the connection
-                    raise
-                self.session = self._add_session(seg)
+            self.session = self.s.serving.add_session(
+                self._session_id, seg, self.peer.uid,
+                high_priority=self.peer.uid in self.s.config.priority_uids,
+                park_limit=self.s.config.max_parked_per_session,
+                on_fatal=self._fatal_from_any_thread, on_freed=self._session_freed)
         finally:
             seg.close_fd()  # the core maps it itself; the client holds its own descriptor
         self._segment = seg  # closed (pages punched) once the core has freed the session
@@ -310,13 +306,6 @@ class Connection:
                         "session %s: %r pid %d uid %d, rings %d/%d bytes", self.session.id[:8],
                         self._client, self.peer.pid, self.peer.uid, h.request_ring_capacity,
                         h.response_ring_capacity)
-
-    def _add_session(self, seg: Segment):
-        return self.s.serving.add_session(
-            self._session_id, seg, self.peer.uid,
-            high_priority=self.peer.uid in self.s.config.priority_uids,
-            park_limit=self.s.config.max_parked_per_session,
-            on_fatal=self._fatal_from_any_thread, on_freed=self._session_freed)
 
     def _admin(self, msg) -> None:
         if self.peer.uid not in self.s.config.admin_uids:
