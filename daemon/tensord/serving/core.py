@@ -15,7 +15,6 @@ workers (worker.py) enter Python once per batch.
 from __future__ import annotations
 
 import logging
-import os
 import select
 import threading
 import time
