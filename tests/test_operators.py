@@ -326,9 +326,6 @@ def test_stats_prometheus_and_the_log_agree_on_bad_input_and_failed(tmp_path):
         assert d.stop() == 0, d.logs()
 
 
-@pytest.mark.xfail(strict=True, reason="the native serving core (merged from main) answers "
-                   "refused requests without telling the control plane, so the Python side "
-                   "cannot log them: it needs a rate-limited 'refused' event from the core")
 def test_refused_requests_are_logged_rate_limited(tmp_path):
     import torch
 

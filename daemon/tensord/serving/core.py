@@ -212,8 +212,12 @@ class Serving:
             ep.poll(0.5)
             for kind, sid, code, message in self.engine.take_events():
                 with self._lock:
-                    h = (self._sessions.get(sid) if kind == "fatal"
-                         else self._sessions.pop(sid, None))
+                    h = (self._sessions.pop(sid, None) if kind == "freed"
+                         else self._sessions.get(sid))
+                if kind == "refused":  # the core let at most 10 per 10 s through
+                    log.info("session %s: answered %s: %s", h.id[:8] if h else "?",
+                             ErrorCode(code).name, message)
+                    continue
                 if h is None:
                     continue
                 if kind == "fatal":

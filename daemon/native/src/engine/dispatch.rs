@@ -167,6 +167,7 @@ fn take_all(sh: &Shared, s: &Arc<Session>, recs: &[RecordInfo], sc: &mut Scratch
                 }
                 let name = model.as_ref().map_or("-", |q| q.name.as_str());
                 sh.meters.request(name, e.code.name(), Some(read_at.elapsed()), None);
+                sh.events.refused(s.id, e.code, &e.message);
                 s.respond_error(rec.request_id, e.code, &e.message, Some(rec.position));
                 woke = true;
             }
