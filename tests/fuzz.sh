@@ -4,8 +4,9 @@
 # deterministic; what this finds becomes committed seeds that the gate replays from then on:
 #   Python (hypothesis): failing examples are saved in tests/fuzz-corpus/hypothesis/
 #   Go (go test -fuzz):  failing inputs are saved in go/shmclient/testdata/fuzz/<Target>/
-#   Rust (cargo fuzz):   crashes are saved in daemon/native/fuzz/artifacts/<target>/; copy
-#                        them into daemon/native/fuzz/corpus/<target>/ with the fix
+#   Rust (cargo fuzz, daemon/native/fuzz/run.sh): crashes are saved in
+#                        daemon/native/fuzz/artifacts/<target>/; copy them into
+#                        daemon/native/fuzz/corpus/<target>/ (cargo test replays it) with the fix
 # Commit those files together with the fix (`git status` lists them at the end).
 #
 #   bash tests/fuzz.sh [SECONDS]
@@ -31,13 +32,11 @@ for t in $targets; do
 done
 
 native=daemon/native/fuzz
-if [ -f "$native/Cargo.toml" ]; then
+if [ -f "$native/run.sh" ]; then
+  command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
   if cargo +nightly fuzz --version >/dev/null 2>&1; then
-    for t in $(cd "$native/.." && cargo +nightly fuzz list); do
-      echo "== fuzz, ${secs} s: $t (native core, cargo fuzz)"
-      (cd "$native/.." && cargo +nightly fuzz run "$t" -- -max_total_time="$secs") ||
-        failed+=("rust:$t")
-    done
+    echo "== fuzz, ${secs} s per target: the native core (cargo fuzz, $native/run.sh)"
+    bash "$native/run.sh" "$secs" || failed+=("rust")
   else
     echo "== skipped the native core's cargo-fuzz targets: cargo fuzz needs a nightly" \
       "toolchain and cargo-fuzz (rustup toolchain install nightly; cargo install cargo-fuzz)"

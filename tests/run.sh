@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every test, deterministic (the same commit gives the same result): lint and type checks,
-# pytest (real daemons, real Go binaries, real shared memory; property tests with a fixed
+# the native core's cargo test and clippy, pytest (real daemons, real Go binaries, real shared memory; property tests with a fixed
 # seed and the committed corpus), go vet, gofmt, staticcheck and `go test -race ./...`
 # (which starts its own real daemon and replays the committed fuzz corpus,
-# go/shmclient/testdata/fuzz). Exploratory fuzzing is `bash tests/fuzz.sh [seconds]`.
+# go/shmclient/testdata/fuzz), and part of pytest again on Python 3.13 where there is one.
+# Exploratory fuzzing is `bash tests/fuzz.sh [seconds]`.
 # Sets everything up first. Ends by checking that the machine's users, groups and /dev/shm
 # are as they were before it started (tests must leave the machine as they found it).
 set -euo pipefail
@@ -45,10 +46,13 @@ trap check_machine EXIT
 TENSORD_EXTRAS=${TENSORD_EXTRAS:-test,examples} bash daemon/setup.sh
 export PATH="$root/.venv/bin:$PATH"
 staticcheck="honnef.co/go/tools/cmd/staticcheck@v0.8.2"
+command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"  # the native core's tests
 
 echo "== ruff, mypy"
 ruff check daemon tests protocol bench
 mypy
+echo "== native core (daemon/native): cargo test (units, golden vectors, fuzz corpus, proptest), clippy (library)"
+(cd daemon/native && cargo test --locked -q && cargo clippy --locked -q -- -D warnings)
 echo "== pytest"
 pytest -q tests
 echo "== go vet, gofmt, staticcheck"
@@ -63,4 +67,13 @@ echo "== go test -race"
 (cd go/cmd/tensord-gateway && go test -race -count=1 ./...)  # its own module (gRPC stays out of the client's go.mod)
 echo "== go test, CGO_ENABLED=0"
 (cd go && CGO_ENABLED=0 TENSORD_PYTHON="$root/.venv/bin/python" go test -count=1 ./...)
-
+# The native core is built for the stable ABI (abi3-py311): build and run it on the newest
+# CPython this machine has too (issue 15 item 9: the C core did not build on 3.13).
+py313=${TENSORD_PY313:-$(command -v python3.13 || ls /root/.pyenv/versions/3.13*/bin/python 2>/dev/null | tail -1 || true)}
+if [ -n "$py313" ] && [ -x "$py313" ]; then
+  echo "== Python $("$py313" -c 'import sys; print(sys.version.split()[0])'): native core, ring, daemon and failure tests (.venv313)"
+  PYTHON="$py313" TENSORD_VENV=.venv313 TENSORD_EXTRAS=test bash daemon/setup.sh
+  .venv313/bin/pytest -q -p no:cacheprovider tests/test_ring.py tests/test_daemon.py tests/test_failures.py
+else
+  echo "== Python 3.13: SKIPPED, no python3.13 on this machine (set TENSORD_PY313)"
+fi

@@ -74,16 +74,18 @@ def _serve(args) -> int:
             notify(f"STATUS=loading model {mc.name}")
             registry.add(executor.aside(load_model, mc), mc)
         server = Server(cfg, registry, executor)
+        # Before the socket exists: a client that connects and at once sends SIGTERM gets a
+        # drain, never the default action (death without a word).
+        signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
+        signal.signal(signal.SIGINT, lambda *_: server.shutdown())
+        signal.signal(signal.SIGHUP, lambda *_: server.reload_config())
+        # Signals whose default would end the daemon without a word: ignored.
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGIO):
+            signal.signal(sig, signal.SIG_IGN)
         server.listen(inherited)
     except (ConfigError, AddressInUse, LoadError, OSError) as e:
         logging.getLogger("tensord").error("%s", e)
         return 1
-    signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
-    signal.signal(signal.SIGINT, lambda *_: server.shutdown())
-    signal.signal(signal.SIGHUP, lambda *_: server.reload_config())
-    # Signals whose default would end the daemon without a word: ignored.
-    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGIO):
-        signal.signal(sig, signal.SIG_IGN)
     notify("READY=1")
     server.serve_forever()  # tells the manager STOPPING=1 as it starts to shut down
     return 0

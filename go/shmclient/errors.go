@@ -35,9 +35,10 @@ import (
 // the two holds. A request certainly did not run when it never left the client (refused
 // by the client's checks, its context ended or its session ended or drained before it
 // was sent, no session could be had), or when the daemon answered it with an error of
-// SPEC §6 marked "ran? no" (UNKNOWN_MODEL, TOO_LARGE, BAD_REQUEST, DEADLINE: it expired
-// in the queue, OVERLOADED, SHUTTING_DOWN: the daemon was draining before it started,
-// ...). It may have run when the daemon answered BAD_INPUT, MODEL_FAILED or INTERNAL, or
+// SPEC §6 marked "ran? no" (UNKNOWN_MODEL, BAD_REQUEST, DEADLINE: it expired in the
+// queue, OVERLOADED, SHUTTING_DOWN: the daemon was draining before it started, ...). It
+// may have run when the daemon answered BAD_INPUT, MODEL_FAILED, TOO_LARGE (a response
+// too large for the ring is refused after the model ran) or INTERNAL, or
 // when it was sent and then its context or its session ended before the response was
 // read (the daemon was killed, say). WithRetry(true) makes the retries that can succeed
 // by themselves; SafeToRetry is for the rest.
@@ -167,7 +168,7 @@ func (e *DaemonError) SafeToRetry() bool { return notRunCodes[e.Code] }
 // notRunCodes are the codes of SPEC §6 whose "ran?" is "no".
 var notRunCodes = map[uint64]bool{
 	CodeBadFrame: true, CodeVersion: true, CodeBadMessage: true, CodeUnknownModel: true,
-	CodeTooLarge: true, CodeResource: true, CodePermission: true, CodeBadRequest: true,
+	CodeResource: true, CodePermission: true, CodeBadRequest: true,
 	CodeDeadline: true, CodeOverloaded: true, CodeShuttingDown: true, CodeUnsupported: true,
 }
 

@@ -326,7 +326,9 @@ class Client:
                                         deadline):
                 if self._closed_reason:  # after publishing: the model may have run
                     raise ConnectionClosedError(self._closed_reason, ran=None)
-                raise DeadlineError(f"no response to request {rid} before the deadline")
+                # Published: the daemon may be running it. Not safe to retry (SPEC §6).
+                raise DeadlineError(f"no response to request {rid} before the deadline; it was "
+                                    "sent, so the model may have run", ran=None)
             result = None
             for rec in ring.poll():
                 try:

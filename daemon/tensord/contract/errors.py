@@ -25,7 +25,8 @@ class ErrorCode(IntEnum):
 
 
 # SPEC §6 "ran? no": the daemon guarantees the model did not run for a request answered so.
-NOT_RUN = frozenset({1, 2, 3, 4, 6, 7, 8, 11, 12, 13, 14, 15})
+# (TOO_LARGE may have: a response too large for the ring, or to hold, is refused after the run.)
+NOT_RUN = frozenset({1, 2, 3, 4, 7, 8, 11, 12, 13, 14, 15})
 
 
 class TensordError(Exception):
