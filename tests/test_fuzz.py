@@ -259,6 +259,19 @@ hostile = st.tuples(st.integers(0, 40).map(lambda n: 64 * n) | ints.map(lambda v
 record = st.one_of(sound, sound, sound, hostile)
 
 
+def _write_records(mm: mmap.mmap, recs: list) -> int:
+    """A segment header, then the record headers a client wrote (laid out as a producer
+    would, or not); returns where the last one ends."""
+    write_header(memoryview(mm), CAP, CAP)
+    pos = 0
+    for n, kind, rid, dlen in recs:
+        if pos + 24 > CAP:
+            break
+        RECORD_HEADER.pack_into(mm, HEADER_SIZE + pos, n, kind, rid, dlen, 0)
+        pos += max(64, n - n % 64) if n < CAP else 64
+    return pos
+
+
 @given(st.lists(record, max_size=40), st.one_of(
     st.just(None), st.just(None), st.integers(0, 2 * CAP // 64).map(lambda n: n * 64),
     ints.map(lambda v: v % 2**64)), st.integers(1, 20), st.randoms(use_true_random=False))
@@ -267,13 +280,7 @@ def ring_records(recs: list, tail: int | None, limit: int, rnd) -> None:
     or returns records that lie inside the ring, within what was published, at most `limit`
     per poll; releasing them in any order never moves head past tail."""
     with mmap.mmap(-1, HEADER_SIZE + 2 * CAP) as mm:
-        write_header(memoryview(mm), CAP, CAP)
-        pos = 0
-        for n, kind, rid, dlen in recs:
-            if pos + 24 > CAP:
-                break
-            RECORD_HEADER.pack_into(mm, HEADER_SIZE + pos, n, kind, rid, dlen, 0)
-            pos += max(64, n - n % 64) if n < CAP else 64
+        pos = _write_records(mm, recs)
         if tail is None:  # what a producer publishes: the end of what it wrote
             tail = min(pos, CAP)
         shm = Shm(mm)
@@ -331,13 +338,7 @@ def _descriptor_outcome(data: bytes) -> str:
 
 def _ring_outcome(recs: list) -> str:
     with mmap.mmap(-1, HEADER_SIZE + 2 * CAP) as mm:
-        write_header(memoryview(mm), CAP, CAP)
-        pos = 0
-        for n, kind, rid, dlen in recs:
-            if pos + 24 > CAP:
-                break
-            RECORD_HEADER.pack_into(mm, HEADER_SIZE + pos, n, kind, rid, dlen, 0)
-            pos += max(64, n - n % 64) if n < CAP else 64
+        pos = _write_records(mm, recs)
         shm = Shm(mm)
         try:
             ctl = RingControl(shm, REQ_CONTROL)

@@ -199,17 +199,7 @@ func strLen(s string) int {
 }
 
 func appendStr(b []byte, s string) []byte {
-	switch n := len(s); {
-	case n < 32:
-		b = append(b, 0xa0|byte(n))
-	case n <= math.MaxUint8:
-		b = append(b, 0xd9, byte(n))
-	case n <= math.MaxUint16:
-		b = binary.BigEndian.AppendUint16(append(b, 0xda), uint16(n))
-	default:
-		b = binary.BigEndian.AppendUint32(append(b, 0xdb), uint32(n))
-	}
-	return append(b, s...)
+	return append(appendHeader(b, len(s), 0xa0, 31, 0xd9, 0xda, 0xdb), s...)
 }
 
 func arrayHeaderLen(n int) int {
@@ -223,13 +213,7 @@ func arrayHeaderLen(n int) int {
 }
 
 func appendArrayHeader(b []byte, n int) []byte {
-	switch {
-	case n < 16:
-		return append(b, 0x90|byte(n))
-	case n <= math.MaxUint16:
-		return binary.BigEndian.AppendUint16(append(b, 0xdc), uint16(n))
-	}
-	return binary.BigEndian.AppendUint32(append(b, 0xdd), uint32(n))
+	return appendHeader(b, n, 0x90, 15, 0, 0xdc, 0xdd)
 }
 
 func appendInt(b []byte, v int64) []byte {
@@ -249,23 +233,24 @@ func appendInt(b []byte, v int64) []byte {
 }
 
 func appendBin(b []byte, p []byte) []byte {
-	switch n := len(p); {
-	case n <= math.MaxUint8:
-		b = append(b, 0xc4, byte(n))
-	case n <= math.MaxUint16:
-		b = binary.BigEndian.AppendUint16(append(b, 0xc5), uint16(n))
-	default:
-		b = binary.BigEndian.AppendUint32(append(b, 0xc6), uint32(n))
-	}
-	return append(b, p...)
+	return append(appendHeader(b, len(p), 0, -1, 0xc4, 0xc5, 0xc6), p...)
 }
 
 func appendMapHeader(b []byte, n int) []byte {
+	return appendHeader(b, n, 0x80, 15, 0, 0xde, 0xdf)
+}
+
+// appendHeader appends the shortest header for n items or bytes of one msgpack family: the
+// fix form (fix|n) while n <= fixMax, else the 8-bit form (when the family has one: code8
+// not 0), the 16-bit or the 32-bit one.
+func appendHeader(b []byte, n int, fix byte, fixMax int, code8, code16, code32 byte) []byte {
 	switch {
-	case n < 16:
-		return append(b, 0x80|byte(n))
+	case n <= fixMax:
+		return append(b, fix|byte(n))
+	case code8 != 0 && n <= math.MaxUint8:
+		return append(b, code8, byte(n))
 	case n <= math.MaxUint16:
-		return binary.BigEndian.AppendUint16(append(b, 0xde), uint16(n))
+		return binary.BigEndian.AppendUint16(append(b, code16), uint16(n))
 	}
-	return binary.BigEndian.AppendUint32(append(b, 0xdf), uint32(n))
+	return binary.BigEndian.AppendUint32(append(b, code32), uint32(n))
 }
