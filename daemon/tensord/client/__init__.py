@@ -340,7 +340,7 @@ class Client:
             if result is not None:
                 return result
 
-    def _read_response(self, rec: Record, as_torch: bool) -> dict[str, Value]:
+    def _read_response(self, rec: Record, as_torch: bool = True) -> dict[str, Value]:
         buf = self.seg.buf
         d0 = rec.offset + RECORD_HEADER_SIZE
         desc = decode_response(bytes(buf[d0:d0 + rec.desc_len]))
