@@ -69,7 +69,16 @@ echo "== go test, CGO_ENABLED=0"
 (cd go && CGO_ENABLED=0 TENSORD_PYTHON="$root/.venv/bin/python" go test -count=1 ./...)
 # The native core is built for the stable ABI (abi3-py311): build and run it on the newest
 # CPython this machine has too (issue 15 item 9: the C core did not build on 3.13).
-py313=${TENSORD_PY313:-$(command -v python3.13 || ls /root/.pyenv/versions/3.13*/bin/python 2>/dev/null | tail -1 || true)}
+# The first candidate that really runs 3.13 (a pyenv shim for a version not selected exits 127).
+py313=${TENSORD_PY313:-}
+if [ -z "$py313" ]; then
+  for c in $(command -v python3.13) "$HOME"/.pyenv/versions/3.13*/bin/python; do
+    if "$c" -c 'import sys; assert sys.version_info[:2] == (3, 13)' 2>/dev/null; then
+      py313=$c
+      break
+    fi
+  done
+fi
 if [ -n "$py313" ] && [ -x "$py313" ]; then
   echo "== Python $("$py313" -c 'import sys; print(sys.version.split()[0])'): native core, ring, daemon and failure tests (.venv313)"
   PYTHON="$py313" TENSORD_VENV=.venv313 TENSORD_EXTRAS=test bash daemon/setup.sh
