@@ -108,6 +108,7 @@ def test_64_sessions_from_8_processes_get_their_own_rows(tmp_path, go_probe):
     d = start_daemon(tmp_path, config=f"""
 [daemon]
 max_sessions = 128
+max_sessions_per_uid = 0
 
 [[models]]
 name = "echo"
@@ -162,4 +163,52 @@ options = {{dir = "{tmp_path}"}}
             t.join()
         assert (tmp_path / "max").read_text() == "1"
     finally:
+        assert d.stop() == 0, d.logs()
+
+
+def test_a_full_queue_overloads_whoever_holds_the_most_of_it(tmp_path):
+    """Issue 19 item 6: one session filling a model's queue must not make another session's
+    request OVERLOADED: the newcomer takes the place of the flood's newest request."""
+    from handlers_for_tests import gate_calls, wait_for
+    from test_correctness import publish, responses
+
+    from tensord.contract.errors import OverloadedError
+
+    d = start_daemon(tmp_path, config=f"""
+[[models]]
+name = "gate"
+source = "handler"
+handler = "handlers_for_tests:Gate"
+warmup = false
+max_queue = 4
+options = {{dir = "{tmp_path}"}}
+""")
+    try:
+        with Client(d.path) as a, Client(d.path) as flood, Client(d.path) as light:
+            held = threading.Thread(target=a.infer, args=("gate", {"x": torch.tensor([0.0])}),
+                                    kwargs={"timeout": 60})
+            held.start()
+            wait_for(tmp_path / "started")
+            for i in range(4):
+                publish(flood, "gate", 100 + i, torch.tensor([100.0 + i]), "f32")
+            end = time.monotonic() + 30
+            while {m.name: m for m in a.stats()}["gate"].queued != 4:
+                assert time.monotonic() < end
+                time.sleep(0.01)
+            out: dict = {}
+            t = threading.Thread(target=lambda: out.update(
+                light.infer("gate", {"x": torch.tensor([7.0])}, timeout=60)))
+            t.start()
+            got = responses(flood, {103})  # the flood's newest makes room, at once
+            assert isinstance(got[103], OverloadedError), got[103]
+            (tmp_path / "open").touch()
+            held.join()
+            t.join()
+            assert out["y"].tolist() == [7.0]
+            rest = responses(flood, {100, 101, 102})
+            assert [float(rest[100 + i]["y"][0]) for i in range(3)] == [100.0, 101.0, 102.0]
+            assert sorted(v for call in gate_calls(tmp_path)[1:] for v in call) == \
+                [7.0, 100.0, 101.0, 102.0]
+    finally:
+        (tmp_path / "open").touch()
         assert d.stop() == 0, d.logs()

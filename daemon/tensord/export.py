@@ -12,20 +12,14 @@ their outputs must agree within the tolerance or nothing is written.
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+
+import torch
 
 from .contract.dtypes import DTYPES
-
-if TYPE_CHECKING:
-    import torch
-
-# torch is imported when an export runs, not with the `tensord` command (whose operator
-# commands run without it).
 
 
 @dataclass(frozen=True)
@@ -51,8 +45,6 @@ class InputSpec:
         return cls(name, dtype, shape)
 
     def example(self, gen: torch.Generator) -> torch.Tensor:
-        import torch
-
         dt = DTYPES[self.dtype].torch_dtype
         if dt.is_floating_point:
             return torch.randn(self.shape, generator=gen).to(dt)
@@ -66,8 +58,6 @@ class ExportMismatch(Exception):
 
 
 def load_factory(ref: str) -> torch.nn.Module:
-    import torch
-
     mod, _, attr = ref.partition(":")
     if not attr:
         raise ValueError(f"{ref!r}: write module:factory (e.g. mypkg.models:build)")
@@ -80,8 +70,6 @@ def load_factory(ref: str) -> torch.nn.Module:
 
 def export(model: torch.nn.Module, inputs: list[InputSpec], method: str, out: str,
            rtol: float = 1e-4, atol: float = 1e-5, seed: int = 0) -> dict:
-    import torch
-
     gen = torch.Generator().manual_seed(seed)
     example = tuple(s.example(gen) for s in inputs)
     # The second input flips float signs so a branch on the data's sign, baked in by tracing,
@@ -98,7 +86,7 @@ def export(model: torch.nn.Module, inputs: list[InputSpec], method: str, out: st
             # tracing refuses dicts. Save a tuple in key order instead; the names are printed
             # for the config's `outputs`.
             names = [k for k, v in first.items() if isinstance(v, torch.Tensor)]
-            model = _tuple_outputs_class()(model, names)
+            model = _TupleOutputs(model, names)
         if method == "trace":
             exported = torch.jit.trace(model, example)
         elif method == "script":
@@ -108,7 +96,7 @@ def export(model: torch.nn.Module, inputs: list[InputSpec], method: str, out: st
             # of specialising the program to the example's batch.
             batch = torch.export.Dim("batch", min=1, max=1 << 16)
             dynamic = tuple({0: batch} if len(s.shape) else None for s in inputs)
-            if isinstance(model, _tuple_outputs_class()):
+            if isinstance(model, _TupleOutputs):
                 dynamic = (dynamic,)  # its forward takes *args: one entry holding them all
             program = torch.export.export(model, example, dynamic_shapes=dynamic)
             exported = program.module()
@@ -132,28 +120,20 @@ def export(model: torch.nn.Module, inputs: list[InputSpec], method: str, out: st
             "outputs": [tuple(t.shape) for t in _flat(model(*example))]}
 
 
-@functools.cache
-def _tuple_outputs_class() -> type:
-    import torch
+class _TupleOutputs(torch.nn.Module):
+    """Returns the named tensors of a module's mapping output as a plain tuple."""
 
-    class TupleOutputs(torch.nn.Module):
-        """Returns the named tensors of a module's mapping output as a plain tuple."""
+    def __init__(self, inner: torch.nn.Module, names: list[str]):
+        super().__init__()
+        self.inner = inner
+        self.names = names
 
-        def __init__(self, inner: torch.nn.Module, names: list[str]):
-            super().__init__()
-            self.inner = inner
-            self.names = names
-
-        def forward(self, *args):
-            out = self.inner(*args)
-            return tuple(out[k] for k in self.names)
-
-    return TupleOutputs
+    def forward(self, *args):
+        out = self.inner(*args)
+        return tuple(out[k] for k in self.names)
 
 
 def _flat(out) -> list[torch.Tensor]:
-    import torch
-
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):

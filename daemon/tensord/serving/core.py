@@ -15,7 +15,6 @@ workers (worker.py) enter Python once per batch.
 from __future__ import annotations
 
 import logging
-import os
 import select
 import threading
 import time
@@ -157,9 +156,11 @@ class Serving:
              max_queue_us, _retried) = s.queue.stats()
             out.append(ModelStat(
                 name=info.name, version=info.version, queued=s.queue.length, served=ok,
-                failed=failed + bad_input, rejected=rejected, expired=expired, batches=batches,
+                failed=failed, rejected=rejected, expired=expired, batches=batches,
                 batch_sizes=[[k, v] for k, v in sizes], queue_us=queue_us,
-                compute_us=compute_us, max_queue_us=max_queue_us))
+                compute_us=compute_us, max_queue_us=max_queue_us,
+                # the caller's error, never `failed` (model_stats.bad_input, issue 17.9)
+                bad_input=bad_input or None))
         return out
 
     def health(self, stuck_after: float) -> list[ModelHealth]:
@@ -186,18 +187,15 @@ class Serving:
     def add_session(self, name: str, seg: Segment, uid: int, high_priority: bool,
                     park_limit: int, on_fatal: Callable[[TensordError], None],
                     on_freed: Callable[[], None]) -> SessionHandle:
-        """Hand a session to the core: it maps the segment itself and owns duplicates of the
-        eventfds; `seg` (the control plane's mapping) is closed once the core freed it."""
+        """Hand a session to the core: it maps the segment itself and takes the eventfds
+        over (it closes them when it frees the session; no duplicates, so a daemon at its
+        descriptor limit needs none more); `seg` (the control plane's mapping) is closed once
+        the core freed it."""
         h = seg.header
-        efds = [os.dup(e) for e in seg.efds]
-        try:
-            sid = self.engine.add_session(name, seg.fd, h.request_ring_capacity,
-                                          h.response_ring_capacity, tuple(efds), uid,
-                                          high_priority, park_limit)
-        except BaseException:
-            for e in efds:
-                os.close(e)
-            raise
+        sid = self.engine.add_session(name, seg.fd, h.request_ring_capacity,
+                                      h.response_ring_capacity, tuple(seg.efds), uid,
+                                      high_priority, park_limit)
+        seg.own_efds = False
         handle = SessionHandle(self, sid, name, seg, on_fatal, on_freed)
         with self._lock:
             self._sessions[sid] = handle
@@ -214,8 +212,12 @@ class Serving:
             ep.poll(0.5)
             for kind, sid, code, message in self.engine.take_events():
                 with self._lock:
-                    h = (self._sessions.get(sid) if kind == "fatal"
-                         else self._sessions.pop(sid, None))
+                    h = (self._sessions.pop(sid, None) if kind == "freed"
+                         else self._sessions.get(sid))
+                if kind == "refused":  # the core let at most 10 per 10 s through
+                    log.info("session %s: answered %s: %s", h.id[:8] if h else "?",
+                             ErrorCode(code).name, message)
+                    continue
                 if h is None:
                     continue
                 if kind == "fatal":

@@ -18,6 +18,7 @@ counted in the model's `retried` stat and tensord_batch_retries_total).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -122,6 +123,8 @@ def _tensors(batch: Any, model: Model, executor: Executor, stream: Any) -> None:
             total = sum(n for _, n, _ in spans)
             shape = [int(starts[-1]), *spans[0][2][1:]]
             whole.append(_view(arena, dtype, 0, total, shape))
+    if model.device.startswith("cuda"):
+        whole = [_pinned(i, t) for i, t in enumerate(whole)]
     names = [s.name for s in model.signature.outputs]
     single = len(rows) == 1
 
@@ -142,6 +145,26 @@ def _tensors(batch: Any, model: Model, executor: Executor, stream: Any) -> None:
             raise ModelFailedError(str(e)) from None
 
     _attempt(batch, 0, len(rows), run)
+
+
+_staging = threading.local()
+
+
+def _pinned(i: int, t: torch.Tensor) -> torch.Tensor:
+    """`t` copied into this worker's page-locked staging buffer for input i (grown as needed,
+    reused batch after batch), so the model's `.to(device, non_blocking=True)` is one
+    asynchronous host-to-device copy per input per batch. The buffer is reused only after the
+    batch's outputs came back to the host, which waits for the stream."""
+    bufs = getattr(_staging, "bufs", None)
+    if bufs is None:
+        bufs = _staging.bufs = {}
+    n = t.numel() * t.element_size()
+    buf = bufs.get(i)
+    if buf is None or buf.numel() < n:
+        buf = bufs[i] = torch.empty(max(n, 1 << 20), dtype=torch.uint8, pin_memory=True)
+    out = buf[:n].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
 
 
 def _requests(batch: Any, model: Model, executor: Executor, stream: Any) -> None:

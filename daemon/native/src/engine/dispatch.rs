@@ -26,6 +26,9 @@ use crate::wake;
 
 /// Records taken from one session per pass (PADs count: the ring counts every record).
 pub const PER_PASS: usize = 16;
+/// ...taken this many at a time, until the pass has used PASS_BUDGET.
+const CHUNK: usize = 4;
+const PASS_BUDGET: Duration = Duration::from_micros(500);
 /// The wake-up eventfd's epoll token; sessions use (id << 1) | is_response_space.
 pub const WAKE: u64 = u64::MAX;
 
@@ -40,7 +43,8 @@ pub fn run(sh: Arc<Shared>) {
         }
         let timeout = if ready.is_empty() { -1 } else { 0 };
         // Safety: a valid epoll fd and a buffer of events.len() entries.
-        let n = unsafe { libc::epoll_wait(sh.ep, events.as_mut_ptr(), events.len() as i32, timeout) };
+        let n =
+            unsafe { libc::epoll_wait(sh.ep, events.as_mut_ptr(), events.len() as i32, timeout) };
         if n < 0 {
             continue; // EINTR
         }
@@ -111,30 +115,33 @@ fn ask_for_posts(sh: &Shared, on: bool) {
 struct Scratch {
     desc: Vec<u8>,
     order: Vec<usize>,
+    payload: Vec<u8>,
 }
 
-/// One bounded slice of a session's records; true when it has more waiting.
+/// One bounded slice of a session's records; true when it has more waiting. Bounded in count
+/// (PER_PASS records, PADs included) and in time (PASS_BUDGET): whatever a session's records
+/// are, the next session's turn comes soon.
 fn serve(sh: &Shared, s: &Arc<Session>, recs: &mut Vec<RecordInfo>, sc: &mut Scratch) -> bool {
-    if let Err(e) = s.take(PER_PASS, recs) {
-        // A corrupt ring: this session ends (the control plane closes its connection), no
-        // other session is affected. Records read before the corrupt one are dropped too.
-        s.stop();
-        sh.events.push(Event::Fatal { session: s.id, code: Code::BadRecord, message: e.to_string() });
-        return false;
-    }
+    let start = Instant::now();
+    let mut taken = 0;
     let mut woke = false;
-    for rec in recs.iter() {
-        match intake(sh, s, rec, sc) {
-            Ok(Some((q, job))) => submit(sh, q, job),
-            Ok(None) => woke = true, // answered here (identity)
-            Err((model, e, read_at)) => {
-                // Not the model's failures (stats), but requests of it all the same (metrics).
-                let name = model.as_ref().map_or("-", |q| q.name.as_str());
-                sh.meters.request(name, e.code.name(), Some(read_at.elapsed()), None);
-                s.respond_error(rec.request_id, e.code, &e.message, Some(rec.position));
-                woke = true;
-            }
+    while taken < PER_PASS && start.elapsed() < PASS_BUDGET {
+        if let Err(e) = s.take(CHUNK.min(PER_PASS - taken), recs) {
+            // A corrupt ring: this session ends (the control plane closes its connection), no
+            // other session is affected. Records read before the corrupt one are dropped too.
+            s.stop();
+            sh.events.push(Event::Fatal {
+                session: s.id,
+                code: Code::BadRecord,
+                message: e.to_string(),
+            });
+            return false;
         }
+        if recs.is_empty() {
+            break;
+        }
+        taken += recs.len().max(1);
+        woke |= take_all(sh, s, recs, sc);
     }
     if woke {
         s.wake_client();
@@ -142,15 +149,67 @@ fn serve(sh: &Shared, s: &Arc<Session>, recs: &mut Vec<RecordInfo>, sc: &mut Scr
     s.pending()
 }
 
+/// Intake of the records one take() returned; true when a response was written here.
+fn take_all(sh: &Shared, s: &Arc<Session>, recs: &[RecordInfo], sc: &mut Scratch) -> bool {
+    let mut woke = false;
+    for rec in recs.iter() {
+        match intake(sh, s, rec, sc) {
+            Ok(Some((q, job))) => submit(sh, q, job),
+            Ok(None) => woke = true, // answered here (identity)
+            Err((model, e, read_at)) => {
+                // Not the model's failures, but requests of it all the same (metrics); the
+                // caller's bad input counts in the model's bad_input as Prometheus counts it
+                // (issue 17.9: `tensord stats`, Prometheus and the log agree).
+                if let Some(q) = model.as_ref() {
+                    if matches!(e.code, Code::BadInput | Code::BadRequest | Code::TooLarge) {
+                        q.stats().bad_input += 1;
+                    }
+                }
+                let name = model.as_ref().map_or("-", |q| q.name.as_str());
+                sh.meters.request(name, e.code.name(), Some(read_at.elapsed()), None);
+                sh.events.refused(s.id, e.code, &e.message);
+                s.respond_error(rec.request_id, e.code, &e.message, Some(rec.position));
+                woke = true;
+            }
+        }
+    }
+    woke
+}
+
 fn submit(sh: &Shared, q: Arc<Queue>, job: Job) {
     let s = job.session.clone();
     let refused = match q.put(job) {
-        Ok(()) => return,
+        Ok(None) => return,
+        Ok(Some(evicted)) => {
+            // Another session holds more of the queue: its newest request makes room.
+            let msg = format!(
+                "model {} has {} requests queued (max_queue in its config) and this session \
+                 holds the most of them: retry later, or send fewer at once",
+                pyrepr::str(&q.name),
+                q.policy.max_queue
+            );
+            q.meters.request(&q.name, "OVERLOADED", Some(evicted.read_at.elapsed()), None);
+            let es = evicted.session.clone();
+            es.respond_error(evicted.request_id, Code::Overloaded, &msg, Some(evicted.position));
+            es.wake_client();
+            return;
+        }
         Err(Refused::Retired(job)) => {
             // A reload replaced the model between lookup and put: the new version takes it.
             match sh.model(&q.name) {
                 Some(now) if !Arc::ptr_eq(&now, &q) => match now.put(*job) {
-                    Ok(()) => return,
+                    Ok(evicted) => {
+                        if let Some(e) = evicted {
+                            e.session.respond_error(
+                                e.request_id,
+                                Code::Overloaded,
+                                "the queue is full",
+                                Some(e.position),
+                            );
+                            e.session.wake_client();
+                        }
+                        return;
+                    }
                     Err(r) => r,
                 },
                 _ => Refused::Retired(job),
@@ -170,7 +229,12 @@ fn submit(sh: &Shared, q: Arc<Queue>, job: Job) {
         }
         Refused::Retired(job) => {
             q.meters.request("-", "UNKNOWN_MODEL", Some(job.read_at.elapsed()), None);
-            s.respond_error(job.request_id, Code::UnknownModel, &unknown(sh, &q.name), Some(job.position));
+            s.respond_error(
+                job.request_id,
+                Code::UnknownModel,
+                &unknown(sh, &q.name),
+                Some(job.position),
+            );
         }
     }
     s.wake_client();
@@ -201,7 +265,9 @@ fn intake(
     if dlen > MAX_DESCRIPTOR {
         return Err((
             None,
-            RequestError::bad_request(format!("descriptor of {dlen} bytes exceeds {MAX_DESCRIPTOR}")),
+            RequestError::bad_request(format!(
+                "descriptor of {dlen} bytes exceeds {MAX_DESCRIPTOR}"
+            )),
             read_at,
         ));
     }
@@ -234,11 +300,21 @@ fn intake(
             }
             _ => {}
         }
-        inputs.push(Input { offset: off, nbytes: r.nbytes, dtype: r.dtype, dims: r.shape.dims().to_vec() });
+        inputs.push(Input {
+            offset: off,
+            nbytes: r.nbytes,
+            dtype: r.dtype,
+            dims: r.shape.dims().to_vec(),
+        });
     }
     if q.identity {
-        let ok = identity(s, rec, &inputs[0]);
-        sh.meters.request(&q.name, if ok { "ok" } else { "TOO_LARGE" }, Some(read_at.elapsed()), None);
+        let ok = identity(s, rec, &inputs[0], &mut sc.payload);
+        sh.meters.request(
+            &q.name,
+            if ok { "ok" } else { "TOO_LARGE" },
+            Some(read_at.elapsed()),
+            None,
+        );
         return Ok(None);
     }
     let rows = inputs.first().and_then(|i| i.dims.first().copied()).unwrap_or(1);
@@ -261,9 +337,10 @@ fn intake(
     Ok(Some((q, job)))
 }
 
-/// The built-in identity, answered from the request record itself: one copy, no queue.
-/// False: refused (its response cannot fit the response ring).
-fn identity(s: &Arc<Session>, rec: &RecordInfo, x: &Input) -> bool {
+/// The built-in identity, answered from the request record itself: its bytes copied out once
+/// (the client may scribble over its ring: nothing here holds a reference into it), then into
+/// the response. False: refused (its response cannot fit the response ring).
+fn identity(s: &Arc<Session>, rec: &RecordInfo, x: &Input, buf: &mut Vec<u8>) -> bool {
     let plan = plan_outputs(&[("y", x.dtype.name(), &x.dims, x.nbytes)]);
     let cap = s.response_capacity();
     if plan.record_len > cap {
@@ -276,15 +353,16 @@ fn identity(s: &Arc<Session>, rec: &RecordInfo, x: &Input) -> bool {
         s.respond_error(rec.request_id, Code::TooLarge, &msg, Some(rec.position));
         return false;
     }
-    let data: &[u8] = if x.nbytes == 0 {
-        &[]
-    } else {
-        // Safety: inside the validated record, which is held until respond() releases it.
-        unsafe { std::slice::from_raw_parts(s.region().ptr(x.offset, x.nbytes).expect("validated"), x.nbytes as usize) }
-    };
-    let payloads = [(plan.offsets[0], data)];
+    buf.resize(x.nbytes as usize, 0);
+    s.region().copy_out(x.offset, buf).expect("inside the validated record");
+    let payloads = [(plan.offsets[0], &buf[..])];
     s.respond(
-        &Response { request_id: rec.request_id, record_len: plan.record_len, desc: &plan.descriptor, payloads: &payloads },
+        &Response {
+            request_id: rec.request_id,
+            record_len: plan.record_len,
+            desc: &plan.descriptor,
+            payloads: &payloads,
+        },
         Some(rec.position),
         true,
     );
