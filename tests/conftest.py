@@ -88,6 +88,16 @@ def start_daemon(tmp: Path, *args: str, config: str | None = None,
     raise RuntimeError(f"daemon did not start listening:\n{log.read_text()}")
 
 
+@pytest.fixture(autouse=True)
+def _undo_test_users():
+    """Users and group memberships a test made (users.ensure_user) go when it ends, pass or
+    fail: the machine is left as it was found."""
+    yield
+    import users
+
+    users.remove_made()
+
+
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     d = start_daemon(tmp_path_factory.mktemp("daemon"))

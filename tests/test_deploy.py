@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import shm_entries
 from users import (
@@ -232,6 +233,24 @@ def test_kubernetes_go_service_fragment_reaches_the_daemon_on_its_node():
         assert m.get("medium") != "Memory", "no shared /dev/shm is needed (SPEC §3.3)"
 
 
-def test_readme_documents_running_per_node():
-    readme = (ROOT / "README.md").read_text()
-    assert "deploy/kubernetes/" in readme and "DaemonSet" in readme
+def test_kubernetes_manifests_validate_against_the_kubernetes_schemas():
+    """Every manifest is a valid object of its kind for the API server (strict: an unknown or
+    misspelled field fails), checked with the schemas kubernetes-validate ships (offline)."""
+    import kubernetes_validate
+
+    n = 0
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in _docs(path.name):
+            kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+            n += 1
+    assert n >= 4  # the Namespace, ConfigMap and DaemonSet, and the Go service's Deployment
+    # the check has teeth: a misspelled field and a wrong type are refused
+    ds = next(d for d in _docs("tensord.yaml") if d["kind"] == "DaemonSet")
+    spec = ds["spec"]["template"]["spec"]
+    spec["securityContxt"] = spec.pop("securityContext")
+    with pytest.raises(kubernetes_validate.ValidationError, match="securityContxt"):
+        kubernetes_validate.validate(ds, kubernetes_validate.latest_version(), strict=True)
+    spec["securityContext"] = spec.pop("securityContxt")
+    spec["containers"][0]["securityContext"]["runAsNonRoot"] = "yes"
+    with pytest.raises(kubernetes_validate.ValidationError, match="runAsNonRoot|yes"):
+        kubernetes_validate.validate(ds, kubernetes_validate.latest_version(), strict=True)

@@ -2,9 +2,11 @@
 descriptors (through to the tensors the daemon would build from them) and ring records (the
 native core's validator). Hypothesis generates inputs, structured and raw.
 
-`pytest tests/test_fuzz.py` runs a small number of examples of each; with
-TENSORD_FUZZ_SECONDS=N each target runs for about N seconds (tests/run.sh does that). A failure
-prints the smallest input hypothesis found.
+`pytest tests/test_fuzz.py` (the gate) is deterministic: each target replays the committed
+corpus (tests/fuzz-corpus/hypothesis, read-only here) and then a fixed-seed set of examples,
+so the same commit gives the same result. With TENSORD_FUZZ_SECONDS=N (`bash tests/fuzz.sh`)
+each target explores with fresh random inputs for about N seconds and saves what fails into
+that corpus, to be committed with the fix. A failure prints the smallest input found.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ import os
 import struct
 import time
 import typing
+from pathlib import Path
 
 import msgpack
 import numpy as np
-import torch
-from hypothesis import HealthCheck, given, settings
+import pytest
+from hypothesis import HealthCheck, find, given, seed, settings
 from hypothesis import strategies as st
+from hypothesis.database import DirectoryBasedExampleDatabase, ReadOnlyDatabase
 
-from tensord import _core
 from tensord.contract.descriptors import (
     MAX_DIM,
     MAX_TENSORS,
@@ -46,8 +49,11 @@ from tensord.transport import records
 from tensord.transport.ring import RingConsumer, RingControl, Shm
 
 FUZZ_SECONDS = float(os.environ.get("TENSORD_FUZZ_SECONDS", "0") or 0)
-settings.register_profile("tensord", deadline=None, database=None, max_examples=500
-                          if FUZZ_SECONDS else 150,
+CORPUS = DirectoryBasedExampleDatabase(Path(__file__).resolve().parent / "fuzz-corpus" /
+                                       "hypothesis")
+GATE_SEED = 20261202  # any fixed number: the gate draws the same examples every run
+settings.register_profile("tensord", deadline=None, max_examples=500 if FUZZ_SECONDS else 150,
+                          database=CORPUS if FUZZ_SECONDS else ReadOnlyDatabase(CORPUS),
                           suppress_health_check=[HealthCheck.too_slow,
                                                  HealthCheck.data_too_large,
                                                  HealthCheck.filter_too_much])
@@ -55,8 +61,11 @@ settings.load_profile("tensord")
 
 
 def run(target) -> None:
-    """Once (a normal test run), or again and again with fresh random inputs for
-    TENSORD_FUZZ_SECONDS."""
+    """Once with the fixed seed (the gate), or again and again with fresh random inputs for
+    TENSORD_FUZZ_SECONDS (exploration)."""
+    if not FUZZ_SECONDS:
+        seed(GATE_SEED)(target)()
+        return
     end = time.monotonic() + FUZZ_SECONDS
     rounds = 0
     while True:
@@ -64,8 +73,7 @@ def run(target) -> None:
         rounds += 1
         if time.monotonic() >= end:
             break
-    if FUZZ_SECONDS:
-        print(f"{target.__name__}: {rounds} rounds in {FUZZ_SECONDS:.0f} s")
+    print(f"{target.__name__}: {rounds} rounds in {FUZZ_SECONDS:.0f} s")
 
 
 # -- values a hostile client might send ---------------------------------------------------------
@@ -106,15 +114,17 @@ def message_maps():
 framed = message_maps().map(msgpack.packb).map(lambda b: struct.pack("<I", len(b)) + b)
 
 
-@given(st.one_of(
+frame_streams = st.one_of(
     st.lists(framed, min_size=1, max_size=3).map(b"".join),
     st.lists(framed, min_size=1, max_size=3).map(b"".join),
     st.binary(max_size=300),
     st.builds(lambda frame, junk: frame + junk, framed, st.binary(max_size=8)),
     st.builds(lambda n, body: struct.pack("<I", n) + body,
               st.sampled_from([0, 1, MAX_FRAME, MAX_FRAME + 1, 2**32 - 1]),
-              st.binary(max_size=40))),
-    st.lists(st.integers(1, 50), max_size=5))
+              st.binary(max_size=40)))
+
+
+@given(frame_streams, st.lists(st.integers(1, 50), max_size=5))
 def frames(data: bytes, cuts: list[int]) -> None:
     """However the bytes arrive, the frame buffer yields messages or raises ProtocolError; a
     message it yields is well-typed (every integer in range) and re-encodes to itself."""
@@ -249,6 +259,19 @@ hostile = st.tuples(st.integers(0, 40).map(lambda n: 64 * n) | ints.map(lambda v
 record = st.one_of(sound, sound, sound, hostile)
 
 
+def _write_records(mm: mmap.mmap, recs: list) -> int:
+    """A segment header, then the record headers a client wrote (laid out as a producer
+    would, or not); returns where the last one ends."""
+    write_header(memoryview(mm), CAP, CAP)
+    pos = 0
+    for n, kind, rid, dlen in recs:
+        if pos + 24 > CAP:
+            break
+        RECORD_HEADER.pack_into(mm, HEADER_SIZE + pos, n, kind, rid, dlen, 0)
+        pos += max(64, n - n % 64) if n < CAP else 64
+    return pos
+
+
 @given(st.lists(record, max_size=40), st.one_of(
     st.just(None), st.just(None), st.integers(0, 2 * CAP // 64).map(lambda n: n * 64),
     ints.map(lambda v: v % 2**64)), st.integers(1, 20), st.randoms(use_true_random=False))
@@ -257,13 +280,7 @@ def ring_records(recs: list, tail: int | None, limit: int, rnd) -> None:
     or returns records that lie inside the ring, within what was published, at most `limit`
     per poll; releasing them in any order never moves head past tail."""
     with mmap.mmap(-1, HEADER_SIZE + 2 * CAP) as mm:
-        write_header(memoryview(mm), CAP, CAP)
-        pos = 0
-        for n, kind, rid, dlen in recs:
-            if pos + 24 > CAP:
-                break
-            RECORD_HEADER.pack_into(mm, HEADER_SIZE + pos, n, kind, rid, dlen, 0)
-            pos += max(64, n - n % 64) if n < CAP else 64
+        pos = _write_records(mm, recs)
         if tail is None:  # what a producer publishes: the end of what it wrote
             tail = min(pos, CAP)
         shm = Shm(mm)
@@ -299,21 +316,62 @@ def test_fuzz_ring_records():
     run(ring_records)
 
 
-def test_fuzz_targets_reject_what_they_must():
-    """Sanity: the generators reach the refusals (a fuzz target that accepts everything finds
-    nothing)."""
-    with np.errstate(all="ignore"):
-        buf = FrameBuffer()
-        buf.feed(struct.pack("<I", MAX_FRAME + 1))
-        try:
-            buf.next()
-            raise AssertionError("an oversized frame was accepted")
-        except ProtocolError as e:
-            assert e.code.name == "BAD_FRAME"
+# == the generators reach both sides of every check ==============================================
+
+def _frame_outcome(data: bytes) -> str:
+    buf = FrameBuffer()
+    buf.feed(data)
     try:
-        decode_request(msgpack.packb({"model": "m", "timeout_us": -1, "inputs": []}))
-        raise AssertionError("a negative timeout was accepted")
-    except BadRequestError:
-        pass
-    assert torch.empty((0, 2**16), dtype=torch.float32).numel() == 0
-    assert isinstance(_core.CorruptError, type)
+        return "message" if buf.next() is not None else "incomplete"
+    except ProtocolError:
+        return "refused"
+
+
+def _descriptor_outcome(data: bytes) -> str:
+    try:
+        desc = decode_request(data)
+        check_refs(desc.inputs, min(512, align64(24 + len(data))), 4096, "input")
+    except (BadRequestError, BadInputError):
+        return "refused"
+    return "accepted" if desc.inputs else "empty"
+
+
+def _ring_outcome(recs: list) -> str:
+    with mmap.mmap(-1, HEADER_SIZE + 2 * CAP) as mm:
+        pos = _write_records(mm, recs)
+        shm = Shm(mm)
+        try:
+            ctl = RingControl(shm, REQ_CONTROL)
+            ctl.set_tail(min(pos, CAP))
+            try:
+                got = RingConsumer(ctl, HEADER_SIZE, CAP, KIND_REQUEST).poll(64)
+            except ProtocolError as e:
+                assert e.code.name == "BAD_RECORD"
+                return "refused"
+            return "read" if got else "nothing"
+        finally:
+            shm.close()
+
+
+OUTCOMES = [("control frames", frame_streams, _frame_outcome, ("message", "refused")),
+            ("request descriptors", descriptors, _descriptor_outcome, ("accepted", "refused")),
+            ("ring records", st.lists(record, max_size=40), _ring_outcome, ("read", "refused"))]
+
+
+@pytest.mark.parametrize("what,strategy,outcome,wanted", OUTCOMES, ids=[o[0] for o in OUTCOMES])
+def test_fuzz_generators_reach_both_accepted_and_refused_inputs(what, strategy, outcome, wanted):
+    """A fuzz target whose inputs are all refused (or all accepted) explores one side of its
+    decoder only: each generator must produce both kinds, found deterministically."""
+    with np.errstate(all="ignore"):
+        for want in wanted:
+            found = find(strategy, lambda v, w=want: outcome(v) == w,
+                         settings=settings(derandomize=True, max_examples=2000))
+            assert outcome(found) == want, (what, want, found)
+
+
+def test_the_native_core_refuses_a_record_that_is_not_64_byte_aligned():
+    """The validator the ring fuzz target exercises says BAD_RECORD, fatal, for a record
+    whose length is not a multiple of 64, and reads the same record at length 64."""
+    assert _ring_outcome([(64, KIND_REQUEST, 1, 0)]) == "read"
+    assert _ring_outcome([(65, KIND_REQUEST, 1, 0)]) == "refused"
+    assert _ring_outcome([(64, KIND_REQUEST, 1, 41)]) == "refused"  # descriptor past the end

@@ -27,9 +27,9 @@ from users import (
     OUTSIDER,
     as_user,
     ensure_user,
-    need_root,
     shared_dir,
     start_as,
+    unique,
     user_env,
 )
 
@@ -186,50 +186,54 @@ def save_mlp(path: Path) -> dict:
             "outputs": [{"name": "y", "dtype": "f32", "shape": [-1, 4]}]}
 
 
-# == 2. files planted by other users never stop the daemon from starting =======================
+# == 2. /dev/shm is not the daemon's: strangers' files there cannot stop it ===================
 
-# Named as protocol 2 named a dead daemon's segment and semaphores (tensord-PID-SESSION): its
-# start-up sweep died with PermissionError on the first one it could not unlink.
-DEAD_PID = 3999999
-STALE_NAMES = [f"tensord-{DEAD_PID}-" + "ab" * 16, f"sem.tensord-{DEAD_PID}-" + "ab" * 16 + "-rd",
-               f"sem.tensord-{DEAD_PID}-" + "cd" * 16 + "-ps", "tensord-" + "00" * 16]
-
-
-def test_files_planted_in_dev_shm_by_another_user_do_not_stop_start_up():
-    need_root()
-    daemon_user = ensure_user("tdplant")
-    ensure_user(OUTSIDER)
-    planted = [Path("/dev/shm") / n for n in STALE_NAMES]
+def test_the_daemon_serves_with_dev_shm_read_only_and_full_of_strangers_files(go_probe):
+    """Protocol 3 and later keep nothing in /dev/shm (sessions are memfds), so nothing a
+    stranger plants there, nor /dev/shm being unusable, can stop the daemon. Its /dev/shm is
+    made read-only and holds files of another user named as protocol 2 named its segments
+    and semaphores; it starts, serves Python and Go clients, and stops cleanly."""
+    daemon_user = ensure_user(unique("tdplant"))
+    outsider = ensure_user(OUTSIDER)
+    names = [f"tensord-{3999999}-" + "ab" * 16, f"sem.tensord-{3999999}-" + "ab" * 16 + "-rd",
+             "tensord-" + "00" * 16]
+    # in the daemon's own mount namespace only: the machine's /dev/shm is not touched
+    mounts = ("mount -t tmpfs -o mode=1777 tmpfs /dev/shm",
+              *(f"echo x > /dev/shm/{n} && chown {outsider.pw_uid} /dev/shm/{n} && "
+                f"chmod 600 /dev/shm/{n}" for n in names),
+              "mount -o remount,ro /dev/shm")
     d = shared_dir("tensord-plant-")
     daemon = None
     try:
-        # Files named like protocol 2's segments and semaphores, owned by a stranger in the
-        # sticky /dev/shm: the daemon's user can neither remove nor open them.
-        for p in planted:
-            subprocess.run(as_user(OUTSIDER, ["sh", "-c", f"umask 077; echo x > {p}"]),
-                           check=True)
-        before = {p: (p.stat().st_uid, p.read_bytes()) for p in planted}
-        daemon = start_as(daemon_user.pw_name, d, "[daemon]\nsocket_mode = 0o666\n")
-        with Client(daemon.path) as c:
-            assert torch.equal(c.infer("identity", {"x": torch.arange(5)})["y"],
-                               torch.arange(5))
-        assert daemon.stop() == 0, daemon.logs()
-        daemon = start_as(daemon_user.pw_name, d, "[daemon]\nsocket_mode = 0o666\n")
-        assert {p: (p.stat().st_uid, p.read_bytes()) for p in planted} == before
-        assert "Traceback" not in daemon.logs()
+        probe = d / "shmprobe"
+        shutil.copy(go_probe, probe)
+        probe.chmod(0o755)
+        for _ in range(2):  # and a restart finds it the same
+            daemon = start_as(daemon_user.pw_name, d, "[daemon]\nsocket_mode = 0o666\n",
+                              mounts=mounts)
+            g = torch.Generator().manual_seed(3)
+            with Client(daemon.path) as c:
+                for i in range(20):
+                    x = torch.randn(1 + i, 16, generator=g)
+                    assert torch.equal(c.infer("identity", {"x": x})["y"], x)
+                    assert c.infer("mlp", {"x": x})["y"].shape == (1 + i, 4)
+            go = subprocess.run([str(probe), "-mode", "roundtrip", "-n", "20", "-bytes", "4096"],
+                                capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "TENSORD_SOCKET": daemon.path})
+            assert go.returncode == 0 and go.stdout.strip() == "ok 20", go.stderr
+            assert "Traceback" not in daemon.logs(), daemon.logs()
+            assert daemon.stop() == 0, daemon.logs()
+            daemon = None
     finally:
         if daemon is not None:
             daemon.stop()
-        for p in planted:
-            p.unlink(missing_ok=True)
         shutil.rmtree(d)
 
 
 def test_a_dead_socket_planted_at_the_path_fails_start_up_with_a_reason():
     """In a world-writable sticky directory (the /tmp fallback) a stranger's file at the socket
     path cannot be removed: the daemon says so and exits; it does not crash."""
-    need_root()
-    daemon_user = ensure_user("tdplant")
+    daemon_user = ensure_user(unique("tdplant"))
     ensure_user(OUTSIDER)
     d = shared_dir("tensord-squat-")
     try:
@@ -304,8 +308,7 @@ def test_low_fd_limit_a_client_is_served_while_silent_connections_hold_descripto
 def test_task_limit_silent_connections_and_admin_loads_do_not_kill_the_daemon():
     """RLIMIT_NPROC (what systemd's TasksMax does to a unit) reached: 200 silent connections
     and a load that needs a thread; the daemon answers RESOURCE and goes on."""
-    need_root()
-    user = ensure_user("tdnproc")
+    user = ensure_user(unique("tdnproc"))
     d = shared_dir("tensord-nproc-")
     daemon = None
     silent = []
@@ -544,8 +547,7 @@ print(json.dumps(out))
 
 
 def test_per_uid_session_and_memory_quotas():
-    need_root()
-    user = ensure_user("tdquota")
+    user = ensure_user(unique("tdquota"))
     d = shared_dir("tensord-quota-")
     big = 4 << 20
     try:
@@ -638,32 +640,46 @@ def _own_memcg() -> Path | None:
     return None
 
 
-def test_a_cgroup_v1_memory_limit_refuses_the_session_that_does_not_fit(tmp_path):
-    need_root()
-    parent = _own_memcg()
-    if parent is None:
-        pytest.skip("no writable cgroup v1 memory controller on this machine")
+@contextlib.contextmanager
+def _memory_cgroup(parent: Path):
+    """A child memory cgroup of `parent`, removed afterwards (pass or fail): whatever still
+    runs in it (only what the test started) moves back to the parent first."""
     cg = parent / f"tensord-test-{os.getpid()}"
     cg.mkdir()
-    d = None
     try:
-        procs = cg / "cgroup.procs"
-        d = start_daemon(tmp_path, preexec_fn=lambda: procs.write_text(str(os.getpid())))
-        big = 64 << 20
-        usage = int((cg / "memory.usage_in_bytes").read_text())
-        (cg / "memory.limit_in_bytes").write_text(str(usage + 3 * big))
-        with Client(d.path, request_ring=big // 2, response_ring=big // 2) as c:
-            c.ping()
-            s, msg, fds = hello(d.path, 2 * big)
-            assert isinstance(msg, Error) and msg.name == "RESOURCE", msg
-            assert "cgroup" in msg.message and "MiB" in msg.message, msg.message
-            s.close()
-            c.ping()
+        yield cg
     finally:
-        if d is not None:
-            assert d.stop() == 0, d.logs()
-        with contextlib.suppress(OSError):
-            cg.rmdir()
+        for pid in (cg / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):  # it may have exited meanwhile
+                (parent / "cgroup.procs").write_text(pid)
+        cg.rmdir()
+
+
+def test_a_cgroup_v1_memory_limit_refuses_the_session_that_does_not_fit(tmp_path):
+    parent = _own_memcg()
+    if parent is None:
+        pytest.skip("no writable cgroup v1 memory controller on this machine (needs root "
+                    "with a writable /sys/fs/cgroup/memory)")
+    d = None
+    rc = 0
+    with _memory_cgroup(parent) as cg:
+        try:
+            procs = cg / "cgroup.procs"
+            d = start_daemon(tmp_path, preexec_fn=lambda: procs.write_text(str(os.getpid())))
+            big = 64 << 20
+            usage = int((cg / "memory.usage_in_bytes").read_text())
+            (cg / "memory.limit_in_bytes").write_text(str(usage + 3 * big))
+            with Client(d.path, request_ring=big // 2, response_ring=big // 2) as c:
+                c.ping()
+                s, msg, fds = hello(d.path, 2 * big)
+                assert isinstance(msg, Error) and msg.name == "RESOURCE", msg
+                assert "cgroup" in msg.message and "MiB" in msg.message, msg.message
+                s.close()
+                c.ping()
+        finally:
+            if d is not None:
+                rc = d.stop()
+    assert rc == 0, d.logs() if d else ""
 
 
 def _allocated(fd: int) -> int:
@@ -838,8 +854,7 @@ print(json.dumps(out))
 
 
 def test_admin_loads_are_limited_to_allowed_handlers_and_model_dirs():
-    need_root()
-    admin = ensure_user("tdadmin")
+    admin = ensure_user(unique("tdadmin"))
     d = shared_dir("tensord-admin-")
     models = d / "models"
     models.mkdir()

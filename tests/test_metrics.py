@@ -3,8 +3,10 @@ what they say follows what the daemon does (checked by scraping, as Prometheus w
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
+import threading
 import time
 
 import pytest
@@ -27,14 +29,29 @@ def http_get(sock: socket.socket, path: str = "/metrics") -> tuple[str, str]:
         while chunk := sock.recv(65536):
             data += chunk
     head, _, body = data.decode().partition("\r\n\r\n")
-    return head.split("\r\n", 1)[0], body
+    return head.split("\r\n", 1)[0].split(" ", 1)[1], body  # the status, any HTTP version
+
+
+def connect_unix(path: str, timeout: float = 30) -> socket.socket:
+    """Connect, retrying while the listen queue is full (EAGAIN), for at most `timeout` s."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            s.connect(path)
+            return s
+        except BlockingIOError:
+            if time.monotonic() > end:
+                s.close()
+                raise AssertionError(f"{path} accepted no connection in {timeout} s") from None
+            time.sleep(0.01)
 
 
 def scrape_unix(path: str) -> dict:
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(path)
+    s = connect_unix(path)
     status, body = http_get(s)
-    assert status == "HTTP/1.1 200 OK", status
+    assert status == "200 OK", status
     return parse(body)
 
 
@@ -101,7 +118,7 @@ def test_metrics_on_a_unix_socket_follow_sessions_memory_and_refusals(tmp_path):
         # anything but GET /metrics is refused, and the listener goes on
         s = socket.socket(socket.AF_UNIX)
         s.connect(msock)
-        assert http_get(s, "/admin")[0] == "HTTP/1.1 404 Not Found"
+        assert http_get(s, "/admin")[0] == "404 Not Found"
         scrape_unix(msock)
     finally:
         assert d.stop() == 0, d.logs()
@@ -118,7 +135,7 @@ def test_metrics_on_loopback_tcp(tmp_path):
         port = int(found.group(1))
         s = socket.create_connection(("127.0.0.1", port))
         status, body = http_get(s)
-        assert status == "HTTP/1.1 200 OK"
+        assert status == "200 OK"
         assert value(parse(body), "tensord_build_info", version=metrics.__version__) == 1
     finally:
         assert d.stop() == 0, d.logs()
@@ -154,3 +171,65 @@ def test_request_metrics_count_requests_by_model_and_outcome(tmp_path):
     finally:
         assert d.stop() == 0, d.logs()
 
+
+
+def _cut(s: socket.socket) -> bool:
+    """Whether the daemon has closed this connection (without waiting)."""
+    timeout = s.gettimeout()
+    s.setblocking(False)
+    try:
+        return s.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+    finally:
+        s.settimeout(timeout)
+
+
+def test_trickling_connections_cannot_hold_up_scrapes(tmp_path):
+    """Issue 19 item 5: one connection trickling a byte now and then blocked every scrape (the
+    listener served one connection at a time, with a timeout per read only). Now scrapes are
+    served while many connections trickle; connections beyond MAX_CONNECTIONS cut the oldest
+    at once, and the rest are cut at the whole-request deadline, never answered."""
+    msock = str(tmp_path / "metrics.sock")
+    d = start_daemon(tmp_path, config=f'[daemon]\nmetrics = "unix:{msock}"\n')
+    stop = threading.Event()
+    tricklers: list[socket.socket] = []
+
+    def trickle(s: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # cut: the daemon closed it
+            s.sendall(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+            while not stop.wait(0.5):
+                s.sendall(b"x")
+
+    try:
+        wait_value(msock, "tensord_sessions", 0)
+        n, most = 4 * metrics.MAX_CONNECTIONS, metrics.MAX_CONNECTIONS
+        for _ in range(n):
+            s = connect_unix(msock)  # accepted: the listener is not stuck on one of them
+            tricklers.append(s)
+            threading.Thread(target=trickle, args=(s,), daemon=True).start()
+        for _ in range(5):  # scrapes get through while they trickle
+            m = scrape_unix(msock)
+            assert value(m, "tensord_build_info", version=metrics.__version__) == 1
+        # Each connection accepted beyond the bound cut the oldest at once: all but the
+        # newest are closed already, and the newest is still open (so what closed the old
+        # ones was the bound, not their deadline).
+        cut = [_cut(s) for s in tricklers]
+        assert all(cut[:n - most]), f"{cut.count(False)} of {n} trickling connections open"
+        assert not cut[-1], "the newest trickling connection was closed before its deadline"
+        # ... and every one left is cut at its deadline, without an answer
+        for s in tricklers:
+            s.settimeout(60)
+            try:
+                got = s.recv(4096)
+            except ConnectionResetError:
+                got = b""
+            assert got == b"", got[:100]
+        assert d.proc.poll() is None
+    finally:
+        stop.set()
+        for s in tricklers:
+            s.close()
+        assert d.stop() == 0, d.logs()

@@ -64,12 +64,19 @@ def _stderr_is_journal() -> bool:
 
 
 def _serve(args) -> int:
-    from .control.server import AddressInUse, Server
-    from .models.builtin import builtin_models
-    from .models.loader import LoadError, load_model, warm_up
-    from .models.registry import Registry
-    from .sdnotify import listen_fds, notify
-    from .serving.executor import Executor, set_cpu_threads
+    try:
+        from .control.server import AddressInUse, Server
+        from .models.builtin import builtin_models
+        from .models.loader import LoadError, load_model, warm_up
+        from .models.registry import Registry
+        from .sdnotify import listen_fds, notify
+        from .serving.executor import Executor, set_cpu_threads
+    except ImportError as e:  # a client-only install (no `serve` extra)
+        if e.name not in ("torch", "prometheus_client"):
+            raise
+        logging.getLogger("tensord").error("`tensord serve` needs %s, which is not installed: "
+                                           "pip install 'tensord[serve]'", e.name)
+        return 1
 
     _raise_fd_limit()
     inherited = None

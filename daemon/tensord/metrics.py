@@ -9,9 +9,12 @@ native serving core's counters, read at scrape time (`use_core`): nothing runs p
 for them. The control loop keeps the session, memory and connection gauges and counts refused
 clients through the functions below, which return at once while the listener is off.
 
-The listener is one thread that serves one scrape at a time (GET /metrics, HTTP/1.0 style,
-the connection closed after the answer), each bounded by a socket timeout, so a slow or
-hostile scraper costs that thread and nothing else.
+The listener is prometheus_client's WSGI app served by its threaded WSGI server (a thread
+per connection, one request per connection), with two bounds that server lacks, so a slow
+or hostile client cannot starve scrapes: every connection must complete its request and
+take its answer within REQUEST_DEADLINE_S (a reaper cuts it then, however it trickles), and
+at most MAX_CONNECTIONS are served at once (one more cuts the oldest, which cannot be a
+healthy scrape: those take milliseconds).
 """
 
 from __future__ import annotations
@@ -21,20 +24,24 @@ import ipaddress
 import logging
 import os
 import socket
-import stat
 import threading
+import time
 from collections.abc import Callable
+from socketserver import TCPServer
+from wsgiref.simple_server import WSGIRequestHandler
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     generate_latest,
+    make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from . import __version__
+from .unixsock import claim
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +122,6 @@ REJECTED = Counter("tensord_rejected_clients_total", "Connections refused or end
 INFO = Gauge("tensord_build_info", "The daemon's version", ["version"], registry=REGISTRY)
 
 _on = False
-_children: dict[tuple, object] = {}
 
 
 def enabled() -> bool:
@@ -140,94 +146,153 @@ def render() -> bytes:
 
 # -- the listener -------------------------------------------------------------------------------
 
+REQUEST_DEADLINE_S = 10.0  # a scrape takes milliseconds; Prometheus' own default timeout is 10 s
+MAX_CONNECTIONS = 16
+
+
 class Listener:
-    """Serves GET /metrics on one socket, from one thread."""
+    """Serves GET /metrics on one socket: a thread per connection, at most MAX_CONNECTIONS,
+    each cut after REQUEST_DEADLINE_S."""
 
     def __init__(self, address: str, socket_mode: int = 0o660):
         self.path = ""
         if address.startswith("unix:"):
             self.path = address[len("unix:"):]
-            _claim(self.path)
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.bind(self.path)
-            os.chmod(self.path, socket_mode)
+            claim(self.path, "[daemon] metrics")
+            self.server: _Server = _UnixServer(self.path, socket_mode)
             self.where = f"unix:{self.path}"
         else:
             host, port = parse_tcp(address)
             fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-            self.sock = socket.socket(fam, socket.SOCK_STREAM)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.sock.bind((host, port))
-            bound = self.sock.getsockname()
+            self.server = _TCPServer((host, port), fam)
+            bound = self.server.socket.getsockname()
             self.where = f"http://{host if fam == socket.AF_INET else f'[{host}]'}:{bound[1]}"
             if not ipaddress.ip_address(host).is_loopback:
                 log.warning("metrics listen on %s, not a loopback address: anyone who can reach "
                             "it reads model names and load", self.where)
-        self.sock.listen(16)
-        self._closed = False
-        self._thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
+        self.server.set_app(_only_metrics(make_wsgi_app(REGISTRY)))
+        self._threads = [threading.Thread(target=self.server.serve_forever, name="metrics",
+                                          daemon=True),
+                         threading.Thread(target=self.server.reap, name="metrics-reaper",
+                                          daemon=True)]
 
     def start(self) -> None:
         global _on
         _on = True
         INFO.labels(__version__).set(1)
-        self._thread.start()
+        for t in self._threads:
+            t.start()
         log.info("metrics on %s/metrics", self.where)
 
     def close(self) -> None:
         global _on
         _on = False
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
+        if self._threads[0].is_alive():
+            self.server.shutdown()  # serve_forever returns (it waits for that if never started)
+        self.server.cut_all()  # and the reaper ends
+        self.server.server_close()
         if self.path:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
 
-    def _serve(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                if self._closed:
-                    return
-                threading.Event().wait(0.1)  # out of descriptors: try again shortly
-                continue
-            with conn:
-                conn.settimeout(5.0)
-                try:
-                    _answer(conn)
-                except OSError:
-                    pass
-                except Exception:  # never let a scrape end the listener
-                    log.exception("metrics scrape failed")
+
+def _only_metrics(app):
+    """prometheus_client answers any path; the listener answers /metrics (and /) only."""
+    def only(environ, start_response):
+        if environ.get("PATH_INFO") not in ("/metrics", "/"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"GET /metrics\n"]
+        return app(environ, start_response)
+    return only
 
 
-def _answer(conn: socket.socket) -> None:
-    req = b""
-    while b"\r\n\r\n" not in req and b"\n\n" not in req and len(req) < 8192:
-        chunk = conn.recv(4096)
-        if not chunk:
-            break
-        req += chunk
-    parts = req.split(b"\r\n", 1)[0].split()
-    if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
-        _reply(conn, b"405 Method Not Allowed", b"text/plain", b"GET /metrics\n")
-    elif parts[1].split(b"?")[0] not in (b"/metrics", b"/"):
-        _reply(conn, b"404 Not Found", b"text/plain", b"GET /metrics\n")
-    else:
-        body = render()
-        _reply(conn, b"200 OK", CONTENT_TYPE_LATEST.encode(),
-               b"" if parts[0] == b"HEAD" else body, len(body))
+class _Quiet(WSGIRequestHandler):
+    """One request per connection, nothing logged per request."""
+
+    timeout = REQUEST_DEADLINE_S  # per read or write; the reaper bounds the whole request
+
+    def log_message(self, format, *args) -> None:
+        pass
+
+    def address_string(self) -> str:  # a Unix socket's peer has no address
+        return str(self.client_address[0]) if self.client_address else "local"
 
 
-def _reply(conn: socket.socket, status: bytes, ctype: bytes, body: bytes,
-           length: int | None = None) -> None:
-    head = (b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
-            + str(len(body) if length is None else length).encode()
-            + b"\r\nConnection: close\r\n\r\n")
-    conn.sendall(head + body)
+class _Server(ThreadingWSGIServer):
+    """prometheus_client's threaded server, bounded: connections are tracked from accept to
+    close; the oldest is cut when there are too many, any is cut at its deadline."""
+
+    request_queue_size = 16
+
+    def init_bounds(self) -> None:
+        self._live: dict[socket.socket, float] = {}  # connection -> its deadline
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+
+    def process_request(self, request, client_address):
+        with self._lock:
+            if len(self._live) >= MAX_CONNECTIONS:
+                # a cut connection leaves the count at once (its thread ends shortly)
+                oldest = min(self._live, key=self._live.__getitem__)
+                del self._live[oldest]
+                _cut(oldest)
+            self._live[request] = time.monotonic() + REQUEST_DEADLINE_S
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._lock:
+            self._live.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        pass  # a cut or broken connection; a scrape never ends the listener
+
+    def reap(self) -> None:
+        while not self._stopped.wait(0.25):
+            now = time.monotonic()
+            with self._lock:
+                for conn in [c for c, deadline in self._live.items() if deadline <= now]:
+                    del self._live[conn]
+                    _cut(conn)
+
+    def cut_all(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            for conn in self._live:
+                _cut(conn)
+
+
+def _cut(conn: socket.socket) -> None:
+    """Unblock whatever the connection's thread is doing; it then closes the connection."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)
+
+
+class _TCPServer(_Server):
+    def __init__(self, address: tuple[str, int], family: int):
+        self.address_family = family
+        self.allow_reuse_address = True
+        self.init_bounds()
+        super().__init__(address, _Quiet)
+
+
+class _UnixServer(_Server):
+    address_family = socket.AF_UNIX
+
+    def __init__(self, path: str, mode: int):
+        self._path, self._mode = path, mode
+        self.init_bounds()
+        super().__init__(path, _Quiet)  # type: ignore[arg-type]  # AF_UNIX: a path
+
+    def server_bind(self) -> None:
+        TCPServer.server_bind(self)  # HTTPServer's would resolve a host name
+        os.chmod(self._path, self._mode)
+        self.server_name, self.server_port = "localhost", 0
+        self.setup_environ()
+
+    def get_request(self):
+        conn, _ = self.socket.accept()
+        return conn, ("local", 0)
 
 
 def parse_tcp(address: str) -> tuple[str, int]:
@@ -240,22 +305,3 @@ def parse_tcp(address: str) -> tuple[str, int]:
         host = "127.0.0.1"
     ipaddress.ip_address(host)  # ValueError for names: listen on an address, not a name
     return host, int(port)
-
-
-def _claim(path: str) -> None:
-    """Remove a stale socket file left by a dead daemon; refuse anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise OSError(f"something is listening on {path} already")

@@ -17,8 +17,6 @@ type ctlResult struct {
 	err error
 }
 
-func (s *session) writeMsg(msg any) error { return s.writeMsgBy(msg, time.Time{}) }
-
 // writeMsgBy writes one frame, giving up at deadline (zero: never).
 func (s *session) writeMsgBy(msg any, deadline time.Time) error {
 	frame, err := appendFrame(nil, msg)

@@ -9,10 +9,11 @@ import (
 	"strings"
 )
 
-// The decoder is hand-written rather than vmihailenco's: input comes from another
-// process (frames, and descriptors in shared memory), so array and map headers must
-// never drive an allocation larger than the bytes that back them, keys must be strings
-// (SPEC §2.2) and map order must survive for the golden-vector comparison.
+// The decoding half of the package's msgpack codec (encode.go says why it is
+// hand-written): input comes from another process (frames, and descriptors in shared
+// memory), so array and map headers must never drive an allocation larger than the bytes
+// that back them, keys must be strings (SPEC §2.2) and map order must survive for the
+// golden-vector comparison.
 
 // mpMap is a decoded msgpack map with its keys in wire order.
 type mpMap []mpKV

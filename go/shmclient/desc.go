@@ -1,19 +1,19 @@
 package shmclient
 
 import (
-	"encoding/binary"
 	"fmt"
 	"math"
 )
 
 // The descriptors of ring records (SPEC §4.4): their wire structs and codecs.
 //
-// Hand-written codecs for the two descriptors every request carries. The general
-// machinery (vmihailenco's reflective encoder, decodeMsgpack's generic tree plus
-// fromTree) costs several microseconds and dozens of allocations per request, more than
-// the rest of the client's work on a small request. These functions produce and accept
-// exactly what the general machinery does; vectors_test.go and desc_test.go hold them to
-// that, against the golden vectors and against the general code.
+// Specialized paths of the package's one msgpack codec (encode.go, decode.go) for the two
+// descriptors every request carries. The general paths (the reflective encoder, the
+// generic tree plus fromTree) cost several microseconds and dozens of allocations per
+// request, more than the rest of the client's work on a small request. These functions
+// produce and accept exactly what the general paths do, with the same primitives;
+// vectors_test.go and desc_test.go hold them to that, against the golden vectors and
+// against the general code.
 
 type tensorRef struct {
 	Name   string   `msgpack:"name"`
@@ -153,83 +153,6 @@ func appendRequestDesc(b []byte, d *requestDesc) []byte {
 		b = appendUint(b, d.Priority)
 	}
 	return b
-}
-
-// The shortest forms of SPEC §2.3 (what vmihailenco writes with UseCompactInts).
-
-func uintLen(v uint64) int {
-	switch {
-	case v <= 0x7f:
-		return 1
-	case v <= math.MaxUint8:
-		return 2
-	case v <= math.MaxUint16:
-		return 3
-	case v <= math.MaxUint32:
-		return 5
-	}
-	return 9
-}
-
-func appendUint(b []byte, v uint64) []byte {
-	switch {
-	case v <= 0x7f:
-		return append(b, byte(v))
-	case v <= math.MaxUint8:
-		return append(b, 0xcc, byte(v))
-	case v <= math.MaxUint16:
-		return binary.BigEndian.AppendUint16(append(b, 0xcd), uint16(v))
-	case v <= math.MaxUint32:
-		return binary.BigEndian.AppendUint32(append(b, 0xce), uint32(v))
-	}
-	return binary.BigEndian.AppendUint64(append(b, 0xcf), v)
-}
-
-func strLen(s string) int {
-	switch n := len(s); {
-	case n < 32:
-		return 1 + n
-	case n <= math.MaxUint8:
-		return 2 + n
-	case n <= math.MaxUint16:
-		return 3 + n
-	default:
-		return 5 + n
-	}
-}
-
-func appendStr(b []byte, s string) []byte {
-	switch n := len(s); {
-	case n < 32:
-		b = append(b, 0xa0|byte(n))
-	case n <= math.MaxUint8:
-		b = append(b, 0xd9, byte(n))
-	case n <= math.MaxUint16:
-		b = binary.BigEndian.AppendUint16(append(b, 0xda), uint16(n))
-	default:
-		b = binary.BigEndian.AppendUint32(append(b, 0xdb), uint32(n))
-	}
-	return append(b, s...)
-}
-
-func arrayHeaderLen(n int) int {
-	switch {
-	case n < 16:
-		return 1
-	case n <= math.MaxUint16:
-		return 3
-	}
-	return 5
-}
-
-func appendArrayHeader(b []byte, n int) []byte {
-	switch {
-	case n < 16:
-		return append(b, 0x90|byte(n))
-	case n <= math.MaxUint16:
-		return binary.BigEndian.AppendUint16(append(b, 0xdc), uint16(n))
-	}
-	return binary.BigEndian.AppendUint32(append(b, 0xdd), uint32(n))
 }
 
 // Response descriptor decoder.

@@ -11,8 +11,8 @@ import (
 	"testing"
 )
 
-// The hand-written descriptor codecs of desc.go against the general ones (vmihailenco's
-// encoder; decodeMsgpack plus fromTree), which the golden vectors pin to the SPEC.
+// The specialized descriptor codecs of desc.go against the general paths of the same codec
+// (marshal; decodeMsgpack plus fromTree), which the golden vectors pin to the SPEC.
 
 // Values on either side of every msgpack width boundary.
 var (

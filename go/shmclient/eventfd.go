@@ -5,14 +5,16 @@ import (
 	"encoding/binary"
 	"os"
 	"strconv"
-	"syscall"
 	"time"
 	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // The session's wake-ups are four eventfds that the daemon creates (counter mode,
 // O_NONBLOCK) and passes with the welcome (SPEC §2.4, §4.5). This file is all the client
-// does with them, in plain system calls: no cgo, and no runtime netpoller. The
+// does with them, in plain system calls (golang.org/x/sys/unix, pure Go): no cgo, and no
+// runtime netpoller. The
 // descriptors are shared with the daemon, so their O_NONBLOCK flag (which belongs to the
 // open file description both processes hold) is never changed, and they are never
 // wrapped in os.File or net.Conn, which would register them with the netpoller. A waiter
@@ -56,21 +58,12 @@ func (e *eventfd) post() {
 		return
 	}
 	for {
-		_, _, errno := syscall.RawSyscall(syscall.SYS_WRITE, uintptr(e.fd), uintptr(unsafe.Pointer(&eventfdOne[0])), 8)
-		if errno != syscall.EINTR {
+		_, _, errno := unix.RawSyscall(unix.SYS_WRITE, uintptr(e.fd), uintptr(unsafe.Pointer(&eventfdOne[0])), 8)
+		if errno != unix.EINTR {
 			return
 		}
 	}
 }
-
-// pollfd is struct pollfd of poll(2).
-type pollfd struct {
-	fd      int32
-	events  int16
-	revents int16
-}
-
-const pollIn = 0x1 // POLLIN
 
 // wait sleeps until the eventfd is readable or d has passed, then drains the counter
 // (one read takes every pending post, counter mode). It reports nothing: a wake-up is
@@ -83,11 +76,11 @@ func (e *eventfd) wait(d time.Duration) {
 	if d < time.Microsecond {
 		d = time.Microsecond
 	}
-	pfd := pollfd{fd: int32(e.fd), events: pollIn}
-	ts := syscall.NsecToTimespec(int64(d))
+	pfd := [1]unix.PollFd{{Fd: int32(e.fd), Events: unix.POLLIN}}
+	ts := unix.NsecToTimespec(int64(d))
 	// ppoll rather than poll: arm64 has no poll system call.
-	n, _, errno := syscall.Syscall6(syscall.SYS_PPOLL, uintptr(unsafe.Pointer(&pfd)), 1, uintptr(unsafe.Pointer(&ts)), 0, 0, 0)
-	if errno != 0 || n == 0 || pfd.revents&pollIn == 0 {
+	n, err := unix.Ppoll(pfd[:], &ts, nil)
+	if err != nil || n == 0 || pfd[0].Revents&unix.POLLIN == 0 {
 		return // EINTR, timeout
 	}
 	e.drain()
@@ -96,12 +89,12 @@ func (e *eventfd) wait(d time.Duration) {
 // drain reads the counter back to 0; EAGAIN (already 0) is fine.
 func (e *eventfd) drain() {
 	var buf [8]byte
-	syscall.RawSyscall(syscall.SYS_READ, uintptr(e.fd), uintptr(unsafe.Pointer(&buf[0])), 8)
+	unix.RawSyscall(unix.SYS_READ, uintptr(e.fd), uintptr(unsafe.Pointer(&buf[0])), 8)
 }
 
 func (e *eventfd) close() {
 	if e.fd >= 0 {
-		syscall.Close(e.fd)
+		unix.Close(e.fd)
 		e.fd = -1
 	}
 }
@@ -118,11 +111,11 @@ func checkEventfd(fd int, what string) error {
 	if target != "anon_inode:[eventfd]" {
 		return protocolErrorf("the %s descriptor is %q, want an eventfd (anon_inode:[eventfd])", what, target)
 	}
-	flags, _, errno := syscall.Syscall(syscall.SYS_FCNTL, uintptr(fd), syscall.F_GETFL, 0)
-	if errno != 0 {
-		return protocolErrorf("fcntl(F_GETFL) on the %s eventfd: %v", what, errno)
+	flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+	if err != nil {
+		return protocolErrorf("fcntl(F_GETFL) on the %s eventfd: %v", what, err)
 	}
-	if flags&syscall.O_NONBLOCK == 0 {
+	if flags&unix.O_NONBLOCK == 0 {
 		return protocolErrorf("the %s eventfd is not O_NONBLOCK (SPEC §2.4)", what)
 	}
 	return nil

@@ -1,19 +1,11 @@
 package shmclient
 
-import (
-	"bytes"
-	"fmt"
-	"sync"
-
-	"github.com/vmihailenco/msgpack/v5"
-)
-
-// Control messages (SPEC §2.4): the wire structs and their codec. The descriptors in ring
-// records (SPEC §4.4) are in desc.go, the generic msgpack decoder in decode.go.
+// Control messages (SPEC §2.4): the wire structs. The descriptors in ring records (SPEC
+// §4.4) are in desc.go; the codec (one, hand-written) is encode.go and decode.go.
 //
-// Wire structs mirror SPEC §2.4 and §4.4 field for field. vmihailenco encodes struct
-// fields in declaration order, so the declaration order below IS the canonical key order
-// of SPEC §2.3; do not reorder fields. Only keys the SPEC calls optional carry omitempty.
+// Wire structs mirror SPEC §2.4 and §4.4 field for field. The encoder writes struct fields
+// in declaration order, so the declaration order below IS the canonical key order of SPEC
+// §2.3; do not reorder fields. Only keys the SPEC calls optional carry omitempty.
 
 // protocolVersion 4: model info carries kind, limits and each tensor's meaning. (Version 3:
 // the session's segment, a sealed memfd, and its four wake-up eventfds arrive as descriptors
@@ -121,51 +113,6 @@ type errorMsg struct {
 type goodbyeMsg struct {
 	Type   string `msgpack:"type"`
 	Reason string `msgpack:"reason"`
-}
-
-// EncodeMsgpack keeps the decoded key order, which for an arbitrary map (load's config)
-// is the only order there is.
-func (m mpMap) EncodeMsgpack(enc *msgpack.Encoder) error {
-	if m == nil {
-		return enc.EncodeNil()
-	}
-	if err := enc.EncodeMapLen(len(m)); err != nil {
-		return err
-	}
-	for _, kv := range m {
-		if err := enc.EncodeString(kv.Key); err != nil {
-			return err
-		}
-		if err := enc.Encode(kv.Value); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// encoders are pooled: building one per message would dominate the cost of a small
-// message. (The per-request descriptors only come here on slow paths: see desc.go.)
-type encoder struct {
-	buf bytes.Buffer
-	enc *msgpack.Encoder
-}
-
-var encoderPool = sync.Pool{New: func() any {
-	e := &encoder{}
-	e.enc = msgpack.NewEncoder(&e.buf)
-	e.enc.UseCompactInts(true)
-	return e
-}}
-
-// marshal appends the canonical encoding of v to dst.
-func marshal(dst []byte, v any) ([]byte, error) {
-	e := encoderPool.Get().(*encoder)
-	defer encoderPool.Put(e)
-	e.buf.Reset()
-	if err := e.enc.Encode(v); err != nil {
-		return dst, fmt.Errorf("shmclient: encoding %T: %w", v, err)
-	}
-	return append(dst, e.buf.Bytes()...), nil
 }
 
 // messageFor returns an empty wire struct for a message type, for decoding.

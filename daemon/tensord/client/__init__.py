@@ -1,21 +1,27 @@
 """Python reference client: the same protocol the Go client speaks, for tests and Python users.
 
     with Client() as c:
-        out = c.infer("identity", {"x": torch.arange(4.0)})
+        out = c.infer("identity", {"x": np.arange(4.0)})   # numpy in, numpy out
+        out = c.infer("identity", {"x": torch.arange(4.0)})  # torch in, torch out
+
+It needs numpy and msgpack only: torch is used when the caller passes torch tensors (or,
+when no input is an array at all, when torch is installed), never imported otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import itertools
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import torch
 
 from ..config import default_socket_path
 from ..contract.descriptors import (
@@ -26,8 +32,16 @@ from ..contract.descriptors import (
     decode_response,
     encode_descriptor,
 )
-from ..contract.dtypes import ByteStrings, decode_byte_strings, from_torch, lookup
+from ..contract.dtypes import (
+    ByteStrings,
+    DType,
+    decode_byte_strings,
+    from_numpy,
+    from_torch,
+    lookup,
+)
 from ..contract.errors import (
+    BadInputError,
     BadRequestError,
     ConnectionClosedError,
     DeadlineError,
@@ -73,7 +87,10 @@ from ..transport.segment import (
 )
 from ..transport.waiting import Notifier, Waiter
 
-Value = torch.Tensor | ByteStrings
+if TYPE_CHECKING:
+    import torch
+
+Value = Union["torch.Tensor", np.ndarray, ByteStrings]
 
 
 class Client:
@@ -254,11 +271,17 @@ class Client:
         if len(inputs) > MAX_TENSORS:
             raise BadRequestError(f"{len(inputs)} inputs; a request carries at most "
                                   f"{MAX_TENSORS} (SPEC §7)")
-        values = {k: _as_value(v) for k, v in inputs.items()}
+        values: dict[str, Value] = {}
+        dtypes: list[str] = []
+        kinds = set()
+        for k, v in inputs.items():
+            value, dtype, kind = _as_value(v)
+            values[k] = value
+            dtypes.append(dtype)
+            kinds.add(kind)
+        as_torch = "torch" in kinds or "numpy" not in kinds and _torch_installed()
         names = list(values)
         sizes = [records.nbytes(v) for v in values.values()]
-        dtypes = [("bytes" if isinstance(v, ByteStrings) else from_torch(v.dtype).name)
-                  for v in values.values()]
         budget = timeout if budget is None else budget
         timeout_us = int(budget * 1e6) if budget else 0
 
@@ -290,12 +313,13 @@ class Client:
                           list(zip(offsets, sizes, values.values())))
             ring.publish()
             self._req_data.notify()
-            return self._await(rid, deadline)
+            return self._await(rid, deadline, as_torch)
 
     def _stopped(self) -> bool:
         return self._closed_reason is not None
 
-    def _await(self, rid: int, deadline: float | None) -> dict[str, Value]:
+    def _await(self, rid: int, deadline: float | None,
+               as_torch: bool = True) -> dict[str, Value]:
         ring = self.seg.responses
         while True:
             if not self._resp_data.wait(ring.published, lambda: ring.read, self._stopped,
@@ -309,14 +333,14 @@ class Client:
             for rec in ring.poll():
                 try:
                     if rec.request_id == rid:
-                        result = self._read_response(rec)
+                        result = self._read_response(rec, as_torch)
                 finally:
                     if ring.release(rec):
                         self._resp_space.notify()
             if result is not None:
                 return result
 
-    def _read_response(self, rec: Record) -> dict[str, Value]:
+    def _read_response(self, rec: Record, as_torch: bool = True) -> dict[str, Value]:
         buf = self.seg.buf
         d0 = rec.offset + RECORD_HEADER_SIZE
         desc = decode_response(bytes(buf[d0:d0 + rec.desc_len]))
@@ -328,13 +352,16 @@ class Client:
             off = rec.offset + ref.offset
             dt = lookup(ref.dtype)
             shape = tuple(ref.shape)
-            if dt.torch_dtype is None:
+            if dt.itemsize == 0:
                 out[ref.name] = decode_byte_strings(buf[off:off + ref.nbytes], shape, ref.name)
-            else:
+            elif as_torch:
                 view = records.read_tensor(buf, off, dt.torch_dtype, dt.itemsize, ref.nbytes,
                                            shape)
                 out[ref.name] = view.clone()
                 del view
+            else:
+                out[ref.name] = np.frombuffer(buf, _numpy_dtype(dt, ref.name),
+                                              ref.nbytes // dt.itemsize, off).reshape(shape).copy()
         return out
 
     # -- lifetime --------------------------------------------------------------------------
@@ -357,14 +384,41 @@ class Client:
         self.close()
 
 
-def _as_value(v) -> Value:
+def _as_value(v) -> tuple[Value, str, str]:
+    """An input as the client sends it: (value, wire dtype, "torch" | "numpy" | "bytes")."""
     if isinstance(v, ByteStrings):
-        return v
+        return v, "bytes", "bytes"
+    torch = sys.modules.get("torch")  # a torch tensor means torch is imported already
+    if torch is not None and isinstance(v, torch.Tensor):
+        t = v.detach().cpu().contiguous()
+        return t, from_torch(t.dtype).name, "torch"
     if isinstance(v, np.ndarray):
-        v = torch.from_numpy(np.ascontiguousarray(v))
-    if not isinstance(v, torch.Tensor):
-        raise TypeError(f"inputs must be tensors, arrays or ByteStrings, not {type(v).__name__}")
-    return v.detach().cpu().contiguous()
+        a = np.ascontiguousarray(v)
+        return a, from_numpy(a.dtype).name, "numpy"
+    raise TypeError(f"inputs must be numpy arrays, torch tensors or ByteStrings, not "
+                    f"{type(v).__name__}")
+
+
+def _numpy_dtype(dt: DType, name: str) -> np.dtype:
+    if dt.numpy is not None:
+        return np.dtype(dt.numpy)
+    try:  # bf16: numpy has no such dtype; ml_dtypes (JAX's) adds one
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    except ImportError:
+        raise BadInputError(f"output {name!r} is bf16, which numpy cannot hold: pass torch "
+                            "tensors (outputs then come back as torch tensors), or install "
+                            "ml_dtypes") from None
+
+
+_torch_found: list[bool] = []
+
+
+def _torch_installed() -> bool:
+    if not _torch_found:
+        _torch_found.append(importlib.util.find_spec("torch") is not None)
+    return _torch_found[0]
 
 
 from .reconnect import ReconnectingClient  # noqa: E402  (it builds on Client)

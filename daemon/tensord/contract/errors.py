@@ -34,6 +34,11 @@ class TensordError(Exception):
     False when the request certainly did not run (safe to retry), None when it may have."""
 
     code: ErrorCode = ErrorCode.INTERNAL
+    # Set by the raiser where they apply, read with getattr: a refusal's label in metrics,
+    # the request and the model an error belongs to.
+    reason: str
+    request_id: int
+    model: str
 
     def __init__(self, message: str, *, code: ErrorCode | None = None, fatal: bool = False,
                  ran: bool | None = ...):  # type: ignore[assignment]

@@ -19,7 +19,6 @@ import logging
 import os
 import select
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from ..models.registry import Registry
 from ..ratelog import RateLimited
 from ..serving.core import Serving
 from ..serving.executor import Executor
+from ..unixsock import AddressInUse, claim
 from . import model_gauges
 from .admin import LoadPolicy, ModelControl
 from .connection import HELLO, SESSION_LOG, Connection, Services
@@ -48,10 +48,6 @@ _READ = select.EPOLLIN | select.EPOLLRDHUP
 # Connections accepted per wake-up of the listener, so a connect flood cannot starve the
 # connections already being served.
 ACCEPT_BURST = 32
-
-
-class AddressInUse(RuntimeError):
-    pass
 
 
 class Server:
@@ -127,7 +123,7 @@ class Server:
             s = _check_inherited(inherited)
             self.path = s.getsockname() or self.path
         else:
-            _claim_path(self.path)
+            claim(self.path, "--socket")
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 s.bind(self.path)
@@ -492,32 +488,3 @@ def _check_inherited(s: socket.socket) -> socket.socket:
                            "listening Unix stream socket: use ListenStream=/path in the "
                            ".socket unit")
     return s
-
-
-def _claim_path(path: str) -> None:
-    """Remove a socket file left by a dead daemon; refuse if a live one answers on it."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise AddressInUse(f"{path} exists and is not a socket; remove it or use --socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        try:
-            os.unlink(path)
-        except PermissionError as e:
-            raise AddressInUse(f"{path} is a dead socket this user cannot remove ({e}): "
-                               "remove it, or use --socket in a directory only the daemon's "
-                               "user may write (e.g. /run/tensord)") from None
-        return
-    except OSError as e:
-        raise AddressInUse(f"{path} exists and is not a usable socket ({e}): remove it, or "
-                           "use --socket in a directory only the daemon's user may write "
-                           "(e.g. /run/tensord)") from None
-    finally:
-        probe.close()
-    raise AddressInUse(f"another daemon is listening on {path}; stop it or use --socket")

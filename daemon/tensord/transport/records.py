@@ -1,18 +1,25 @@
-"""Laying out and filling one record: header, descriptor, 64-byte aligned tensor bytes."""
+"""Laying out and filling one record: header, descriptor, 64-byte aligned tensor bytes.
+
+Payloads are torch tensors (the daemon), numpy arrays (the client, which runs without
+torch) or ByteStrings; torch is only imported where a torch tensor is at hand."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
-import torch
+import numpy as np
 
 from ..contract.descriptors import align64
 from ..contract.dtypes import ByteStrings
 from ..contract.layout import RECORD_HEADER, RECORD_HEADER_SIZE
 
 if TYPE_CHECKING:
+    import torch
+
     from .segment import Segment
+
+Payload = Union["torch.Tensor", np.ndarray, ByteStrings]
 
 
 def plan(sizes: list[int], encode: Callable[[list[int]], bytes]) -> tuple[int, bytes, list[int]]:
@@ -34,7 +41,7 @@ def plan(sizes: list[int], encode: Callable[[list[int]], bytes]) -> tuple[int, b
 
 
 def write(seg: Segment, off: int, kind: int, request_id: int, record_len: int, desc: bytes,
-          payloads: list[tuple[int, int, torch.Tensor | ByteStrings]]) -> None:
+          payloads: list[tuple[int, int, Payload]]) -> None:
     """Fill the record at segment offset `off`; payloads are (offset, nbytes, value)."""
     seg.shm.write_record(off, kind, request_id, record_len, desc)
     buf = seg.buf
@@ -44,13 +51,19 @@ def write(seg: Segment, off: int, kind: int, request_id: int, record_len: int, d
         o = off + rel
         if isinstance(v, ByteStrings):
             v.encode_into(buf[o:o + n])
+        elif isinstance(v, np.ndarray):  # C-contiguous (the client makes it so)
+            seg.shm.copy_in(o, v.reshape(-1).view(np.uint8))
         elif v.is_cuda:
+            import torch
+
             dst = torch.frombuffer(buf, dtype=torch.uint8, count=n, offset=o)
             # An async D2H copy straight into the ring: the caller synchronizes before publishing.
             dst.copy_(v.reshape(-1).view(torch.uint8), non_blocking=True)
             del dst
         else:
             # A plain memcpy (without the GIL when large); cheaper than a torch view + copy_.
+            import torch  # a torch tensor is at hand: imported already, this is a lookup
+
             seg.shm.copy_in(o, v.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -69,6 +82,8 @@ def render(kind: int, request_id: int, record_len: int, desc: bytes,
         if isinstance(v, ByteStrings):
             v.encode_into(mv[rel:rel + n])
         else:
+            import torch  # a torch tensor is at hand: imported already, this is a lookup
+
             src = v.reshape(-1).view(torch.uint8)
             if src.is_cuda:
                 src = src.cpu()
@@ -76,13 +91,19 @@ def render(kind: int, request_id: int, record_len: int, desc: bytes,
     return out
 
 
-def nbytes(v: torch.Tensor | ByteStrings) -> int:
-    return v.encoded_size() if isinstance(v, ByteStrings) else v.numel() * v.element_size()
+def nbytes(v: Payload) -> int:
+    if isinstance(v, ByteStrings):
+        return v.encoded_size()
+    if isinstance(v, np.ndarray):
+        return v.nbytes
+    return v.numel() * v.element_size()
 
 
 def read_tensor(buf: memoryview, off: int, dtype: torch.dtype, itemsize: int, n: int,
                 shape: tuple[int, ...]) -> torch.Tensor:
     """A tensor viewing `n` bytes of shared memory at `off` (no copy)."""
+    import torch
+
     if n == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(buf, dtype=dtype, count=n // itemsize, offset=off).view(shape)

@@ -113,6 +113,3 @@ func appendPrefixed(dst []byte, t shmclient.Tensor) ([]byte, error) {
 	}
 	return dst, nil
 }
-
-// prefixedSize is the size of appendPrefixed's output: the same as tensord's layout.
-func prefixedSize(t shmclient.Tensor) int { return len(t.Data) }
