@@ -48,6 +48,7 @@ from ..contract.messages import (
     Unload,
     Welcome,
     error_message,
+    for_version,
 )
 from ..models.registry import Registry
 from ..ratelog import RateLimited
@@ -128,6 +129,7 @@ class Connection:
         self._seg: Segment | None = None
         self._grant: Grant | None = None
         self._client = ""
+        self.version = max(SUPPORTED_VERSIONS)  # the version the handshake chose
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -176,7 +178,7 @@ class Connection:
                     self.fail(e)
                     return
                 rid = getattr(msg, "id", 0) if msg is not None else getattr(e, "request_id", 0)
-                self.send(error_message(e, rid))
+                self.send(error_message(e, rid, self.version))
             except OSError as e:
                 # Not the socket: the session could not be set up (mmap, fallocate, eventfds).
                 _refusals.warning("connection of pid %d: %s", self.peer.pid, e)
@@ -203,7 +205,8 @@ class Connection:
         elif isinstance(msg, Ping):
             self.send(Pong(id=msg.id))
         elif isinstance(msg, Models):
-            self.send(ModelList(id=msg.id, models=self.s.registry.infos()))
+            self.send(ModelList(id=msg.id, models=[for_version(m, self.version)
+                                                   for m in self.s.registry.infos()]))
         elif isinstance(msg, Stats):
             self.send(ModelStats(id=msg.id, models=self.s.stats()))
         elif isinstance(msg, Health):
@@ -219,13 +222,14 @@ class Connection:
 
     def _hello(self, hello: Hello) -> None:
         cfg = self.s.config
-        version = _choose_version(hello)
+        version = self.version = _choose_version(hello)
         req = ring_capacity(hello.request_ring, cfg.default_ring)
         resp = ring_capacity(hello.response_ring, cfg.default_ring)
         if max(req, resp) > cfg.max_ring:
             raise TooLargeError(
                 f"asked for rings of {req} and {resp} bytes; this daemon allows at most "
-                f"{cfg.max_ring} per ring (max_ring in its config)", fatal=True)
+                f"{cfg.max_ring} per ring (max_ring in its config)", fatal=True,
+                limit=cfg.max_ring)
         # Counted before the segment exists: the next handshake sees these bytes as taken.
         adm = self.s.admission
         self._grant = adm.admit(self.peer.uid, segment_size(req, resp))
@@ -258,6 +262,7 @@ class Connection:
         seg, self._seg = self._seg, None
         self.session = Session(self._session_id, seg, self.s.registry, self.s.executor,
                                self._fatal_from_any_thread)
+        self.session.version = self.version  # response errors carry protocol 5's fields
         self.state = SERVING
         self.deadline = None
         self.s.dispatcher.add(self.session)
@@ -287,7 +292,7 @@ class Connection:
             if self.state != SERVING:
                 return
             if isinstance(err, TensordError):
-                self.send(error_message(err, msg.id))
+                self.send(error_message(err, msg.id, self.version))
             elif err is not None:
                 self.send(error_message(InternalError(
                     f"{msg.TYPE} failed inside the daemon: {type(err).__name__}: {err}"),
@@ -343,7 +348,7 @@ class Connection:
             metrics.rejected(getattr(err, "reason", None) or err.code.name.lower())
         _refusals.info("closing connection of pid %d uid %d: %s", self.peer.pid,
                        self.peer.uid, err)
-        self._out += encode_frame(error_message(err))
+        self._out += encode_frame(error_message(err, 0, self.version))
         with contextlib.suppress(OSError):
             self.sock.send(self._out)
         self.close()

@@ -33,6 +33,7 @@ from ..contract.errors import (
     TooLargeError,
 )
 from ..contract.layout import KIND_PAD, KIND_RESPONSE, RECORD_HEADER_SIZE, ring_capacity
+from ..contract.messages import error_fields
 from ..models.base import Model
 from ..models.registry import Registry
 from ..models.signature import Value
@@ -86,6 +87,8 @@ def _on_host(response: tuple) -> tuple:
 
 
 class Session:
+    version = 5  # the protocol version of its connection: 4 gets no error fields
+
     def __init__(self, session_id: str, segment: Segment, registry: Registry, executor: Executor,
                  on_fatal: Callable[[TensordError], None]):
         self.id = session_id
@@ -182,7 +185,7 @@ class Session:
         if limit and (total := sum(ref.nbytes for ref in desc.inputs)) > limit:
             raise TooLargeError(
                 f"the request's inputs are {total} bytes; model {model.name!r} takes at most "
-                f"{limit} (max_input_bytes in its config): send smaller requests")
+                f"{limit} (max_input_bytes in its config): send smaller requests", limit=limit)
         order = model.signature.order_inputs(model.name, desc.inputs)
         if model.device.startswith("cuda"):
             self._pin()  # H2D straight from the page-locked ring, D2H straight into it
@@ -275,8 +278,9 @@ class Session:
         thread ever waits on one client."""
         if response is None and error is not None:
             msg = error.message[:MAX_ERROR_MESSAGE]
+            fields = error_fields(error) if self.version >= 5 else (None, None, None)
             desc = encode_descriptor(ResponseDescriptor(
-                error=ErrorInfo(int(error.code), error.code.name, msg)))
+                error=ErrorInfo(int(error.code), error.code.name, msg, *fields)))
             response = (rec.request_id, align64(RECORD_HEADER_SIZE + len(desc)), desc, [])
         with self._lock:
             self._running -= 1
