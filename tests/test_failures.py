@@ -477,7 +477,7 @@ def test_a_slow_model_does_not_hold_up_another(slow_daemon):
 
 def test_model_raising_is_a_model_failed_error(slow_daemon):
     with Client(slow_daemon.path) as c:
-        with pytest.raises(ModelFailedError, match="'slow' raised"):
+        with pytest.raises(ModelFailedError, match="'slow' failed on this request"):
             c.infer("slow", {"x": torch.ones(2, 256), "n": torch.tensor([1, 2])})
         y = c.infer("slow", {"x": torch.ones(2, 256), "n": torch.tensor(3)})["y"]
         assert y.shape == (2, 256)

@@ -4,16 +4,24 @@ code, and the Python client's reconnecting behaviour. Real daemons, real shared 
 
 from __future__ import annotations
 
+import io
 import signal
+import struct
 import threading
 import time
+import zlib
+from pathlib import Path
 
+import builtin_fixtures
 import pytest
 import torch
 from conftest import start_daemon
 from handlers_for_tests import gate_calls, wait_for
+from PIL import Image
 
 from tensord.client import Client, ReconnectingClient
+from tensord.config import model_config
+from tensord.contract.dtypes import ByteStrings
 from tensord.contract.errors import (
     BadInputError,
     ConnectionClosedError,
@@ -23,6 +31,9 @@ from tensord.contract.errors import (
     retryable,
     safe_to_retry,
 )
+from tensord.models.loader import load_model
+
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def test_models_say_whether_they_are_idempotent(daemon):
@@ -160,3 +171,122 @@ def test_idempotent_request_in_flight_at_sigkill_is_made_again(tmp_path):
         rc_a.close()
         rc_b.close()
         d.stop()
+
+
+# -- a request's cost is bounded by its size and the config; errors in the caller's terms ----
+
+def _png_header(w: int, h: int) -> bytes:
+    """A PNG that claims w x h 1-bit pixels and holds a few bytes of nonsense: what it costs
+    to decode is what the header claims, so the daemon must refuse it from the header."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + \
+            struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"\x00" * 16) + \
+        chunk(b"IEND", b"")
+
+
+def _encode(im: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _load(files, table: dict):
+    return load_model(model_config({"device": "cpu", "warmup": False, **table},
+                                   str(files.dir), "test"))
+
+
+def _run(model, *items: bytes):
+    with torch.inference_mode():
+        return model.forward([ByteStrings(list(items), (len(items),))])
+
+
+builtin_files = builtin_fixtures.builtin_files
+
+
+@pytest.fixture(scope="module")
+def vision(builtin_files):
+    return _load(builtin_files, {"name": "resnet", "source": "vision.classify",
+                                 "path": str(builtin_files.resnet)})
+
+
+def test_pixel_limits_are_sized_to_the_model_and_checked_from_the_header(vision):
+    assert vision.limits.max_pixels == (16 * 256) ** 2  # resize 256; phone photos fit
+    assert vision.handler.max_request_pixels == 4 * vision.limits.max_pixels
+    # The issue's 7.8 KB PNG of 8000x7999 pixels, and one past Pillow's own bomb limit: both
+    # refused by max_pixels from their header. Their data is nonsense, so a decode would
+    # have said "corrupt data" instead.
+    for w, h in ((8000, 7999), (20000, 20000)):
+        with pytest.raises(BadInputError) as e:
+            _run(vision, _encode(Image.new("RGB", (8, 8))), _png_header(w, h))
+        assert (e.value.input, e.value.item, e.value.limit) == ("image", 1, (16 * 256) ** 2)
+        assert "limits.max_pixels" in e.value.message
+
+
+def test_pixels_a_request_decodes_are_bounded(builtin_files):
+    m = _load(builtin_files, {"name": "budget", "source": "vision.classify",
+                              "path": str(builtin_files.resnet),
+                              "options": {"max_request_pixels": 100_000}})
+    small = _encode(Image.new("RGB", (200, 200), (9, 80, 200)))  # 40,000 pixels
+    assert _run(m, small, small)[0].shape == (2, 5)
+    # The third would take the request past 100,000 pixels: refused before it is decoded
+    # (its data is nonsense; decoding it would have failed differently).
+    with pytest.raises(BadInputError) as e:
+        _run(m, small, small, _png_header(200, 200))
+    assert (e.value.input, e.value.item, e.value.limit) == ("image", 2, 100_000)
+    assert "max_request_pixels" in e.value.message
+
+
+@pytest.mark.parametrize("data,words", [
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "not a PNG/JPEG/WEBP image (48 bytes)"),
+    (b"GIF89a? no", "not a PNG/JPEG/WEBP image"),
+    ("chelsea.png", "not a decodable PNG/JPEG/WEBP image"),
+    ("chelsea.jpg", "not a decodable JPEG image (truncated)"),
+])
+def test_undecodable_images_are_told_in_the_callers_terms(vision, data, words):
+    if isinstance(data, str):
+        data = (DATA / data).read_bytes()[:2000]
+    with pytest.raises(BadInputError) as e:
+        _run(vision, data)
+    msg = e.value.message
+    assert msg.startswith("input 'image' item 0: ") and words in msg, msg
+    for internal in ("Error", "b'", "b\"", "PIL", "Traceback", "<"):
+        assert internal not in msg, msg
+
+
+@pytest.fixture(scope="module")
+def sentiment(builtin_files):
+    return _load(builtin_files, {"name": "s", "source": "text.classify",
+                                 "path": str(builtin_files.bert),
+                                 "tokenizer": str(builtin_files.tokenizer)})
+
+
+class _SpyTokenizer:
+    """Records what the handler hands its tokenizer."""
+
+    def __init__(self, tok):
+        self.tok, self.lengths = tok, []
+
+    def encode_batch(self, texts):
+        self.lengths += [len(t) for t in texts]
+        return self.tok.encode_batch(texts)
+
+
+def test_long_texts_are_cut_before_tokenizing(sentiment):
+    h = sentiment.handler
+    spy = h.tokenizer = _SpyTokenizer(h.tokenizer)
+    try:
+        words = "the movie was great fun and the plot was good " * 20_000  # ~1 MB
+        long = run_text(sentiment, words.encode())
+        assert max(spy.lengths) == h.max_chars == 32 * h.max_tokens < 20_000
+        # The model reads the same tokens as from the text cut by hand.
+        cut = run_text(sentiment, words[:h.max_chars].encode())
+        torch.testing.assert_close(long[1], cut[1])
+    finally:
+        h.tokenizer = spy.tok
+
+
+def run_text(model, *texts: bytes):
+    with torch.inference_mode():
+        return model.forward([ByteStrings(list(texts), (len(texts),))])
