@@ -215,7 +215,8 @@ def test_padding_does_not_change_embeddings(embedder):
 
 
 def test_invalid_utf8_is_bad_input(embedder):
-    with pytest.raises(BadInputError, match=r"input 'text' item 1: not valid UTF-8 .* at byte 3: 0xff"):
+    with pytest.raises(BadInputError,
+                       match=r"input 'text' item 1: not valid UTF-8 .* at byte 3: 0xff"):
         run(embedder, strings(b"fine", b"bad\xff\xfe"))
 
 

@@ -5,8 +5,12 @@ code, and the Python client's reconnecting behaviour. Real daemons, real shared 
 from __future__ import annotations
 
 import io
+import os
+import re
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -290,3 +294,60 @@ def test_long_texts_are_cut_before_tokenizing(sentiment):
 def run_text(model, *texts: bytes):
     with torch.inference_mode():
         return model.forward([ByteStrings(list(texts), (len(texts),))])
+
+
+# -- zero-downtime restart (control/takeover.py) -----------------------------------------------
+
+def _upgrade(path: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tensord", "upgrade", "--socket", path, *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_upgrade_whose_successor_fails_changes_nothing(tmp_path):
+    d = start_daemon(tmp_path, config="[daemon]\nbuiltin_models = true\n")
+    try:
+        (tmp_path / "tensord.toml").write_text("[daemon\nthis is not TOML")
+        r = _upgrade(d.path)
+        assert r.returncode == 1 and "exited before it was ready" in r.stderr, r
+        assert "keeps serving" in d.logs()
+        with Client(d.path) as c:  # the old daemon, still serving
+            assert torch.equal(c.infer("identity", {"x": torch.arange(4.0)})["y"],
+                               torch.arange(4.0))
+        assert d.proc.poll() is None
+    finally:
+        d.stop()
+
+
+def test_upgrade_hands_the_socket_over_and_the_old_daemon_drains(tmp_path):
+    d = start_daemon(tmp_path)
+    rc = ReconnectingClient(d.path, reconnect_wait=0.02, max_reconnect_wait=0.2)
+    new_pid = None
+    try:
+        x = torch.arange(6.0)
+        assert torch.equal(rc.infer("identity", {"x": x}, timeout=5)["y"], x)
+        r = _upgrade(d.path)
+        assert r.returncode == 0, r
+        new_pid = int(re.search(r"new daemon \(pid (\d+)\)", r.stdout).group(1))
+        assert d.proc.wait(timeout=30) == 0  # drained and stopped
+        assert os.path.exists(d.path), "the old daemon left the socket file to the new one"
+        assert torch.equal(rc.infer("identity", {"x": x * 2}, timeout=5)["y"], x * 2)
+        # The next upgrade finds the new daemon by itself (it holds the listening socket).
+        r = _upgrade(d.path)
+        assert r.returncode == 0 and f"pid {new_pid} drains" in r.stdout, r
+        newer = int(re.search(r"new daemon \(pid (\d+)\)", r.stdout).group(1))
+        _wait_gone(new_pid)
+        new_pid = newer
+    finally:
+        rc.close()
+        d.stop()
+        if new_pid:
+            os.kill(new_pid, signal.SIGTERM)
+            _wait_gone(new_pid)
+    assert not os.path.exists(d.path), "the last daemon removes the socket file it took over"
+
+
+def _wait_gone(pid: int, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < end, f"pid {pid} did not exit"
+        time.sleep(0.05)
