@@ -252,6 +252,7 @@ func TestHTTPAndGRPCStatus(t *testing.T) {
 		{&DaemonError{Code: CodeDeadline}, 504, grpcDeadlineExceeded},
 		{&DaemonError{Code: CodeShuttingDown}, 503, grpcUnavailable},
 		{&noSessionError{}, 503, grpcUnavailable},
+		{&noSessionError{ctxErr: context.DeadlineExceeded}, 503, grpcUnavailable},
 		{context.Canceled, 499, grpcCanceled},
 		{&DaemonError{Code: CodeModelFailed}, 500, grpcInternal},
 		{errors.New("other"), 500, grpcInternal},

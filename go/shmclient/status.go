@@ -18,8 +18,9 @@ import (
 //	ErrDeadline, context.DeadlineExceeded            504  DEADLINE_EXCEEDED (4)
 //	context.Canceled (the caller went away)          499  CANCELLED (1)
 //	ErrOverloaded                                    429  RESOURCE_EXHAUSTED (8)
-//	ErrUnavailable, ErrShuttingDown, ErrClosed,
-//	  ErrResource (retry later, see Retryable)       503  UNAVAILABLE (14)
+//	ErrUnavailable (even when the caller's deadline
+//	  ended waiting for a daemon), ErrShuttingDown,
+//	  ErrClosed, ErrResource (retry later: Retryable) 503  UNAVAILABLE (14)
 //	ErrUnsupported                                   501  UNIMPLEMENTED (12)
 //	ErrModelFailed, ErrInternal, ErrProtocol, other  500  INTERNAL (13)
 //
@@ -64,6 +65,8 @@ func statusOf(err error) (int, uint32) {
 	switch {
 	case err == nil:
 		return 200, 0
+	case errors.Is(err, ErrUnavailable): // no daemon, even if the caller's deadline ended first
+		return 503, grpcUnavailable
 	case errors.Is(err, context.DeadlineExceeded): // DEADLINE from the daemon matches too
 		return 504, grpcDeadlineExceeded
 	case errors.Is(err, context.Canceled):
