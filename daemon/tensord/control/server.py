@@ -421,6 +421,7 @@ class Server:
 
     def _close(self) -> None:
         sdnotify.notify("STOPPING=1\nSTATUS=stopping")
+        self._successor.abandon()  # an upgrade still loading does not outlive this daemon
         if self._metrics is not None:
             self._metrics.close()
         if self._listener is not None:

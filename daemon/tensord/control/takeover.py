@@ -54,6 +54,7 @@ class Successor:
         self._call_soon = call_soon
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
+        self._handed_over = False
 
     def start(self, listener: socket.socket | None, owns_path: bool,
               handover: Callable[[Callable[[], None]], None]) -> None:
@@ -102,6 +103,8 @@ class Successor:
             return
 
         def go() -> None:
+            with self._lock:
+                self._handed_over = True
             with contextlib.suppress(OSError):
                 os.write(go_w, b"go\n")
             os.close(go_w)
@@ -109,6 +112,21 @@ class Successor:
                      proc.pid)
 
         self._call_soon(lambda: handover(go))
+
+
+    def abandon(self) -> None:
+        """This daemon stops before its successor took over (a SIGTERM during an upgrade):
+        the successor must not go on to serve a socket nobody hands it, so it is stopped."""
+        with self._lock:
+            proc = None if self._handed_over else self._proc
+        if proc is not None and proc.poll() is None:
+            log.warning("upgrade: stopping the new daemon (pid %d): this one stops before it "
+                        "took over", proc.pid)
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+            if proc.poll() is None:
+                proc.kill()
 
 
 class Predecessor:
