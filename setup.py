@@ -1,11 +1,20 @@
-"""Builds the native ring core (daemon/tensord/transport/_ring.c); everything else is in
-pyproject.toml."""
+"""Builds the native core (daemon/native, a Rust crate) as the extension module tensord._core;
+everything else is in pyproject.toml. Needs cargo (https://rustup.rs) on the building machine;
+a built wheel needs nothing."""
 
-from setuptools import Extension, setup
+from setuptools import setup
+from setuptools_rust import Binding, RustExtension
 
-setup(ext_modules=[Extension(
-    "tensord.transport._ring",
-    sources=["daemon/tensord/transport/_ring.c"],
-    extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                        "-Wno-missing-field-initializers", "-Werror"],
-)])
+setup(
+    rust_extensions=[RustExtension(
+        "tensord._core",
+        path="daemon/native/Cargo.toml",
+        binding=Binding.PyO3,
+        features=["python"],
+        # One build for every CPython >= 3.11 (PyO3's abi3-py311 feature in Cargo.toml).
+        py_limited_api=True,
+        # Always optimised: an editable install would otherwise build the ring core in debug.
+        debug=False,
+    )],
+    options={"bdist_wheel": {"py_limited_api": "cp311"}},
+)

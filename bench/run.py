@@ -436,6 +436,7 @@ def batching_server(workdir: Path, variant: str, with_effnet: bool, threads: int
     sock = str(workdir / f"tensord-{variant}.sock")
     cfg = workdir / f"tensord-{variant}.toml"
     text = (f"[daemon]\nspin_us = 0\nmax_sessions = 256\nbuiltin_models = true\n"
+            f"priority_uids = [{os.getuid()}]\n"
             f"threads = {threads}\n\n")
     text += model_toml({"name": "mlp", "source": "builtin",
                         "max_batch_size": 64 if batched else 1, "max_queue_delay_us": 0})

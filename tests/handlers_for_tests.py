@@ -68,6 +68,11 @@ class Gate(Handler):
 
     def forward(self, batch):
         (x,) = batch
+        self.hold(x)
+        return [x + self.add]
+
+    def hold(self, x):
+        """Record the call's rows, say it started, and wait until the test opens the gate."""
         with open(os.path.join(self.dir, "calls"), "a") as f:  # each row's first value, in order
             f.write("".join(f"{float(v)}\n" for v in x.reshape(len(x), -1)[:, 0]) + "-\n")
         open(os.path.join(self.dir, "started"), "w").close()
@@ -76,7 +81,50 @@ class Gate(Handler):
             if time.monotonic() > end:
                 raise RuntimeError("gate was never opened")
             time.sleep(0.005)
-        return [x + self.add]
+
+
+class GatedEmbedding(Gate):
+    """A gate whose pass looks its rows up in a 10-row embedding table with torch, so an index
+    out of range raises torch's own IndexError, as a real model's would. Row i of the table is
+    [i, i + 0.25, i + 0.5, i + 0.75]: every answer says which index it came from."""
+
+    inputs = (Spec("x", "i64", (-1,)),)
+    outputs = (Spec("y", "f32", (-1, 4)),)
+
+    def load(self, ctx):
+        super().load(ctx)
+        import torch
+
+        self.weight = torch.arange(10, dtype=torch.float32)[:, None] + torch.tensor(
+            [0.0, 0.25, 0.5, 0.75])
+
+    def forward(self, batch):
+        import torch
+
+        (x,) = batch
+        self.hold(x)
+        return [torch.nn.functional.embedding(x, self.weight)]
+
+
+class WriteFails(Doubler):
+    """Returns a bytes output that raises while it is written into the response ring."""
+
+    outputs = (Spec("y", "bytes", (-1,)),)
+
+    def forward(self, batch):
+        from tensord.contract.dtypes import ByteStrings
+
+        class Exploding(ByteStrings):
+            __slots__ = ()
+
+            def encode_into(self, buf):
+                raise OSError("simulated fault while copying outputs into the ring")
+
+            def encode(self):
+                raise OSError("simulated fault while copying outputs into the ring")
+
+        n = batch[0].shape[0]
+        return [Exploding([b"never seen"] * n, (n,))]
 
 
 def gate_config(d, **keys) -> dict:
@@ -107,3 +155,27 @@ def wait_for(path, timeout: float = 60.0) -> None:
         if time.monotonic() > end:
             raise TimeoutError(f"{path} did not appear within {timeout} s")
         time.sleep(0.005)
+
+
+class Overlap(Doubler):
+    """Counts how many forward passes run at once (`<dir>/max` holds the most seen)."""
+
+    def load(self, ctx):
+        import threading
+
+        super().load(ctx)
+        self.dir = ctx.options["dir"]
+        self.lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+
+    def forward(self, batch):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            with open(os.path.join(self.dir, "max"), "w") as f:
+                f.write(str(self.most))
+        time.sleep(0.002)
+        with self.lock:
+            self.now -= 1
+        return super().forward(batch)

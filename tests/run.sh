@@ -7,9 +7,12 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 TENSORD_EXTRAS=${TENSORD_EXTRAS:-test,examples} bash daemon/setup.sh
 export PATH="$root/.venv/bin:$PATH"
+command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"  # the native core's tests
 
 echo "== ruff"
 ruff check daemon tests protocol bench
+echo "== native core (daemon/native): cargo test (units, golden vectors, fuzz corpus, proptest), clippy (library)"
+(cd daemon/native && cargo test --locked -q && cargo clippy --locked -q -- -D warnings)
 echo "== pytest"
 pytest -q tests
 echo "== go vet, gofmt"
@@ -29,4 +32,14 @@ for t in FuzzReadFrame FuzzWelcome FuzzResponseDescriptor; do
   # decoders only: TENSORD_PYTHON points nowhere, so TestMain starts no daemon
   (cd go && TENSORD_PYTHON=/nonexistent go test -run '^$' -fuzz "^$t\$" -fuzztime "${fuzz}s" ./shmclient)
 done
+# The native core is built for the stable ABI (abi3-py311): build and run it on the newest
+# CPython this machine has too (issue 15 item 9: the C core did not build on 3.13).
+py313=${TENSORD_PY313:-$(command -v python3.13 || ls /root/.pyenv/versions/3.13*/bin/python 2>/dev/null | tail -1 || true)}
+if [ -n "$py313" ] && [ -x "$py313" ]; then
+  echo "== Python $("$py313" -c 'import sys; print(sys.version.split()[0])'): native core, ring, daemon and failure tests (.venv313)"
+  PYTHON="$py313" TENSORD_VENV=.venv313 TENSORD_EXTRAS=test bash daemon/setup.sh
+  .venv313/bin/pytest -q -p no:cacheprovider tests/test_ring.py tests/test_daemon.py tests/test_failures.py
+else
+  echo "== Python 3.13: SKIPPED, no python3.13 on this machine (set TENSORD_PY313)"
+fi
 echo "== all tests passed"

@@ -22,6 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tensord import _core
 from tensord.contract.descriptors import (
     MAX_DIM,
     MAX_TENSORS,
@@ -41,7 +42,7 @@ from tensord.contract.layout import (
     write_header,
 )
 from tensord.contract.messages import MESSAGE_TYPES
-from tensord.transport import _ring, records
+from tensord.transport import records
 from tensord.transport.ring import RingConsumer, RingControl, Shm
 
 FUZZ_SECONDS = float(os.environ.get("TENSORD_FUZZ_SECONDS", "0") or 0)
@@ -315,4 +316,4 @@ def test_fuzz_targets_reject_what_they_must():
     except BadRequestError:
         pass
     assert torch.empty((0, 2**16), dtype=torch.float32).numel() == 0
-    assert isinstance(_ring.CorruptError, type)
+    assert isinstance(_core.CorruptError, type)

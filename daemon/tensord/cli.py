@@ -75,19 +75,21 @@ def _serve(args) -> int:
             notify(f"STATUS=loading model {mc.name}")
             registry.add(executor.aside(load_model, mc), mc)
         server = Server(cfg, registry, executor)
+        # Before the socket exists: a client that connects and at once sends SIGTERM gets a
+        # drain, never the default action (death without a word).
+        signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
+        signal.signal(signal.SIGINT, lambda *_: server.shutdown())
+        signal.signal(signal.SIGHUP, lambda *_: server.reload_config())
+        signal.signal(signal.SIGUSR2, lambda *_: server.upgrade())  # `tensord upgrade`
+        # Signals whose default would end the daemon without a word: ignored.
+        for sig in (signal.SIGUSR1, signal.SIGALRM, signal.SIGIO):
+            signal.signal(sig, signal.SIG_IGN)
         if predecessor is not None:
             predecessor.take_over()  # models loaded and warm: the old daemon stops accepting
         server.listen(inherited, owns_path=predecessor is not None and predecessor.owns_path)
     except (ConfigError, AddressInUse, LoadError, OSError) as e:
         logging.getLogger("tensord").error("%s", e)
         return 1
-    signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
-    signal.signal(signal.SIGINT, lambda *_: server.shutdown())
-    signal.signal(signal.SIGHUP, lambda *_: server.reload_config())
-    signal.signal(signal.SIGUSR2, lambda *_: server.upgrade())  # `tensord upgrade`
-    # Signals whose default would end the daemon without a word: ignored.
-    for sig in (signal.SIGUSR1, signal.SIGALRM, signal.SIGIO):
-        signal.signal(sig, signal.SIG_IGN)
     if predecessor is not None:
         import os
 

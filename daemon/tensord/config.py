@@ -48,7 +48,8 @@ class ModelConfig:
     module: str = ""  # "package.module:factory" returning a torch.nn.Module
     labels: str = ""  # one class name per line
     tokenizer: str = ""  # a Hugging Face tokenizer.json
-    # Scheduling (serving/scheduler.py): batching is off while max_batch_size <= 1.
+    # Scheduling (the serving core's queues, daemon/native/src/engine): batching is off
+    # while max_batch_size <= 1.
     max_batch_size: int = 0  # 0: the model's own default (1, or the built-in's)
     max_queue_delay_us: int = 0
     preferred_batch_sizes: list[int] = field(default_factory=list)
@@ -71,6 +72,9 @@ class DaemonConfig:
     max_sessions: int = 64
     spin_us: int = 0
     admin_uids: list[int] = field(default_factory=lambda: [os.getuid()])
+    # Whose requests may ask for high priority (SPEC §4.4); others' are served at normal
+    # priority. High priority never starves normal (the core's HIGH_RUN).
+    priority_uids: list[int] = field(default_factory=list)
     builtin_models: bool = True
     threads: int = 0  # PyTorch intra-op threads on the CPU; 0: half the cores this process may use
     # health: a model whose forward pass has run longer than this is reported not ready
@@ -82,6 +86,9 @@ class DaemonConfig:
     max_sessions_per_uid: int = 0
     max_memory: int = 0  # bytes of session segments, all sessions together
     max_memory_per_uid: int = 0
+    # Responses the daemon holds for a session whose client does not read them (parked until
+    # it frees response-ring space); they count against max_memory and max_memory_per_uid too.
+    max_parked_per_session: int = 64 * MiB
     # Admin loads are code execution (SPEC §2.6). For admins other than root and the daemon's
     # own user: the handlers/modules they may name (None: those named in [[models]] at start;
     # "pkg.mod:Class", "pkg.mod:*", "*") and the directories their model files must be in.
@@ -102,9 +109,10 @@ class ConfigError(ValueError):
 
 
 _DAEMON_KEYS = {"socket", "socket_mode", "default_ring", "max_ring", "max_sessions", "spin_us",
-                "admin_uids", "builtin_models", "threads", "stuck_after_s", "drain_grace_s",
-                "max_pending",
+                "admin_uids", "priority_uids", "builtin_models", "threads", "stuck_after_s",
+                "drain_grace_s", "max_pending",
                 "max_sessions_per_uid", "max_memory", "max_memory_per_uid", "allow_handlers",
+                "max_parked_per_session",
                 "model_dirs", "metrics"}
 _STR_LISTS = {"allow_handlers", "model_dirs"}
 _MODEL_TYPES = {"name": str, "source": str, "path": str, "handler": str, "device": str,
@@ -184,10 +192,15 @@ def load_config(path: str) -> DaemonConfig:
         if not isinstance(v, want) or (want is int and isinstance(v, bool)):
             raise ConfigError(f"{path}: [daemon].{k} must be a {want.__name__}")
         setattr(cfg, k, v)
+    for k in ("admin_uids", "priority_uids"):
+        if not all(type(u) is int and u >= 0 for u in getattr(cfg, k)):
+            raise ConfigError(f"{path}: [daemon].{k} must be a list of uids (integers)")
     cfg.model_dirs = [os.path.join(base, p) for p in cfg.model_dirs]
     for k in ("max_sessions_per_uid", "max_memory", "max_memory_per_uid"):
         if getattr(cfg, k) < 0:
             raise ConfigError(f"{path}: [daemon].{k} must be 0 (no bound) or positive")
+    if cfg.max_parked_per_session < 0:
+        raise ConfigError(f"{path}: [daemon].max_parked_per_session must be 0 or positive")
     if cfg.max_pending < 1:
         raise ConfigError(f"{path}: [daemon].max_pending must be at least 1")
     for i, m in enumerate(raw.pop("models", [])):

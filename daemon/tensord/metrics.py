@@ -4,10 +4,10 @@
     metrics = "127.0.0.1:9464"                 # loopback TCP, or:
     metrics = "unix:/run/tensord/metrics.sock"  # a Unix socket (mode: socket_mode)
 
-Everything is recorded through the functions below; they return at once while the listener
-is off, so the request path pays nothing unless someone scrapes. The serving layer calls
-`record_request` once per answered request and `record_batch` once per forward pass; the
-control loop keeps the session, memory and connection gauges and counts refused clients.
+Per-request metrics (requests by model and outcome, durations, batch sizes, retries) are the
+native serving core's counters, read at scrape time (`use_core`): nothing runs per request
+for them. The control loop keeps the session, memory and connection gauges and counts refused
+clients through the functions below, which return at once while the listener is off.
 
 The listener is one thread that serves one scrape at a time (GET /metrics, HTTP/1.0 style,
 the connection closed after the answer), each bounded by a socket timeout, so a slow or
@@ -23,15 +23,16 @@ import os
 import socket
 import stat
 import threading
+from collections.abc import Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from . import __version__
 
@@ -41,17 +42,69 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 SECONDS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1,
            0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-REQUESTS = Counter("tensord_requests_total", "Requests answered, by model and outcome (ok, or "
-                   "the SPEC error name)", ["model", "outcome"], registry=REGISTRY)
-REQUEST_SECONDS = Histogram("tensord_request_duration_seconds", "From reading a request's "
-                            "record to writing its response", ["model"], buckets=SECONDS,
-                            registry=REGISTRY)
-QUEUE_SECONDS = Histogram("tensord_queue_duration_seconds", "Time a request waited for its "
-                          "model", ["model"], buckets=SECONDS, registry=REGISTRY)
-COMPUTE_SECONDS = Histogram("tensord_compute_duration_seconds", "Forward-pass time of a batch",
-                            ["model"], buckets=SECONDS, registry=REGISTRY)
-BATCH_SIZE = Histogram("tensord_batch_size", "Requests per forward pass", ["model"],
-                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=REGISTRY)
+# The families the serving core's counters fill (CoreCollector), by name and help text.
+_CORE_COUNTERS = {
+    "tensord_requests": "Requests answered, by model and outcome (ok, or the SPEC error name)",
+    "tensord_batch_retries": "Forward passes run again in halves after a batch failed, so "
+                             "only the requests that fail alone get the error",
+}
+_CORE_HISTOGRAMS = {
+    "tensord_request_duration_seconds": "From reading a request's record to writing its "
+                                        "response",
+    "tensord_queue_duration_seconds": "Time a request waited for its model",
+    "tensord_compute_duration_seconds": "Forward-pass time of a batch",
+    "tensord_batch_size": "Requests per forward pass",
+}
+_SECONDS_BOUNDS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025,
+                   0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_SIZE_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class CoreCollector:
+    """Prometheus families from the serving core's counters, read when scraped."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], list] | None = None
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        rows = self.source() if self.source is not None else []
+        requests = CounterMetricFamily("tensord_requests", _CORE_COUNTERS["tensord_requests"],
+                                       labels=["model", "outcome"])
+        retries = CounterMetricFamily("tensord_batch_retries",
+                                      _CORE_COUNTERS["tensord_batch_retries"], labels=["model"])
+        hists = {name: HistogramMetricFamily(name, doc, labels=["model"])
+                 for name, doc in _CORE_HISTOGRAMS.items()}
+        names = list(_CORE_HISTOGRAMS)
+        for model, outcomes, histograms, retried in rows:
+            for outcome, n in outcomes:
+                requests.add_metric([model, outcome], n)
+            retries.add_metric([model], retried)
+            for name, (counts, total) in zip(names, histograms):
+                bounds = _SIZE_BOUNDS if name == "tensord_batch_size" else _SECONDS_BOUNDS
+                if not counts:
+                    counts = [0] * (len(bounds) + 1)
+                acc, buckets = 0, []
+                for bound, c in zip([*map(str, bounds), "+Inf"], counts):
+                    acc += c
+                    buckets.append((bound, acc))
+                hists[name].add_metric([model], buckets, total)
+        yield requests
+        yield retries
+        yield from hists.values()
+
+
+CORE = CoreCollector()
+REGISTRY.register(CORE)
+
+
+def use_core(source: Callable[[], list]) -> None:
+    """Read per-request metrics from the serving core (tensord._core.Engine.metrics)."""
+    CORE.source = source
+
+
 SESSIONS = Gauge("tensord_sessions", "Sessions (admitted handshakes) now", registry=REGISTRY)
 SHARED_MEMORY = Gauge("tensord_shared_memory_bytes", "Bytes of session segments now",
                       registry=REGISTRY)
@@ -67,39 +120,6 @@ _children: dict[tuple, object] = {}
 
 def enabled() -> bool:
     return _on
-
-
-def record_request(model: str, outcome: str, queue_s: float | None = None,
-                   compute_s: float | None = None, total_s: float | None = None) -> None:
-    """One answered request. `outcome`: "ok" or the error's SPEC name ("DEADLINE", ...)."""
-    if not _on:
-        return
-    key = ("r", model, outcome)
-    c = _children.get(key)
-    if c is None:
-        c = _children[key] = REQUESTS.labels(model, outcome)
-    c.inc()
-    for hist, v in ((REQUEST_SECONDS, total_s), (QUEUE_SECONDS, queue_s),
-                    (COMPUTE_SECONDS, compute_s)):
-        if v is not None:
-            _child(hist, model).observe(v)
-
-
-def record_batch(model: str, size: int, compute_s: float | None = None) -> None:
-    """One forward pass over `size` requests (pass compute_s here or per request, not both)."""
-    if not _on:
-        return
-    _child(BATCH_SIZE, model).observe(size)
-    if compute_s is not None:
-        _child(COMPUTE_SECONDS, model).observe(compute_s)
-
-
-def _child(metric, model: str):
-    key = (metric._name, model)
-    c = _children.get(key)
-    if c is None:
-        c = _children[key] = metric.labels(model)
-    return c
 
 
 def set_gauges(sessions: int, shared_memory: int, pending: int) -> None:

@@ -35,16 +35,17 @@ import (
 // the two holds. A request certainly did not run when it never left the client (refused
 // by the client's checks, its context ended or its session ended or drained before it
 // was sent, no session could be had), or when the daemon answered it with an error of
-// SPEC §6 marked "ran? no" (UNKNOWN_MODEL, BAD_INPUT, TOO_LARGE, BAD_REQUEST, DEADLINE:
-// it expired in the queue, OVERLOADED, SHUTTING_DOWN: the daemon was draining before it
-// started, ...). It may have run when the daemon answered MODEL_FAILED or INTERNAL, or
+// SPEC §6 marked "ran? no" (UNKNOWN_MODEL, BAD_INPUT, BAD_REQUEST, DEADLINE: it expired
+// in the queue, OVERLOADED, SHUTTING_DOWN: the daemon was draining before it started,
+// ...). It may have run when the daemon answered MODEL_FAILED, TOO_LARGE (a response too
+// large for the ring is refused after the model ran) or INTERNAL, or
 // when it was sent and then its context or its session ended before the response was
-// read (the daemon was killed, say). The classification belongs to the error, not to
-// where it was found: ErrBadInput is safe to retry whether this client or the daemon
-// found it.
+// read (the daemon was killed, say). ErrBadInput is safe to retry whether this client or
+// the daemon found it; ErrTooLarge is when this client refused the request before
+// sending it, and may have run when the daemon answered it (its response was too large).
 //
-// Whether a retry can succeed is the other question, answered by Retryable: only
-// transient errors (ErrOverloaded, ErrShuttingDown, ErrResource, ErrUnavailable, a
+// Whether a retry can succeed is the other question, answered by Retryable, a property of
+// the error's code wherever it was found (SPEC §6 "Worth retrying"): only transient errors (ErrOverloaded, ErrShuttingDown, ErrResource, ErrUnavailable, a
 // session that ended before the call was sent) are worth making again unchanged; bad
 // input, an unknown model or a request too large fail again. WithRetry(true) makes the
 // retries that can succeed by themselves, and a request to an idempotent model that may
@@ -183,7 +184,7 @@ func (e *DaemonError) SafeToRetry() bool { return notRunCodes[e.Code] }
 // notRunCodes are the codes of SPEC §6 whose "ran?" is "no".
 var notRunCodes = map[uint64]bool{
 	CodeBadFrame: true, CodeVersion: true, CodeBadMessage: true, CodeUnknownModel: true,
-	CodeBadInput: true, CodeTooLarge: true, CodeResource: true, CodePermission: true,
+	CodeBadInput: true, CodeResource: true, CodePermission: true,
 	CodeBadRequest: true, CodeDeadline: true, CodeOverloaded: true, CodeShuttingDown: true,
 	CodeUnsupported: true,
 }

@@ -341,6 +341,9 @@ func TestTooLarge(t *testing.T) {
 	if !errors.Is(err, ErrTooLarge) || !errors.As(err, &derr) {
 		t.Fatalf("got %v, want the daemon's TOO_LARGE", err)
 	}
+	if SafeToRetry(err) || !errors.Is(err, ErrMayHaveRun) {
+		t.Fatalf("the daemon's TOO_LARGE for a response comes after the model ran: got SafeToRetry %v", SafeToRetry(err))
+	}
 	if _, err := c2.Infer(testCtx(t), "identity", FromUint8("x", []int64{1000}, make([]byte, 1000))); err != nil {
 		t.Fatal(err)
 	}

@@ -275,9 +275,10 @@ class Client:
         record_len, desc, offsets = records.plan(sizes, encode)
         ring = self.seg.requests
         if record_len > ring.capacity:
-            raise TooLargeError(
+            raise TooLargeError(  # refused before writing: it certainly did not run
                 f"the request needs a {record_len}-byte record but the request ring holds "
-                f"{ring.capacity} bytes: connect with a larger request_ring")
+                f"{ring.capacity} bytes: connect with a larger request_ring", ran=False,
+                limit=ring.capacity)
         deadline = time.monotonic() + timeout if timeout else None
         with self._infer_lock:
             self._check_open()
@@ -306,7 +307,9 @@ class Client:
                                         deadline):
                 if self._closed_reason:  # after publishing: the model may have run
                     raise ConnectionClosedError(self._closed_reason, ran=None)
-                raise DeadlineError(f"no response to request {rid} before the deadline")
+                # Published: the daemon may be running it. Not safe to retry (SPEC §6).
+                raise DeadlineError(f"no response to request {rid} before the deadline; it was "
+                                    "sent, so the model may have run", ran=None)
             result = None
             for rec in ring.poll():
                 try:

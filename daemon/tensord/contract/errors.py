@@ -25,10 +25,12 @@ class ErrorCode(IntEnum):
 
 
 # SPEC §6 "ran? no": the daemon guarantees the model did not run for a request answered so.
-# A property of the code, whoever found the error (the client's own checks or the daemon).
-NOT_RUN = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 14, 15})
-# SPEC §6 "worth retrying": the same request may succeed later, unchanged (the daemon was
-# busy, stopping or short of memory). Every other code fails again until something changes.
+# (TOO_LARGE may have: a response too large for the ring, or to hold, is refused after the run.)
+# BAD_INPUT did not: the daemon and a model's input checks find it before computing anything.
+NOT_RUN = frozenset({1, 2, 3, 4, 5, 7, 8, 11, 12, 13, 14, 15})
+# SPEC §6 "worth retrying", a property of the code wherever the error was found: the same
+# request may succeed later, unchanged (the daemon was busy, stopping or short of memory).
+# Every other code fails again until something changes.
 TRANSIENT = frozenset({ErrorCode.RESOURCE, ErrorCode.OVERLOADED, ErrorCode.SHUTTING_DOWN})
 
 

@@ -52,9 +52,8 @@ from ..contract.messages import (
 )
 from ..models.registry import Registry
 from ..ratelog import RateLimited
-from ..serving.dispatcher import Dispatcher
+from ..serving.core import Serving, SessionHandle
 from ..serving.executor import Executor
-from ..serving.session import Session
 from ..transport.segment import Segment
 from .admin import ModelControl
 from .limits import Admission, Grant
@@ -91,7 +90,7 @@ class Services:
     config: DaemonConfig
     registry: Registry
     executor: Executor
-    dispatcher: Dispatcher
+    serving: Serving
     admission: Admission
     control: ModelControl
     # Runs a slow job (an admin load) off the control loop, then calls back on the loop.
@@ -122,12 +121,13 @@ class Connection:
         sock.setblocking(False)
         self.state = HELLO
         self.deadline: float | None = time.monotonic() + HANDSHAKE_TIMEOUT
-        self.session: Session | None = None
+        self.session: SessionHandle | None = None
         self._frames = FrameBuffer()
         self._out = bytearray()
         self._writing = False  # the loop watches for writability
         self._seg: Segment | None = None
         self._grant: Grant | None = None
+        self._segment: Segment | None = None  # the session's, until the core has freed it
         self._client = ""
         self.version = max(SUPPORTED_VERSIONS)  # the version the handshake chose
 
@@ -234,7 +234,8 @@ class Connection:
         adm = self.s.admission
         self._grant = adm.admit(self.peer.uid, segment_size(req, resp))
         self.s.changed()
-        self._client = hello.client[:128]
+        # SPEC: at most 128 bytes (not characters), cut at a character boundary.
+        self._client = hello.client.encode()[:128].decode("utf-8", "ignore")
         session_id = secrets.token_hex(16)
         self._seg = self._create_segment(session_id, req, resp)
         adm.charged(self._grant)
@@ -243,7 +244,6 @@ class Connection:
                           response_ring=resp, max_frame=MAX_FRAME,
                           daemon=f"tensord {__version__}")
         self._send_with_fds(encode_frame(welcome), self._seg.descriptors())
-        self._seg.close_fd()  # the client holds its own descriptor of the segment now
         self._session_id = session_id
         self.state = ATTACH
 
@@ -260,12 +260,18 @@ class Connection:
 
     def _attached(self) -> None:
         seg, self._seg = self._seg, None
-        self.session = Session(self._session_id, seg, self.s.registry, self.s.executor,
-                               self._fatal_from_any_thread)
-        self.session.version = self.version  # response errors carry protocol 5's fields
+        try:
+            self.session = self.s.serving.add_session(
+                self._session_id, seg, self.peer.uid,
+                high_priority=self.peer.uid in self.s.config.priority_uids,
+                park_limit=self.s.config.max_parked_per_session,
+                on_fatal=self._fatal_from_any_thread, on_freed=self._session_freed)
+            self.s.serving.set_version(self.session, self.version)
+        finally:
+            seg.close_fd()  # the core maps it itself; the client holds its own descriptor
+        self._segment = seg  # closed (pages punched) once the core has freed the session
         self.state = SERVING
         self.deadline = None
-        self.s.dispatcher.add(self.session)
         self.send(Ready())
         h = seg.header
         log.info("session %s: %r pid %d uid %d, rings %d/%d bytes", self.session.id[:8],
@@ -341,6 +347,23 @@ class Connection:
 
     # -- the end --------------------------------------------------------------------------------
 
+    def _session_freed(self) -> None:
+        """The core has unmapped the session (any thread): punch its pages, unmap ours, and
+        its memory stops counting."""
+        def freed() -> None:
+            if self._segment is not None:
+                self._segment.close()
+                self._segment = None
+            self._release_grant()
+
+        self.s.call_soon(freed)
+
+    def _release_grant(self) -> None:
+        if self._grant is not None:
+            self.s.admission.release(self._grant)
+            self._grant = None
+            self.s.changed()
+
     def fail(self, err: TensordError) -> None:
         """Tell the client why (best effort, without blocking), then close."""
         err.fatal = True
@@ -383,14 +406,13 @@ class Connection:
             self._seg.close()
             self._seg = None
         if self.session is not None:
-            self.s.dispatcher.remove(self.session)
+            served = self.session.served
+            # The core stops serving it; its memory and eventfds go once no batch holds it
+            # (then _session_freed releases the rest).
             self.session.end()
-            log.info("session %s closed after %d requests", self.session.id[:8],
-                     self.session.served)
-        if self._grant is not None:
-            self.s.admission.release(self._grant)
-            self._grant = None
-            self.s.changed()
+            log.info("session %s closed after %d requests", self.session.id[:8], served)
+        elif self._grant is not None:  # no session: nothing of it can still be mapped
+            self._release_grant()
         self.s.forget(self)
         with contextlib.suppress(OSError):
             self.sock.close()

@@ -1,14 +1,18 @@
 """What clients may hold of the daemon: sessions and their shared memory, in all and per uid.
 
-Everything here runs on the control loop, one handshake at a time, and a session's bytes are
-counted from the moment it is admitted (before its memfd exists) until its connection
-closes, so concurrent handshakes can never together pass a budget meant for fewer of them.
+Admission runs on the control loop, one handshake at a time, and a session's bytes are
+counted from the moment it is admitted (before its memfd exists) until its memory is freed
+(after its last running request), so concurrent handshakes can never together pass a budget
+meant for fewer of them. Responses the serving core parks for clients that do not read them
+count against the same limits (the core holds them to these limits itself; `parked_of`).
 The host's and the cgroup's memory are checked too (transport/segment.py), less the bytes
 admitted but not yet allocated by the kernel.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import DaemonConfig
@@ -42,6 +46,9 @@ class Admission:
     memory: int = 0  # bytes of every admitted session's segment
     uncharged: int = 0  # of which the kernel has not allocated the pages yet
     _by_uid: dict[int, _Usage] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The serving core's parked bytes: uid -> (the uid's, all sessions'); None: only ours.
+    parked_of: Callable[[int], tuple[int, int]] | None = None
 
     @classmethod
     def from_config(cls, cfg: DaemonConfig) -> Admission:
@@ -51,7 +58,12 @@ class Admission:
     def admit(self, uid: int, size: int) -> Grant:
         """Count a new session of `size` bytes for `uid`, or raise ResourceError (fatal) saying
         which limit it would pass; its `reason` names the limit (a metrics label)."""
+        with self._lock:
+            return self._admit(uid, size)
+
+    def _admit(self, uid: int, size: int) -> Grant:
         u = self._by_uid.get(uid) or _Usage()
+        uid_parked, parked = self.parked_of(uid) if self.parked_of else (0, 0)
         if self.sessions >= self.max_sessions:
             _refuse("sessions", f"the daemon already serves max_sessions={self.max_sessions} "
                     "sessions; close idle clients or raise max_sessions")
@@ -59,13 +71,14 @@ class Admission:
             _refuse("sessions_per_uid", f"uid {uid} already has {u.sessions} sessions "
                     f"(max_sessions_per_uid={self.max_sessions_per_uid}); share one client "
                     "between threads or goroutines, or close idle ones")
-        if self.max_memory and self.memory + size > self.max_memory:
+        if self.max_memory and self.memory + parked + size > self.max_memory:
             _refuse("memory", f"the session needs {_mib(size)} of shared memory, but sessions "
-                    f"hold {_mib(self.memory)} of max_memory={_mib(self.max_memory)}: ask for "
+                    f"hold {_mib(self.memory + parked)} of max_memory="
+                    f"{_mib(self.max_memory)}: ask for "
                     "smaller rings (Go: WithRingSize) or close idle sessions")
-        if self.max_memory_per_uid and u.memory + size > self.max_memory_per_uid:
+        if self.max_memory_per_uid and u.memory + uid_parked + size > self.max_memory_per_uid:
             _refuse("memory_per_uid", f"the session needs {_mib(size)} of shared memory, but "
-                    f"uid {uid} holds {_mib(u.memory)} of max_memory_per_uid="
+                    f"uid {uid} holds {_mib(u.memory + uid_parked)} of max_memory_per_uid="
                     f"{_mib(self.max_memory_per_uid)}: ask for smaller rings (Go: "
                     "WithRingSize) or close idle sessions")
         u.sessions += 1
@@ -78,24 +91,33 @@ class Admission:
 
     def charged(self, g: Grant) -> None:
         """The session's pages are allocated: the kernel's own counters include them now."""
+        with self._lock:
+            self._charged(g)
+
+    def _charged(self, g: Grant) -> None:
         if not g.charged:
             g.charged = True
             self.uncharged -= g.size
 
     def release(self, g: Grant) -> None:
-        self.charged(g)
-        self.sessions -= 1
-        self.memory -= g.size
-        u = self._by_uid[g.uid]
-        u.sessions -= 1
-        u.memory -= g.size
-        if not u.sessions:
-            del self._by_uid[g.uid]
+        """The session's memory is gone (call once its segment is freed, not when its
+        connection closes: requests still running keep it mapped)."""
+        with self._lock:
+            self._charged(g)
+            self.sessions -= 1
+            self.memory -= g.size
+            u = self._by_uid[g.uid]
+            u.sessions -= 1
+            u.memory -= g.size
+            if not u.sessions:
+                del self._by_uid[g.uid]
 
     def of_uid(self, uid: int) -> tuple[int, int]:
-        """(sessions, bytes) the uid holds."""
-        u = self._by_uid.get(uid)
-        return (u.sessions, u.memory) if u else (0, 0)
+        """(sessions, bytes) the uid holds: ring bytes and parked responses."""
+        with self._lock:
+            u = self._by_uid.get(uid)
+            parked = self.parked_of(uid)[0] if self.parked_of else 0
+            return (u.sessions, u.memory + parked) if u else (0, 0)
 
 
 def _refuse(reason: str, message: str):

@@ -1,8 +1,9 @@
 """The control loop: one thread (the main one) accepts clients and serves every control
-connection from one epoll call; the dispatcher (serving/) serves their rings. Nothing here runs
-per connection: a connection is a state machine (connection.py), a slow admin load runs on a
-short-lived thread and answers through the loop. With no handshake under way the loop sleeps
-without a timeout, so an idle daemon never wakes (unless systemd asks for watchdog pings).
+connection from one epoll call; the native serving core (serving/core.py) serves their rings.
+Nothing here runs per connection: a connection is a state machine (connection.py), a slow
+admin load runs on a short-lived thread and answers through the loop. With no handshake under
+way the loop sleeps without a timeout, so an idle daemon never wakes (unless systemd asks for
+watchdog pings).
 
 Nothing a client does can stop the loop: connections that have not sent hello are bounded
 (max_pending; past it, and when descriptors run out, the longest-waiting one is refused), every
@@ -29,9 +30,8 @@ from ..contract.errors import ResourceError, ShuttingDownError
 from ..contract.messages import HealthReport
 from ..models.registry import Registry
 from ..ratelog import RateLimited
-from ..serving.dispatcher import Dispatcher
+from ..serving.core import Serving
 from ..serving.executor import Executor
-from ..serving.scheduler import Scheduler
 from .admin import LoadPolicy, ModelControl
 from .connection import HELLO, Connection, Services
 from .limits import Admission
@@ -59,14 +59,16 @@ class Server:
         self.registry = registry
         self.executor = executor
         self.path = config.socket_path()
-        self.scheduler = Scheduler(registry, executor)
-        self.dispatcher = Dispatcher(self.scheduler, config.spin_us)
+        self.serving = Serving(registry, executor, config.spin_us, config.max_memory,
+                               config.max_memory_per_uid)
+        admission = Admission.from_config(config)
+        admission.parked_of = self.serving.engine.parked  # unread responses count too
         self.services = Services(
-            config=config, registry=registry, executor=executor, dispatcher=self.dispatcher,
-            admission=Admission.from_config(config),
+            config=config, registry=registry, executor=executor, serving=self.serving,
+            admission=admission,
             control=ModelControl(registry, executor, config.base_dir,
                                  LoadPolicy.from_config(config)),
-            stats=self.scheduler.stats, health=self.health, run_aside=self._run_aside,
+            stats=self.serving.stats, health=self.health, run_aside=self._run_aside,
             call_soon=self.call_soon,
             want_write=self._want_write,
             forget=self._forget, make_room=self._make_room, changed=self._changed)
@@ -128,14 +130,14 @@ class Server:
             self._metrics.start()
         self._listener = s
         self._ep.register(s, select.EPOLLIN)
-        self.dispatcher.start()
+        self.serving.start()
         log.info("listening on %s%s, models: %s", self.path,
                  "" if self._owns_path else " (socket activation)",
                  ", ".join(m.name for m in self.registry.infos()))
 
     def health(self, request_id: int) -> HealthReport:
         """Ready unless draining or a model's forward pass has run past stuck_after_s."""
-        models = self.scheduler.health(self.config.stuck_after_s)
+        models = self.serving.health(self.config.stuck_after_s)
         stuck = [m for m in models if not m.ready]
         if self.draining:
             reason = "the daemon is draining (stopping)"
@@ -376,7 +378,7 @@ class Server:
         busy = [c for c in self._conns.values()
                 if c.session is not None and not c.session.idle()]
         if busy:
-            n = self.scheduler.cancel_queued(ShuttingDownError(
+            n = self.serving.cancel_queued(ShuttingDownError(
                 "the daemon stopped before this request ran (its drain grace period ended): "
                 "it did not run; send it again once the daemon is back"))
             log.warning("drain grace period over: %d sessions still busy, %d queued requests "
@@ -404,7 +406,7 @@ class Server:
         if self._watchdog and now >= self._watchdog_next:
             self._watchdog_next = now + self._watchdog
             # The loop is turning; the dispatcher is checked too where it can tell.
-            alive = getattr(self.dispatcher, "alive", None)
+            alive = getattr(self.serving, "alive", None)
             if alive is None or alive():
                 sdnotify.notify("WATCHDOG=1")
             else:
@@ -429,9 +431,8 @@ class Server:
         for c in list(self._conns.values()):
             c.goodbye("daemon is shutting down")
         # Requests still queued get SHUTTING_DOWN; their sessions are gone, so it is dropped.
-        self.scheduler.cancel_queued(ShuttingDownError("the daemon stopped"))
-        self.dispatcher.stop()
-        self.scheduler.stop()
+        self.serving.cancel_queued(ShuttingDownError("the daemon stopped"))
+        self.serving.stop()
         if self._owns_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)

@@ -12,7 +12,7 @@ from .signature import Signature, Value
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    """How a model's requests are queued and joined (its TOML keys; serving/scheduler.py)."""
+    """How a model's requests are queued and joined (its TOML keys; the serving core's queues)."""
 
     max_batch_size: int = 1  # <= 1: no batching
     max_queue_delay_us: int = 0  # how long a batch waits for more requests

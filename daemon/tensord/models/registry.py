@@ -23,8 +23,8 @@ class Registry:
             self.add(m)
 
     def watch(self, fn) -> None:
-        """Call fn(name) after a model of that name was replaced or removed (the scheduler
-        retires the old version's queue once it drains)."""
+        """Call fn(name) after a model of that name was added, replaced or removed (the serving
+        core serves the new version; the old one drains)."""
         self._watchers.append(fn)
 
     def peek(self, name: str) -> Model | None:
@@ -48,8 +48,7 @@ class Registry:
                 self._configs[model.name] = config
             else:
                 self._configs.pop(model.name, None)
-        if old is not None:
-            self._changed(model.name)
+        self._changed(model.name)
 
     def config(self, name: str) -> ModelConfig | None:
         """The config a model was loaded from (None for built-in models)."""

@@ -106,7 +106,7 @@ class Signature:
         for spec, v in zip(self.outputs, outputs):
             if isinstance(v, ByteStrings):
                 dtype, shape = "bytes", v.shape
-                if len(v.items) != numel(shape) or not all(isinstance(b, bytes) for b in v.items):
+                if len(v) != numel(shape) or not v.all_bytes():
                     raise ModelFailedError(
                         f"model {model!r} output {spec.name!r}: a bytes tensor of shape "
                         f"{list(shape)} needs {numel(shape)} items of type bytes")

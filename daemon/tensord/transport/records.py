@@ -9,7 +9,7 @@ import torch
 
 from ..contract.descriptors import align64
 from ..contract.dtypes import ByteStrings
-from ..contract.layout import RECORD_HEADER_SIZE
+from ..contract.layout import RECORD_HEADER, RECORD_HEADER_SIZE
 
 if TYPE_CHECKING:
     from .segment import Segment
@@ -52,6 +52,28 @@ def write(seg: Segment, off: int, kind: int, request_id: int, record_len: int, d
         else:
             # A plain memcpy (without the GIL when large); cheaper than a torch view + copy_.
             seg.shm.copy_in(o, v.reshape(-1).view(torch.uint8).numpy())
+
+
+def render(kind: int, request_id: int, record_len: int, desc: bytes,
+           payloads: list[tuple[int, int, torch.Tensor | ByteStrings]]) -> bytearray:
+    """The whole record as bytes the caller owns (a parked response): header, descriptor and
+    a copy of every payload, so nothing in it views memory another party may reuse (a request
+    record, a device buffer). One allocation: large ones are mmap'ed and go back to the OS."""
+    out = bytearray(record_len)
+    RECORD_HEADER.pack_into(out, 0, record_len, kind, request_id, len(desc), 0)
+    out[RECORD_HEADER_SIZE:RECORD_HEADER_SIZE + len(desc)] = desc
+    mv = memoryview(out)
+    for rel, n, v in payloads:
+        if n == 0:
+            continue
+        if isinstance(v, ByteStrings):
+            v.encode_into(mv[rel:rel + n])
+        else:
+            src = v.reshape(-1).view(torch.uint8)
+            if src.is_cuda:
+                src = src.cpu()
+            mv[rel:rel + n] = src.numpy().data
+    return out
 
 
 def nbytes(v: torch.Tensor | ByteStrings) -> int:

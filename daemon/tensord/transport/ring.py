@@ -1,11 +1,12 @@
 """Single-producer/single-consumer byte rings over shared memory (SPEC §4.2–§4.7).
 
-The work is done by the native core (`_ring.c`): acquire/release counters, record-header
-validation and the out-of-order release list. These classes give it the daemon's error type
-and records with names."""
+The work is done by the native core (`tensord._core`, the Rust crate in daemon/native):
+acquire/release counters, record-header validation and the out-of-order release list. These
+classes give it the daemon's error type and records with names."""
 
 from __future__ import annotations
 
+from .. import _core
 from ..contract.errors import ErrorCode, ProtocolError
 from ..contract.layout import (
     CTL_CONSUMER_WAITING,
@@ -14,9 +15,8 @@ from ..contract.layout import (
     CTL_TAIL,
     RECORD_HEADER_SIZE,
 )
-from . import _ring
 
-Shm = _ring.Shm
+Shm = _core.Shm
 
 
 class RingControl:
@@ -75,7 +75,7 @@ class RingConsumer:
     def __init__(self, ctl: RingControl, offset: int, capacity: int, expect_kind: int):
         self.ctl = ctl
         self.capacity = capacity
-        self.core = _ring.Consumer(ctl.shm, ctl.tail_at, offset, capacity, expect_kind)
+        self.core = _core.Consumer(ctl.shm, ctl.tail_at, offset, capacity, expect_kind)
         self.published = self.core.published
 
     @property
@@ -89,7 +89,7 @@ class RingConsumer:
         producer broke §4.2/§4.8."""
         try:
             raw = self.core.poll(limit)
-        except _ring.CorruptError as e:
+        except _core.CorruptError as e:
             raise ProtocolError(str(e), code=ErrorCode.BAD_RECORD, fatal=True) from None
         return [Record(*t) for t in raw]
 
@@ -104,7 +104,7 @@ class RingProducer:
     def __init__(self, ctl: RingControl, offset: int, capacity: int):
         self.ctl = ctl
         self.capacity = capacity
-        self.core = _ring.Producer(ctl.shm, ctl.tail_at, offset, capacity)
+        self.core = _core.Producer(ctl.shm, ctl.tail_at, offset, capacity)
         self.fits = self.core.fits
         self.publish = self.core.publish
 

@@ -40,6 +40,7 @@ class Segment:
         self.mm = mm
         self.buf = memoryview(mm)
         self.efds = efds
+        self.own_efds = True  # close() closes them; see close_efds
         self.shm = Shm(mm)
         h = read_header(self.buf)
         self.header = h
@@ -123,6 +124,12 @@ class Segment:
                 if os.readlink(f"/proc/self/fd/{e}") != "anon_inode:[eventfd]":
                     raise ProtocolError("a wake-up descriptor of the welcome is not an eventfd",
                                         fatal=True)
+                # SPEC §2.4 MUST: a blocking one would hang whoever drains it with no post
+                # pending, and O_NONBLOCK is shared with the daemon, so it is not ours to set.
+                if not fcntl.fcntl(e, fcntl.F_GETFL) & os.O_NONBLOCK:
+                    raise ProtocolError("a wake-up eventfd of the welcome is blocking; SPEC "
+                                        "§2.4 says they are O_NONBLOCK (a daemon bug: upgrade "
+                                        "it)", fatal=True)
             mm = mmap.mmap(fd, size)
             h = read_header(memoryview(mm))
             want = (LAYOUT_VERSION, HEADER_SIZE, size, HEADER_SIZE, request_ring,
@@ -147,6 +154,14 @@ class Segment:
             raise
         os.close(fds[0])
         return seg
+
+    def close_efds(self) -> None:
+        """Close the four eventfds. The daemon's dispatcher does this itself for the sessions
+        it serves (own_efds False), once it can hold no stale event of them."""
+        for e in self.efds:
+            with contextlib.suppress(OSError):
+                os.close(e)
+        self.efds = []
 
     def close_fd(self) -> None:
         """The daemon drops its segment descriptor once the client has its own."""
@@ -200,10 +215,8 @@ class Segment:
         if self.side == "daemon" and not self.shm.closed:
             self.release_memory()
         self.close_fd()
-        for e in self.efds:
-            with contextlib.suppress(OSError):
-                os.close(e)
-        self.efds = []
+        if self.own_efds:
+            self.close_efds()
         self.shm.close()
         try:
             self.buf.release()

@@ -5,7 +5,7 @@
 //	shmprobe -mode latency -n 2000                 # 4 KiB identity round trips; prints p50/p99 µs as JSON
 //	shmprobe -mode latency -model efficientnet -input image -file cat.jpg -n 50
 //	                                               # the file as a 1-element bytes tensor instead
-//	shmprobe -mode echo -model echo -goroutines 8 -n 500 -id 3
+//	shmprobe -mode echo -model echo -goroutines 8 -n 500 -id 3 [-own-sessions] [-scale 2 -offset 1]
 //	                                               # i64 [1,2] rows of unique ids through a model
 //	                                               # that echoes them; prints "ok N"
 package main
@@ -36,6 +36,9 @@ func main() {
 	file := flag.String("file", "", "latency: send this file's bytes as a bytes tensor to -model")
 	input := flag.String("input", "image", "latency: input name for -file")
 	spin := flag.Duration("spin", 0, "spin budget of the wait protocol (0: always block)")
+	ownSessions := flag.Bool("own-sessions", false, "echo: each goroutine dials a session of its own")
+	scale := flag.Int64("scale", 1, "echo: the model answers scale*x + offset")
+	offset := flag.Int64("offset", 0, "echo: the model answers scale*x + offset")
 	flag.Parse()
 
 	ctx := context.Background()
@@ -67,7 +70,13 @@ func main() {
 		}
 		latency(ctx, c, m, x, *n)
 	case "echo":
-		echo(ctx, c, *model, *procID, *goroutines, *n)
+		dial := func() (*shmclient.Client, error) { return c, nil }
+		if *ownSessions {
+			dial = func() (*shmclient.Client, error) {
+				return shmclient.Dial(ctx, *socket, shmclient.WithName("shmprobe echo"), shmclient.WithSpin(*spin))
+			}
+		}
+		echo(ctx, dial, *model, *procID, *goroutines, *n, *scale, *offset)
 	default:
 		fail(fmt.Errorf("unknown -mode %q (want roundtrip, hang, latency or echo)", *mode))
 	}
@@ -98,23 +107,28 @@ func roundtrip(ctx context.Context, c *shmclient.Client, model string, n, size i
 // echo sends n requests from each of g goroutines, each an i64 [1,2] row (process id,
 // goroutine<<32 | request) that the model must return unchanged: with batching, a reply
 // that carried another request's rows would show.
-func echo(ctx context.Context, c *shmclient.Client, model string, proc int64, g, n int) {
+func echo(ctx context.Context, dial func() (*shmclient.Client, error), model string, proc int64, g, n int, scale, offset int64) {
 	var wg sync.WaitGroup
 	errs := make(chan error, g)
 	for w := 0; w < g; w++ {
 		wg.Add(1)
 		go func(w int64) {
 			defer wg.Done()
+			c, err := dial()
+			if err != nil {
+				errs <- fmt.Errorf("goroutine %d: %w", w, err)
+				return
+			}
 			for i := int64(0); i < int64(n); i++ {
-				want := []int64{proc, w<<32 | i}
-				out, err := c.Infer(ctx, model, shmclient.FromInt64("x", []int64{1, 2}, want))
+				in := []int64{proc, w<<32 | i}
+				out, err := c.Infer(ctx, model, shmclient.FromInt64("x", []int64{1, 2}, in))
 				if err != nil {
 					errs <- fmt.Errorf("goroutine %d request %d: %w", w, i, err)
 					return
 				}
 				got := out[0].Int64s()
-				if len(got) != 2 || got[0] != want[0] || got[1] != want[1] {
-					errs <- fmt.Errorf("goroutine %d request %d: sent %v, got %v", w, i, want, got)
+				if len(got) != 2 || got[0] != scale*in[0]+offset || got[1] != scale*in[1]+offset {
+					errs <- fmt.Errorf("goroutine %d request %d: sent %v, got %v (want %d*x+%d)", w, i, in, got, scale, offset)
 					return
 				}
 			}
