@@ -280,6 +280,101 @@ def rps(r: Results, label: str | None, callers: int, mode: str) -> float | None:
     return p["throughput_rps"] if p else None
 
 
+
+# The figures of the run before the native serving core (issue 16's "now" column), for the
+# same machine class: AMD EPYC, 2 vCPUs, quick profile.
+BEFORE_NATIVE = {"mlp_8x8_rows_s": 8500.0}
+
+
+def native_targets(r: Results) -> list[tuple[str, str, str, bool | None]]:
+    """Issue 16's targets for the native serving core, from this run (ratios within it)."""
+    out: list[tuple[str, str, str, bool | None]] = []
+    div, sub = operator.truediv, operator.sub
+    blk, zcb = r.first("tensord-copy/block"), r.first("tensord-zerocopy/block")
+    spn, zcs = r.first("tensord-copy/spin"), r.first("tensord-zerocopy/spin")
+    blocking = [lb for lb in (blk, zcb) if lb and r.head(lb)]
+    spinning = [lb for lb in (spn, zcs) if lb and r.head(lb)]
+
+    def best(labels, value, lower=True):
+        vals = [(v, lb) for lb in labels if (v := value(lb)) is not None]
+        return (min(vals) if lower else max(vals)) if vals else (None, None)
+
+    cases = {c["case"]: c for c in r.hotpath.get("cases", [])}
+    c = cases.get("identity 4 KiB f32")
+    if c:
+        out.append(("daemon CPU per identity request, in-process (intake + respond; its "
+                    "threads' CPU clocks)", f"{c['p50_us']:.2f} µs p50, {c['mean_us']:.2f} µs "
+                    "mean", "≤ 2 µs", c["p50_us"] <= 2))
+    idle_f = r.floor_by_round("eventfd-idle")
+    v, lb = best(blocking, lambda x: r.round_median(r.by_round(x), idle_f, div))
+    if v is not None:
+        out.append(("4 KiB identity p50, blocking ÷ idle eventfd floor",
+                    f"{v:.2f}× ({lb}: {dur(r.head(lb))} ÷ {dur(r.head_floor('eventfd-idle'))})",
+                    "≤ 1.15×", v <= 1.15))
+    v, lb = best(spinning, lambda x: r.head(x))
+    if v is not None:
+        out.append(("4 KiB identity p50, spin-then-block", f"{dur(v)} ({lb})", "≤ 5 µs",
+                    v <= 5))
+    v, lb = best(blocking, lambda x: r.round_median(r.by_round(x, model="mlp"),
+                                                    r.by_round(x), sub))
+    if v is not None:
+        out.append(("mlp one row, blocking, p50 minus identity p50", f"+{v:.1f} µs ({lb})",
+                    "≤ +15 µs", v <= 15))
+    b = r.brounds
+    on, off = b.get(("mlp-8x8", "batched"), {}), b.get(("mlp-8x8", "unbatched"), {})
+    ident = b.get(("identity-8x8", "batched"), {})
+
+    def tput(p):
+        return p["throughput_rps"]
+
+    if on:
+        rows_s = rmed(on, tput)
+        unb = rmed(off, tput) if off else None
+        before = BEFORE_NATIVE["mlp_8x8_rows_s"]
+        ok = rows_s >= 10 * before and (unb is None or rows_s >= 5 * unb)
+        out.append(("mlp one row, 8 processes × 8 goroutines: rows/s",
+                    f"{rows_s:,.0f} rows/s = {rows_s / before:.1f}× the 8.5 k before the core"
+                    + (f"; {rows_s / unb:.1f}× unbatched ({unb:,.0f}) in this run" if unb else ""),
+                    "≥ 10× 8.5 k, ≥ 5× unbatched", ok))
+        if ident:
+            v, vals = per_round(on, ident, tput, tput, div)
+            if v is not None:
+                out.append(("the same ÷ 4 KiB identity req/s from the same 8 × 8 callers",
+                            f"{v:.2f}{rng(vals)} (identity {rmed(ident, tput):,.0f}/s)",
+                            "≥ 0.5", v >= 0.5))
+    alone = b.get(("fair-alone", "batched"), {})
+    for label, want in (("fair-flood", 3.0), ("fair-flood-high", 2.0)):
+        flood = b.get((label, "batched"), {})
+        if alone and flood:
+            def p99(p):
+                return p["p99_us"]
+            v, vals = per_round(flood, alone, p99, p99, div)
+            if v is not None:
+                prio = "high" if label.endswith("high") else "normal"
+                out.append((f"light client's p99 beside a 64-goroutine flood ({prio} priority)",
+                            f"{v:.2f}× its p99 alone{rng(vals)}: {dur(rmed(flood, p99))} vs "
+                            f"{dur(rmed(alone, p99))}", f"≤ {want:g}×", v <= want))
+    v, lb = best(blocking, lambda x: rps(r, x, 8, "goroutines"), lower=False)
+    if v is not None:
+        out.append(("8 goroutines, 4 KiB identity", f"{v:,.0f}/s ({lb})", "≥ 100 k/s",
+                    v >= 100000))
+    m64 = rps(r, "msgpack-uds", 64, "processes")
+    v, lb = best(blocking, lambda x: rps(r, x, 64, "processes"), lower=False)
+    if v is not None and m64:
+        t8 = rps(r, lb, 8, "processes")
+        out.append(("64 processes, 4 KiB identity", f"{v:,.0f}/s ({lb}) = {v / m64:.1f}× "
+                    f"msgpack-uds; 8 processes {t8 or 0:,.0f}/s",
+                    "≥ the 8-process figure, ≥ 5× msgpack-uds",
+                    v >= 5 * m64 and (t8 is None or v >= t8)))
+    mc = r.memcpy.get(BIG)
+    v, lb = best([x for x in (zcb, zcs) if x], lambda x: r.p50(x, size=BIG))
+    if v is not None and mc:
+        bw = 2 * BIG / (v * 1e3)
+        out.append(("64 MiB zero-copy one-way ÷ memcpy", f"{100 * bw / mc['gbps']:.0f} % "
+                    f"({lb})", "≥ 75 %", bw / mc["gbps"] >= 0.75))
+    return out
+
+
 def targets(r: Results) -> list[tuple[str, str, str, bool | None]]:
     """The Data plane v2 targets: (measure, value in this run, target, met). 4 KiB f32
     identity and one Go caller unless the measure says otherwise. Latency ratios are taken
@@ -632,6 +727,7 @@ def render(r: Results) -> str:
         f"{(m.get('loadavg_before') or ['?'])[0]} before / {(m.get('loadavg_after') or ['?'])[0]}"
         " after (the run's own processes included). All latencies are round trips in µs unless "
         "marked.",
+        "## Native serving core targets (issue 16)", targets_table(native_targets(r)),
         "## Data plane v2 targets", targets_md(r),
         "## Floors", floors_md(r),
         "## 4 KiB round trip (identity, one caller): the headline", headline_md(r),

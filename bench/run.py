@@ -478,6 +478,10 @@ def batching_points(prof: Profile, variant: str, sock: str, rnd: int,
                             # each call may take that long (the call timeout is the cap)
                             hard_cap_ns=int(max(30, 4 * prof.image_duration) * 1e9)))
     if variant == "batched":
+        # The transport's own rate for the same callers: how much batching and the model
+        # cost over it (issue 16).
+        pts.append(dict(base, model="identity", size=4096, label="identity-8x8",
+                        callers=MLP_PROCS, mode="processes", per_proc=MLP_PER_PROC))
         fair = dict(mlp, callers=1, max_iters=prof.max_iters)
         pts += [dict(fair, label="fair-alone"),
                 dict(fair, label="fair-flood", flood=FLOOD),

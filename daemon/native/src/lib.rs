@@ -28,3 +28,8 @@ pub mod wake;
 
 #[cfg(feature = "python")]
 pub mod py;
+
+/// Tests that open and close descriptors hold this: the serving core's stale-event test needs
+/// the process's lowest free descriptor numbers to itself.
+#[cfg(test)]
+pub(crate) static TEST_FDS: std::sync::Mutex<()> = std::sync::Mutex::new(());

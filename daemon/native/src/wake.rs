@@ -164,6 +164,7 @@ mod tests {
 
     #[test]
     fn notify_posts_only_for_a_sleeper() {
+        let _fds = crate::TEST_FDS.lock().unwrap_or_else(|e| e.into_inner());
         let efd = eventfd();
         let flag = AtomicU32::new(0);
         assert!(!notify(&flag, efd));
@@ -179,6 +180,7 @@ mod tests {
 
     #[test]
     fn wait_times_out_then_wakes_on_a_post() {
+        let _fds = crate::TEST_FDS.lock().unwrap_or_else(|e| e.into_inner());
         let efd = eventfd();
         let counter = Arc::new(AtomicU64::new(5));
         let flag = Arc::new(AtomicU32::new(0));
@@ -206,6 +208,7 @@ mod tests {
 
     #[test]
     fn spin_any_finds_the_moved_ring() {
+        let _fds = crate::TEST_FDS.lock().unwrap_or_else(|e| e.into_inner());
         let a = AtomicU64::new(64);
         let b = AtomicU64::new(128);
         assert_eq!(spin_any(&[(&a, 64), (&b, 128)], Duration::from_micros(50)), None);

@@ -186,18 +186,15 @@ class Serving:
     def add_session(self, name: str, seg: Segment, uid: int, high_priority: bool,
                     park_limit: int, on_fatal: Callable[[TensordError], None],
                     on_freed: Callable[[], None]) -> SessionHandle:
-        """Hand a session to the core: it maps the segment itself and owns duplicates of the
-        eventfds; `seg` (the control plane's mapping) is closed once the core freed it."""
+        """Hand a session to the core: it maps the segment itself and takes the eventfds
+        over (it closes them when it frees the session; no duplicates, so a daemon at its
+        descriptor limit needs none more); `seg` (the control plane's mapping) is closed once
+        the core freed it."""
         h = seg.header
-        efds = [os.dup(e) for e in seg.efds]
-        try:
-            sid = self.engine.add_session(name, seg.fd, h.request_ring_capacity,
-                                          h.response_ring_capacity, tuple(efds), uid,
-                                          high_priority, park_limit)
-        except BaseException:
-            for e in efds:
-                os.close(e)
-            raise
+        sid = self.engine.add_session(name, seg.fd, h.request_ring_capacity,
+                                      h.response_ring_capacity, tuple(seg.efds), uid,
+                                      high_priority, park_limit)
+        seg.own_efds = False
         handle = SessionHandle(self, sid, name, seg, on_fatal, on_freed)
         with self._lock:
             self._sessions[sid] = handle

@@ -128,8 +128,18 @@ impl Batch {
                         waited.as_secs_f64() * 1e3,
                         pyrepr::str(&queue.name)
                     );
-                    queue.meters.request(&queue.name, "DEADLINE", Some(job.read_at.elapsed()), Some(waited));
-                    job.session.respond_error(job.request_id, Code::Deadline, &msg, Some(job.position));
+                    queue.meters.request(
+                        &queue.name,
+                        "DEADLINE",
+                        Some(job.read_at.elapsed()),
+                        Some(waited),
+                    );
+                    job.session.respond_error(
+                        job.request_id,
+                        Code::Deadline,
+                        &msg,
+                        Some(job.position),
+                    );
                     job.session.wake_client();
                 } else {
                     live.push(job);
@@ -154,14 +164,24 @@ impl Batch {
                     // Safety: `at + nbytes <= total` by construction; the record is held (not
                     // released) and its bytes lie inside the session's mapping (checked at
                     // intake), which the job's Arc keeps mapped.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(buf.ptr().add(at as usize), inp.nbytes as usize) };
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            buf.ptr().add(at as usize),
+                            inp.nbytes as usize,
+                        )
+                    };
                     j.session.region().copy_out(inp.offset, dst).expect("checked at intake");
                 }
                 spans.push((at, inp.nbytes));
                 shapes.push(inp.dims.clone());
                 at += inp.nbytes;
             }
-            arenas.push(Arena { buf: Arc::new(buf), dtype: live[0].inputs[i].dtype, spans, shapes });
+            arenas.push(Arena {
+                buf: Arc::new(buf),
+                dtype: live[0].inputs[i].dtype,
+                spans,
+                shapes,
+            });
         }
         let mut members = Vec::with_capacity(live.len());
         for j in live {
@@ -188,7 +208,10 @@ impl Batch {
 
     fn check_range(&self, lo: usize, hi: usize) -> Result<(), String> {
         if lo >= hi || hi > self.members.len() {
-            return Err(format!("requests [{lo}, {hi}) are not a range of this batch of {}", self.members.len()));
+            return Err(format!(
+                "requests [{lo}, {hi}) are not a range of this batch of {}",
+                self.members.len()
+            ));
         }
         if let Some(j) = self.members[lo..hi].iter().position(|m| m.answered) {
             return Err(format!("request {} of the batch is answered already", lo + j));
@@ -212,7 +235,11 @@ impl Batch {
                 ));
             }
             if total > 0 && o.data.len() as u64 % total != 0 {
-                return Err(format!("output {} has {} bytes for {total} rows", pyrepr::str(o.name), o.data.len()));
+                return Err(format!(
+                    "output {} has {} bytes for {total} rows",
+                    pyrepr::str(o.name),
+                    o.data.len()
+                ));
             }
         }
         let mut woken: HashMap<u64, Arc<Session>> = HashMap::new();
@@ -289,7 +316,12 @@ impl Batch {
             let payloads: Vec<(u64, &[u8])> =
                 plan.offsets.iter().copied().zip(outs.iter().map(|o| o.data)).collect();
             m.session.respond(
-                &Response { request_id: m.request_id, record_len: plan.record_len, desc: &plan.descriptor, payloads: &payloads },
+                &Response {
+                    request_id: m.request_id,
+                    record_len: plan.record_len,
+                    desc: &plan.descriptor,
+                    payloads: &payloads,
+                },
                 None,
                 true,
             );
@@ -339,7 +371,8 @@ impl Batch {
             return;
         }
         self.closed = true;
-        let open: Vec<usize> = (0..self.members.len()).filter(|&k| !self.members[k].answered).collect();
+        let open: Vec<usize> =
+            (0..self.members.len()).filter(|&k| !self.members[k].answered).collect();
         for k in open {
             let _ = self.fail(
                 k,

@@ -43,7 +43,8 @@ pub fn run(sh: Arc<Shared>) {
         }
         let timeout = if ready.is_empty() { -1 } else { 0 };
         // Safety: a valid epoll fd and a buffer of events.len() entries.
-        let n = unsafe { libc::epoll_wait(sh.ep, events.as_mut_ptr(), events.len() as i32, timeout) };
+        let n =
+            unsafe { libc::epoll_wait(sh.ep, events.as_mut_ptr(), events.len() as i32, timeout) };
         if n < 0 {
             continue; // EINTR
         }
@@ -114,6 +115,7 @@ fn ask_for_posts(sh: &Shared, on: bool) {
 struct Scratch {
     desc: Vec<u8>,
     order: Vec<usize>,
+    payload: Vec<u8>,
 }
 
 /// One bounded slice of a session's records; true when it has more waiting. Bounded in count
@@ -128,7 +130,11 @@ fn serve(sh: &Shared, s: &Arc<Session>, recs: &mut Vec<RecordInfo>, sc: &mut Scr
             // A corrupt ring: this session ends (the control plane closes its connection), no
             // other session is affected. Records read before the corrupt one are dropped too.
             s.stop();
-            sh.events.push(Event::Fatal { session: s.id, code: Code::BadRecord, message: e.to_string() });
+            sh.events.push(Event::Fatal {
+                session: s.id,
+                code: Code::BadRecord,
+                message: e.to_string(),
+            });
             return false;
         }
         if recs.is_empty() {
@@ -187,7 +193,12 @@ fn submit(sh: &Shared, q: Arc<Queue>, job: Job) {
                 Some(now) if !Arc::ptr_eq(&now, &q) => match now.put(*job) {
                     Ok(evicted) => {
                         if let Some(e) = evicted {
-                            e.session.respond_error(e.request_id, Code::Overloaded, "the queue is full", Some(e.position));
+                            e.session.respond_error(
+                                e.request_id,
+                                Code::Overloaded,
+                                "the queue is full",
+                                Some(e.position),
+                            );
                             e.session.wake_client();
                         }
                         return;
@@ -211,7 +222,12 @@ fn submit(sh: &Shared, q: Arc<Queue>, job: Job) {
         }
         Refused::Retired(job) => {
             q.meters.request("-", "UNKNOWN_MODEL", Some(job.read_at.elapsed()), None);
-            s.respond_error(job.request_id, Code::UnknownModel, &unknown(sh, &q.name), Some(job.position));
+            s.respond_error(
+                job.request_id,
+                Code::UnknownModel,
+                &unknown(sh, &q.name),
+                Some(job.position),
+            );
         }
     }
     s.wake_client();
@@ -242,7 +258,9 @@ fn intake(
     if dlen > MAX_DESCRIPTOR {
         return Err((
             None,
-            RequestError::bad_request(format!("descriptor of {dlen} bytes exceeds {MAX_DESCRIPTOR}")),
+            RequestError::bad_request(format!(
+                "descriptor of {dlen} bytes exceeds {MAX_DESCRIPTOR}"
+            )),
             read_at,
         ));
     }
@@ -275,11 +293,21 @@ fn intake(
             }
             _ => {}
         }
-        inputs.push(Input { offset: off, nbytes: r.nbytes, dtype: r.dtype, dims: r.shape.dims().to_vec() });
+        inputs.push(Input {
+            offset: off,
+            nbytes: r.nbytes,
+            dtype: r.dtype,
+            dims: r.shape.dims().to_vec(),
+        });
     }
     if q.identity {
-        let ok = identity(s, rec, &inputs[0]);
-        sh.meters.request(&q.name, if ok { "ok" } else { "TOO_LARGE" }, Some(read_at.elapsed()), None);
+        let ok = identity(s, rec, &inputs[0], &mut sc.payload);
+        sh.meters.request(
+            &q.name,
+            if ok { "ok" } else { "TOO_LARGE" },
+            Some(read_at.elapsed()),
+            None,
+        );
         return Ok(None);
     }
     let rows = inputs.first().and_then(|i| i.dims.first().copied()).unwrap_or(1);
@@ -302,9 +330,10 @@ fn intake(
     Ok(Some((q, job)))
 }
 
-/// The built-in identity, answered from the request record itself: one copy, no queue.
-/// False: refused (its response cannot fit the response ring).
-fn identity(s: &Arc<Session>, rec: &RecordInfo, x: &Input) -> bool {
+/// The built-in identity, answered from the request record itself: its bytes copied out once
+/// (the client may scribble over its ring: nothing here holds a reference into it), then into
+/// the response. False: refused (its response cannot fit the response ring).
+fn identity(s: &Arc<Session>, rec: &RecordInfo, x: &Input, buf: &mut Vec<u8>) -> bool {
     let plan = plan_outputs(&[("y", x.dtype.name(), &x.dims, x.nbytes)]);
     let cap = s.response_capacity();
     if plan.record_len > cap {
@@ -317,15 +346,16 @@ fn identity(s: &Arc<Session>, rec: &RecordInfo, x: &Input) -> bool {
         s.respond_error(rec.request_id, Code::TooLarge, &msg, Some(rec.position));
         return false;
     }
-    let data: &[u8] = if x.nbytes == 0 {
-        &[]
-    } else {
-        // Safety: inside the validated record, which is held until respond() releases it.
-        unsafe { std::slice::from_raw_parts(s.region().ptr(x.offset, x.nbytes).expect("validated"), x.nbytes as usize) }
-    };
-    let payloads = [(plan.offsets[0], data)];
+    buf.resize(x.nbytes as usize, 0);
+    s.region().copy_out(x.offset, buf).expect("inside the validated record");
+    let payloads = [(plan.offsets[0], &buf[..])];
     s.respond(
-        &Response { request_id: rec.request_id, record_len: plan.record_len, desc: &plan.descriptor, payloads: &payloads },
+        &Response {
+            request_id: rec.request_id,
+            record_len: plan.record_len,
+            desc: &plan.descriptor,
+            payloads: &payloads,
+        },
         Some(rec.position),
         true,
     );

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 /// Histogram buckets (upper bounds) of the duration metrics, in seconds, as metrics.py names.
 pub const SECONDS: [f64; 19] = [
-    25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0, 30.0,
+    25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 /// Buckets of the batch-size histogram.
 pub const SIZES: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
@@ -58,7 +58,13 @@ impl Meters {
 
     /// One answered request: its outcome and, when known, its time from read to answer and
     /// in the queue.
-    pub fn request(&self, model: &str, outcome: &'static str, total: Option<Duration>, queued: Option<Duration>) {
+    pub fn request(
+        &self,
+        model: &str,
+        outcome: &'static str,
+        total: Option<Duration>,
+        queued: Option<Duration>,
+    ) {
         self.with(model, |m| {
             *m.outcomes.entry(outcome).or_default() += 1;
             if let Some(t) = total {

@@ -101,7 +101,11 @@ fn epoll_del(ep: RawFd, fd: RawFd) {
 }
 
 impl Engine {
-    pub fn new(spin: Duration, max_memory: u64, max_memory_per_uid: u64) -> std::io::Result<Engine> {
+    pub fn new(
+        spin: Duration,
+        max_memory: u64,
+        max_memory_per_uid: u64,
+    ) -> std::io::Result<Engine> {
         // Safety: new descriptors, owned by Shared.
         let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if ep < 0 {
@@ -130,7 +134,9 @@ impl Engine {
 
     pub fn start(&self) -> std::io::Result<()> {
         let sh = self.shared.clone();
-        let t = std::thread::Builder::new().name("dispatcher".into()).spawn(move || dispatch::run(sh))?;
+        let t = std::thread::Builder::new()
+            .name("dispatcher".into())
+            .spawn(move || dispatch::run(sh))?;
         *self.thread.lock().unwrap() = Some(t);
         Ok(())
     }
@@ -151,16 +157,17 @@ impl Engine {
         }
     }
 
-    pub fn add_session(&self, s: Session) -> std::io::Result<()> {
-        let s = Arc::new(s);
+    /// Serves a session. On error its eventfds are left to the caller (not closed here).
+    pub fn add_session(&self, mut s: Session) -> std::io::Result<()> {
         let id = s.id;
-        self.shared.sessions.write().unwrap().insert(id, s.clone());
         let r = epoll_add(self.shared.ep, s.efd(EFD_REQ_DATA), id << 1)
             .and_then(|_| epoll_add(self.shared.ep, s.efd(EFD_RESP_SPACE), (id << 1) | 1));
         if let Err(e) = r {
-            self.end_session(id);
+            epoll_del(self.shared.ep, s.efd(EFD_REQ_DATA));
+            s.disown_efds();
             return Err(e);
         }
+        self.shared.sessions.write().unwrap().insert(id, Arc::new(s));
         wake::post(self.shared.wake); // records may be there already: look once
         Ok(())
     }
@@ -213,7 +220,12 @@ impl Engine {
         let mut n = 0;
         for q in self.models() {
             for job in q.drain() {
-                self.shared.meters.request(&q.name, code.name(), Some(job.read_at.elapsed()), Some(job.queued_at.elapsed()));
+                self.shared.meters.request(
+                    &q.name,
+                    code.name(),
+                    Some(job.read_at.elapsed()),
+                    Some(job.queued_at.elapsed()),
+                );
                 job.session.respond_error(job.request_id, code, message, Some(job.position));
                 job.session.wake_client();
                 n += 1;
@@ -224,15 +236,17 @@ impl Engine {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::engine::session::Session;
 
-    fn eventfd() -> RawFd {
+    pub(crate) use crate::TEST_FDS as FDS;
+
+    pub(crate) fn eventfd() -> RawFd {
         unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) }
     }
 
-    fn session(e: &Engine, id: u64) -> Session {
+    pub(crate) fn session(e: &Engine, id: u64) -> Session {
         let name = std::ffi::CString::new("t").unwrap();
         let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
         assert!(fd >= 0);
@@ -261,6 +275,7 @@ mod tests {
     /// reused must not read the new owner's bytes.
     #[test]
     fn a_stale_event_never_reads_a_reused_descriptor() {
+        let _fds = FDS.lock().unwrap_or_else(|e| e.into_inner());
         let e = Engine::new(Duration::ZERO, 0, 0).unwrap();
         e.add_session(session(&e, 7)).unwrap();
         let rd = e.session(7).unwrap().efd(EFD_REQ_DATA);

@@ -189,6 +189,15 @@ pub enum Refused {
     Retired(Box<Job>),
 }
 
+impl std::fmt::Debug for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Full(j, n) => write!(f, "Full(request {}, max_queue {n})", j.request_id),
+            Refused::Retired(j) => write!(f, "Retired(request {})", j.request_id),
+        }
+    }
+}
+
 impl Queue {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -337,7 +346,8 @@ impl Queue {
         }
         if self.batching && !self.policy.preferred_batch_sizes.is_empty() {
             let n = batch.len() as u64;
-            if let Some(&best) = self.policy.preferred_batch_sizes.iter().filter(|&&p| p <= n).max() {
+            if let Some(&best) = self.policy.preferred_batch_sizes.iter().filter(|&&p| p <= n).max()
+            {
                 while batch.len() as u64 > best {
                     let job = batch.pop().expect("longer than best");
                     let p = job.priority.min(1) as usize;
@@ -362,7 +372,9 @@ impl Queue {
             } else {
                 None
             };
-            let fits = |j: &Job| key.as_ref().is_none_or(|k| *k == j.key) && room.is_none_or(|r| j.nbytes <= r);
+            let fits = |j: &Job| {
+                key.as_ref().is_none_or(|k| *k == j.key) && room.is_none_or(|r| j.nbytes <= r)
+            };
             let both = !s.lanes[0].is_empty() && !s.lanes[1].is_empty();
             let order: [usize; 2] = if both && s.high_run >= HIGH_RUN { [0, 1] } else { [1, 0] };
             let mut got = None;
@@ -378,5 +390,102 @@ impl Queue {
             *nbytes += job.nbytes;
             batch.push(job);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::tests::session;
+    use crate::engine::Engine;
+    use crate::signature::Signature;
+
+    impl std::fmt::Debug for Job {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "Job({})", self.request_id)
+        }
+    }
+
+    fn job(s: &Arc<Session>, rid: u64, priority: u8, width: u64) -> Job {
+        let inputs =
+            vec![Input { offset: 0, nbytes: 4 * width, dtype: DType::F32, dims: vec![1, width] }];
+        let now = Instant::now();
+        Job {
+            session: s.clone(),
+            position: 0,
+            request_id: rid,
+            read_at: now,
+            queued_at: now,
+            deadline: None,
+            priority,
+            key: Job::key_of(&inputs),
+            inputs,
+            rows: 1,
+            nbytes: 4 * width,
+        }
+    }
+
+    fn queue(max_batch_size: u64, max_queue: u64) -> Queue {
+        let policy = Policy { max_batch_size, max_queue, ..Default::default() };
+        Queue::new(
+            1,
+            "m",
+            1,
+            Signature::new("m", vec![], 0, 0),
+            policy,
+            max_batch_size > 1,
+            false,
+            Default::default(),
+        )
+    }
+
+    fn ids(batch: &[Job]) -> Vec<u64> {
+        batch.iter().map(|j| j.request_id).collect()
+    }
+
+    #[test]
+    fn sessions_take_turns_and_high_priority_leaves_normal_a_quarter() {
+        let _fds = crate::engine::tests::FDS.lock().unwrap_or_else(|e| e.into_inner());
+        let e = Engine::new(Duration::ZERO, 0, 0).unwrap();
+        let (a, b) = (Arc::new(session(&e, 1)), Arc::new(session(&e, 2)));
+        let q = queue(1, 100);
+        for i in 0..6 {
+            assert!(q.put(job(&a, 100 + i, 1, 4)).unwrap().is_none()); // a floods, high
+        }
+        for i in 0..2 {
+            q.put(job(&b, 200 + i, 0, 4)).unwrap(); // b: normal
+        }
+        let order: Vec<u64> = (0..8).map(|_| q.take().unwrap().1[0].request_id).collect();
+        assert_eq!(order, [100, 101, 102, 200, 103, 104, 105, 201]);
+    }
+
+    #[test]
+    fn a_batch_joins_only_requests_of_its_first_ones_shape() {
+        let _fds = crate::engine::tests::FDS.lock().unwrap_or_else(|e| e.into_inner());
+        let e = Engine::new(Duration::ZERO, 0, 0).unwrap();
+        let (a, b) = (Arc::new(session(&e, 1)), Arc::new(session(&e, 2)));
+        let q = queue(8, 100);
+        q.put(job(&a, 1, 0, 4)).unwrap();
+        q.put(job(&a, 2, 0, 8)).unwrap(); // another width: waits for the next batch
+        q.put(job(&b, 3, 0, 4)).unwrap();
+        q.put(job(&b, 4, 0, 4)).unwrap();
+        assert_eq!(ids(&q.take().unwrap().1), [1, 3, 4]);
+        assert_eq!(ids(&q.take().unwrap().1), [2]);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_the_heaviest_session_not_a_newcomer() {
+        let _fds = crate::engine::tests::FDS.lock().unwrap_or_else(|e| e.into_inner());
+        let e = Engine::new(Duration::ZERO, 0, 0).unwrap();
+        let (a, b) = (Arc::new(session(&e, 1)), Arc::new(session(&e, 2)));
+        let q = queue(1, 3);
+        for i in 0..3 {
+            q.put(job(&a, i, 0, 4)).unwrap();
+        }
+        let evicted = q.put(job(&b, 9, 0, 4)).unwrap().expect("a's newest makes room");
+        assert_eq!(evicted.request_id, 2);
+        assert!(matches!(q.put(job(&a, 5, 0, 4)), Err(Refused::Full(..))));
+        let order: Vec<u64> = (0..3).map(|_| q.take().unwrap().1[0].request_id).collect();
+        assert_eq!(order, [0, 9, 1]);
     }
 }

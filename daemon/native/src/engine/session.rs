@@ -224,7 +224,8 @@ impl Session {
         let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
         // Safety: the mapping lives in `_map`, as long as the session.
         let region = unsafe { Region::new(map.base, map.len) }.ok_or_else(|| bad("mmap".into()))?;
-        let req = Geometry::new(region, REQ_CTL, HEADER_SIZE, req_cap).map_err(|e| bad(e.to_string()))?;
+        let req =
+            Geometry::new(region, REQ_CTL, HEADER_SIZE, req_cap).map_err(|e| bad(e.to_string()))?;
         let resp = Geometry::new(region, RESP_CTL, HEADER_SIZE + req_cap, resp_cap)
             .map_err(|e| bad(e.to_string()))?;
         ledger.add_rings(uid, size);
@@ -273,6 +274,11 @@ impl Session {
 
     pub fn efd(&self, i: usize) -> RawFd {
         self.efds[i]
+    }
+
+    /// The caller keeps the eventfds: they are not closed when this session goes.
+    pub fn disown_efds(&mut self) {
+        self.efds = [-1; 4];
     }
 
     fn flag(&self, off: u64) -> &AtomicU32 {
@@ -325,7 +331,9 @@ impl Session {
     pub fn idle(&self) -> bool {
         let g = self.lock();
         self.is_stopped()
-            || (self.running.load(Ordering::Acquire) == 0 && g.parked.is_empty() && !g.req.published())
+            || (self.running.load(Ordering::Acquire) == 0
+                && g.parked.is_empty()
+                && !g.req.published())
     }
 
     /// Releases a request record (its bytes are no longer needed: gathered, or answered).
@@ -389,7 +397,11 @@ impl Session {
         let f = if self.error_fields.load(Ordering::Relaxed) { f } else { &none };
         let desc = error_descriptor_fields(code, message, f);
         let len = align64(RECORD_HEADER as u64 + desc.len() as u64);
-        self.respond(&Response { request_id: rid, record_len: len, desc: &desc, payloads: &[] }, release, false)
+        self.respond(
+            &Response { request_id: rid, record_len: len, desc: &desc, payloads: &[] },
+            release,
+            false,
+        )
     }
 
     /// Posts `pd` if the client sleeps on it (one post for everything published before).
@@ -441,7 +453,12 @@ impl Session {
                 );
                 let desc = error_descriptor(Code::TooLarge, &msg);
                 let len = align64(RECORD_HEADER as u64 + desc.len() as u64);
-                let e = Response { request_id: r.request_id, record_len: len, desc: &desc, payloads: &[] };
+                let e = Response {
+                    request_id: r.request_id,
+                    record_len: len,
+                    desc: &desc,
+                    payloads: &[],
+                };
                 return self.park(g, &e);
             }
         }
@@ -525,7 +542,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        for &fd in &self.efds {
+        for &fd in self.efds.iter().filter(|&&fd| fd >= 0) {
             // Safety: our own descriptors, closed once, after every user of them is gone.
             unsafe { libc::close(fd) };
         }

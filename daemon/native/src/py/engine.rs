@@ -32,10 +32,27 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 fn code_of(code: u32) -> PyResult<Code> {
     use Code::*;
     const ALL: [Code; 16] = [
-        BadFrame, Version, BadMessage, UnknownModel, BadInput, TooLarge, Resource, Permission,
-        ModelFailed, BadRecord, BadRequest, Deadline, Overloaded, ShuttingDown, Unsupported, Internal,
+        BadFrame,
+        Version,
+        BadMessage,
+        UnknownModel,
+        BadInput,
+        TooLarge,
+        Resource,
+        Permission,
+        ModelFailed,
+        BadRecord,
+        BadRequest,
+        Deadline,
+        Overloaded,
+        ShuttingDown,
+        Unsupported,
+        Internal,
     ];
-    ALL.iter().copied().find(|c| *c as u32 == code).ok_or_else(|| PyValueError::new_err(format!("unknown error code {code}")))
+    ALL.iter()
+        .copied()
+        .find(|c| *c as u32 == code)
+        .ok_or_else(|| PyValueError::new_err(format!("unknown error code {code}")))
 }
 
 #[pyclass(module = "tensord._core", name = "Engine", frozen)]
@@ -175,7 +192,13 @@ impl PyEngine {
             .collect::<Result<Vec<_>, _>>()
             .map_err(PyValueError::new_err)?;
         let sig = Signature::new(name, specs, max_batch, max_input_bytes);
-        let policy = Policy { max_batch_size, max_queue_delay_us, preferred_batch_sizes, max_queue, max_batch_bytes };
+        let policy = Policy {
+            max_batch_size,
+            max_queue_delay_us,
+            preferred_batch_sizes,
+            max_queue,
+            max_batch_bytes,
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let meters = self.inner.shared.meters.clone();
         let q = Arc::new(Queue::new(id, name, version, sig, policy, batching, identity, meters));
@@ -293,12 +316,23 @@ pub struct PyArena {
 
 #[pymethods]
 impl PyArena {
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
         let buf = &slf.get().buf;
         // Safety: `view` is the caller's; the memory lives as long as this object, which the
         // view holds a reference to (PyBuffer_FillInfo sets view->obj).
         let r = unsafe {
-            ffi::PyBuffer_FillInfo(view, slf.as_ptr(), buf.ptr() as *mut std::ffi::c_void, buf.len() as ffi::Py_ssize_t, 0, flags)
+            ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                buf.ptr() as *mut std::ffi::c_void,
+                buf.len() as ffi::Py_ssize_t,
+                0,
+                flags,
+            )
         };
         if r < 0 {
             return Err(PyErr::fetch(slf.py()));
@@ -349,12 +383,16 @@ impl PyBatch {
 
     /// Per input: (arena, dtype, [(offset, nbytes, shape) per request]).
     #[allow(clippy::type_complexity)]
-    fn inputs(&self, py: Python<'_>) -> PyResult<Vec<(Py<PyArena>, &'static str, Vec<(u64, u64, Vec<u64>)>)>> {
+    fn inputs(
+        &self,
+        py: Python<'_>,
+    ) -> PyResult<Vec<(Py<PyArena>, &'static str, Vec<(u64, u64, Vec<u64>)>)>> {
         self.b
             .arenas
             .iter()
             .map(|a| {
-                let spans = a.spans.iter().zip(&a.shapes).map(|(&(o, n), s)| (o, n, s.clone())).collect();
+                let spans =
+                    a.spans.iter().zip(&a.shapes).map(|(&(o, n), s)| (o, n, s.clone())).collect();
                 Ok((Py::new(py, PyArena { buf: a.buf.clone() })?, a.dtype.name(), spans))
             })
             .collect()
@@ -366,14 +404,22 @@ impl PyBatch {
         self.b
             .members
             .iter()
-            .map(|m| ((now - m.read_at).as_secs_f64(), (self.b.started - m.queued_at).as_secs_f64()))
+            .map(|m| {
+                ((now - m.read_at).as_secs_f64(), (self.b.started - m.queued_at).as_secs_f64())
+            })
             .collect()
     }
 
     /// Answers requests [lo, hi) with their rows of `outputs`: [(name, dtype, shape, buffer)],
     /// the model's contiguous outputs for exactly those requests. ValueError when the outputs
     /// do not have their rows (nothing is answered then).
-    fn complete(&mut self, py: Python<'_>, lo: usize, hi: usize, outputs_: Vec<OutTuple<'_>>) -> PyResult<()> {
+    fn complete(
+        &mut self,
+        py: Python<'_>,
+        lo: usize,
+        hi: usize,
+        outputs_: Vec<OutTuple<'_>>,
+    ) -> PyResult<()> {
         let bufs = outputs(&outputs_)?;
         let outs: Vec<Output<'_>> = outputs_
             .iter()
@@ -385,7 +431,12 @@ impl PyBatch {
     }
 
     /// Answers request `k` with outputs of its own (any dtype; `bytes` in wire encoding).
-    fn complete_one(&mut self, py: Python<'_>, k: usize, outputs_: Vec<OutTuple<'_>>) -> PyResult<()> {
+    fn complete_one(
+        &mut self,
+        py: Python<'_>,
+        k: usize,
+        outputs_: Vec<OutTuple<'_>>,
+    ) -> PyResult<()> {
         let bufs = outputs(&outputs_)?;
         let outs: Vec<Output<'_>> = outputs_
             .iter()
