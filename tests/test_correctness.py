@@ -257,7 +257,9 @@ def test_parked_responses_count_against_the_daemons_memory(tmp_path):
     from tensord.contract.errors import TooLargeError, safe_to_retry
 
     seg = 4096 + (1 << 20) + 65536  # this client's segment
-    d = start_daemon(tmp_path, config=f"[daemon]\nmax_memory = {seg + 512 * 1024}\n")
+    # one uid here: the budget in all is under test, not the per-uid share of it
+    d = start_daemon(tmp_path, config=f"[daemon]\nmax_memory = {seg + 512 * 1024}\n"
+                     "max_memory_per_uid = 0\n")
     try:
         with Client(d.path, request_ring=1 << 20, response_ring=65536) as c:
             ids = set()
@@ -387,7 +389,7 @@ def test_a_sessions_memory_counts_until_it_is_freed_not_until_it_disconnects(mak
     from tensord.contract.errors import ResourceError
 
     seg = 4096 + 2 * 65536
-    d = make_daemon(daemon=f"max_memory = {seg}")
+    d = make_daemon(daemon=f"max_memory = {seg}\nmax_memory_per_uid = 0")  # one uid here
     a = Client(d.path, request_ring=65536, response_ring=65536)
     def call():
         from tensord.contract.errors import TensordError

@@ -178,6 +178,36 @@ def test_kubernetes_daemonset_one_daemon_per_gpu_node(tmp_path):
     assert ds["metadata"]["namespace"] == docs["Namespace"]["metadata"]["name"]
 
 
+def test_kubernetes_probes_are_cheap_operator_commands_that_see_readiness(tmp_path):
+    """The DaemonSet's probes are `tensord ping`/`health` against its socket; run as written
+    (the socket path aside) against a real daemon they answer, and health fails once the
+    daemon stops serving."""
+    from conftest import start_daemon
+
+    ds = next(d for d in _docs("tensord.yaml") if d["kind"] == "DaemonSet")
+    (c,) = ds["spec"]["template"]["spec"]["containers"]
+    sock = c["args"][c["args"].index("--socket") + 1]
+    probes = {k: c[k]["exec"]["command"] for k in ("startupProbe", "readinessProbe",
+                                                    "livenessProbe")}
+    assert probes["readinessProbe"] == ["tensord", "health", "--socket", sock]
+    assert probes["livenessProbe"] == probes["startupProbe"] == ["tensord", "ping",
+                                                                 "--socket", sock]
+    assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 300
+    d = start_daemon(tmp_path)
+    tensord = str(Path(sys.executable).with_name("tensord"))
+
+    def probe(kind: str) -> int:
+        argv = [tensord if a == "tensord" else d.path if a == sock else a
+                for a in probes[kind]]
+        return subprocess.run(argv, capture_output=True, timeout=60).returncode
+
+    try:
+        assert {k: probe(k) for k in probes} == dict.fromkeys(probes, 0)
+    finally:
+        assert d.stop() == 0, d.logs()
+    assert probe("readinessProbe") == 1 and probe("livenessProbe") == 1
+
+
 def test_kubernetes_go_service_fragment_reaches_the_daemon_on_its_node():
     ds = next(d for d in _docs("tensord.yaml") if d["kind"] == "DaemonSet")
     dspec = ds["spec"]["template"]["spec"]

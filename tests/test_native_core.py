@@ -52,6 +52,9 @@ def test_offsets_outside_the_mapping_are_refused_with_the_c_cores_messages(shm):
     c = _core.Consumer(shm, REQ_CONTROL, HEADER_SIZE, CAP, KIND_REQUEST)
     with pytest.raises(KeyError, match="record at 64 is not held"):
         c.release(64)
+    for fd in (-1, 2**31):
+        with pytest.raises(ValueError, match=f"{fd} is not a file descriptor"):
+            shm.post(fd)
 
 
 def test_bytes_round_trip_through_the_mapping(shm):

@@ -108,6 +108,7 @@ def test_64_sessions_from_8_processes_get_their_own_rows(tmp_path, go_probe):
     d = start_daemon(tmp_path, config=f"""
 [daemon]
 max_sessions = 128
+max_sessions_per_uid = 0
 
 [[models]]
 name = "echo"

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import signal
 import sys
 
-from . import export, ops
+from . import ops
 from .config import ConfigError, DaemonConfig, load_config
 from .control import takeover
 
+EXPORT_HELP = "export a Python model to TorchScript or torch.export"
+
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="tensord", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     serve = sub.add_parser("serve", help="run the daemon")
@@ -21,21 +25,46 @@ def main(argv: list[str] | None = None) -> int:
                        "/run/tensord/tensord.sock or /tmp/tensord.sock)")
     serve.add_argument("--config", help="TOML config file")
     serve.add_argument("--log-level", default="INFO")
-    export.add_parser(sub)
+    # `export` imports torch: only when it is the command, so that the operator commands
+    # (probes) start in milliseconds.
+    export = None
+    if next((a for a in argv if not a.startswith("-")), None) == "export":
+        from . import export
+        export.add_parser(sub)
+    else:
+        sub.add_parser("export", help=EXPORT_HELP)
     ops.add_parsers(sub)
     takeover.add_parser(sub)
     args = p.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(), stream=sys.stderr,
-                        format="tensord %(levelname)s %(name)s: %(message)s")
+                        format=log_format(), datefmt="%Y-%m-%dT%H:%M:%S")
     if args.cmd == "serve":
         return _serve(args)
-    if args.cmd == "export":
+    if args.cmd == "export" and export is not None:
         return export.run(args)
     if args.cmd == "upgrade":
         return takeover.run(args)
     if hasattr(args, "op"):
         return ops.run(args)
     return 2
+
+
+def log_format() -> str:
+    """Every line carries its time (ISO 8601, milliseconds, local time), except where stderr
+    is the journal: journald stamps each line itself (JOURNAL_STREAM names the stream it
+    connected to stderr, sd_journal_stream_fd(3))."""
+    if _stderr_is_journal():
+        return "tensord %(levelname)s %(name)s: %(message)s"
+    return "%(asctime)s.%(msecs)03d tensord %(levelname)s %(name)s: %(message)s"
+
+
+def _stderr_is_journal() -> bool:
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return f"{st.st_dev}:{st.st_ino}" == f"{dev}:{ino}"
 
 
 def _serve(args) -> int:
@@ -76,7 +105,9 @@ def _serve(args) -> int:
             registry.add(executor.aside(load_model, mc), mc)
         server = Server(cfg, registry, executor)
         # Before the socket exists: a client that connects and at once sends SIGTERM gets a
-        # drain, never the default action (death without a word).
+        # drain, never the default action (death without a word). Whichever thread the kernel
+        # hands a signal to, the control loop wakes (server.py, issue 19.10).
+        signal.set_wakeup_fd(server.signal_fd, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
         signal.signal(signal.SIGINT, lambda *_: server.shutdown())
         signal.signal(signal.SIGHUP, lambda *_: server.reload_config())

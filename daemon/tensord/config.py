@@ -7,11 +7,12 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .contract.descriptors import MAX_TENSORS
-
 MiB = 1 << 20
 GiB = 1 << 30
 MAX_RING = 1 << 31
+# A per-uid bound left unset: control/limits.py derives it (a quarter of the whole).
+DEFAULT_SHARE = -1
+UID_SHARE = 4
 
 
 def default_socket_path() -> str:
@@ -83,9 +84,12 @@ class DaemonConfig:
     drain_grace_s: float = 10.0
     # Bounds no client gets past (control/limits.py); 0: no such bound.
     max_pending: int = 64  # connections that have not sent hello; past it the oldest is refused
-    max_sessions_per_uid: int = 0
+    # Per uid, so one misbehaving service cannot lock the others out (issue 19.7). Unset
+    # (DEFAULT_SHARE): a quarter of max_sessions, and a quarter of max_memory or, when that
+    # is 0, of the memory the daemon has at start (the host's or its cgroup's).
+    max_sessions_per_uid: int = DEFAULT_SHARE
     max_memory: int = 0  # bytes of session segments, all sessions together
-    max_memory_per_uid: int = 0
+    max_memory_per_uid: int = DEFAULT_SHARE
     # Responses the daemon holds for a session whose client does not read them (parked until
     # it frees response-ring space); they count against max_memory and max_memory_per_uid too.
     max_parked_per_session: int = 64 * MiB
@@ -148,6 +152,8 @@ def model_config(table: dict[str, Any], base_dir: str, what: str) -> ModelConfig
         raise ConfigError(f"{what}: max_queue and instances must be at least 1")
     if not all(type(n) is int and n >= 1 for n in mc.preferred_batch_sizes):
         raise ConfigError(f"{what}.preferred_batch_sizes must hold positive integers")
+    from .contract.descriptors import MAX_TENSORS  # here: the operator commands stay torch-free
+
     for key in ("inputs", "outputs"):
         if len(getattr(mc, key)) > MAX_TENSORS:
             raise ConfigError(f"{what} declares {len(getattr(mc, key))} {key}; the protocol "
@@ -197,7 +203,7 @@ def load_config(path: str) -> DaemonConfig:
             raise ConfigError(f"{path}: [daemon].{k} must be a list of uids (integers)")
     cfg.model_dirs = [os.path.join(base, p) for p in cfg.model_dirs]
     for k in ("max_sessions_per_uid", "max_memory", "max_memory_per_uid"):
-        if getattr(cfg, k) < 0:
+        if k in daemon and daemon[k] < 0:
             raise ConfigError(f"{path}: [daemon].{k} must be 0 (no bound) or positive")
     if cfg.max_parked_per_session < 0:
         raise ConfigError(f"{path}: [daemon].max_parked_per_session must be 0 or positive")

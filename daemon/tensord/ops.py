@@ -1,6 +1,6 @@
 """Operator commands that talk to a running daemon over its socket: `tensord stats`,
 `status`, `models`, `ping` and `health` (which exits 1 when the daemon is not ready, for
-probes)."""
+probes). They open a control-only connection (probe.py): no session, no torch."""
 
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ def add_parsers(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .client import Client
+    # A control-only connection (no session, no shared memory) from a client that imports
+    # no torch: a probe costs milliseconds and a few MB, not seconds and 850 MB (issue 17.8).
+    from .probe import ControlClient
 
     try:
-        with Client(args.socket, name="tensord " + args.cmd) as c:
+        with ControlClient(args.socket, name="tensord " + args.cmd) as c:
             return args.op(c)
     except TensordError as e:
         print(f"tensord {args.cmd}: {e.message}", file=sys.stderr)
@@ -76,12 +78,15 @@ def _status(c) -> int:
 
 
 def _stats(c) -> int:
-    rows = [("model", "ver", "queued", "served", "failed", "rejected", "expired", "batches",
-             "mean batch", "mean queue ms", "mean compute ms")]
+    # The columns are the outcomes Prometheus counts (tensord_requests_total{outcome}) and
+    # the log names: ok, MODEL_FAILED/INTERNAL, BAD_INPUT (and kin), OVERLOADED, DEADLINE.
+    rows = [("model", "ver", "queued", "served", "failed", "bad input", "rejected", "expired",
+             "batches", "mean batch", "mean queue ms", "mean compute ms")]
     for m in c.stats():
-        served = m.served + m.failed
+        bad = m.bad_input or 0
+        served = m.served + m.failed  # what ran in a batch (near enough)
         rows.append((m.name, str(m.version), str(m.queued), str(m.served), str(m.failed),
-                     str(m.rejected), str(m.expired), str(m.batches),
+                     str(bad), str(m.rejected), str(m.expired), str(m.batches),
                      f"{served / m.batches:.1f}" if m.batches else "-",
                      f"{m.queue_us / 1e3 / served:.2f}" if served else "-",
                      f"{m.compute_us / 1e3 / m.batches:.2f}" if m.batches else "-"))

@@ -40,6 +40,9 @@ type helloMsg struct {
 	Client       string `msgpack:"client"`
 	RequestRing  uint64 `msgpack:"request_ring"`
 	ResponseRing uint64 `msgpack:"response_ring"`
+	// ControlOnly asks for a connection without a session (SPEC §2.4). This client always
+	// opens a session and never sets it; the field is here for the golden vectors.
+	ControlOnly bool `msgpack:"control_only,omitempty"`
 }
 
 type welcomeMsg struct {

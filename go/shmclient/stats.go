@@ -13,8 +13,10 @@ type ModelStats struct {
 	Version uint64
 	// Queued is how many requests wait in the model's queue now.
 	Queued uint64
-	// Served requests were answered with outputs; Failed ones with the model's error.
-	Served, Failed uint64
+	// Served requests were answered with outputs; Failed ones with the model's error
+	// (ErrModelFailed, an internal error); BadInput ones were refused for their inputs
+	// (ErrBadInput and kin: the caller's error, never counted in Failed).
+	Served, Failed, BadInput uint64
 	// Rejected requests found the queue full (ErrOverloaded); Expired ones ran out of
 	// time while queued (ErrDeadline) and were never computed.
 	Rejected, Expired uint64
@@ -51,6 +53,7 @@ type wireModelStat struct {
 	QueueUS    uint64     `msgpack:"queue_us"`
 	ComputeUS  uint64     `msgpack:"compute_us"`
 	MaxQueueUS uint64     `msgpack:"max_queue_us"`
+	BadInput   uint64     `msgpack:"bad_input,omitempty"` // written only when not 0
 }
 
 type modelStatsMsg struct {
@@ -86,7 +89,7 @@ func (s *session) stats(ctx context.Context) ([]ModelStats, error) {
 			sizes[int(pair[0])] = pair[1]
 		}
 		out[i] = ModelStats{Name: m.Name, Version: m.Version, Queued: m.Queued, Served: m.Served,
-			Failed: m.Failed, Rejected: m.Rejected, Expired: m.Expired, Batches: m.Batches,
+			Failed: m.Failed, BadInput: m.BadInput, Rejected: m.Rejected, Expired: m.Expired, Batches: m.Batches,
 			BatchSizes: sizes, QueueTime: time.Duration(m.QueueUS) * time.Microsecond,
 			ComputeTime:  time.Duration(m.ComputeUS) * time.Microsecond,
 			MaxQueueTime: time.Duration(m.MaxQueueUS) * time.Microsecond}

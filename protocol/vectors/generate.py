@@ -79,6 +79,9 @@ def cases():
     sess = "00112233445566778899aabbccddeeff"
     out = [
         frame("hello", m.Hello(4, 5, "vectors", 0, 1 << 20)),
+        frame("hello_control_only", m.Hello(4, 4, "tensord health", 65536, 65536,
+                                            control_only=True)),
+        frame("welcome_control_only", m.Welcome(4, sess, 0, 0, 0, 1 << 20, "tensord 0.1.0")),
         frame("welcome", m.Welcome(5, sess, 4096 + (1 << 24) + (1 << 20), 1 << 24, 1 << 20,
                                    1 << 20, "tensord 0.1.0")),
         frame("attached", m.Attached()),
@@ -105,7 +108,7 @@ def cases():
         frame("model_stats", m.ModelStats(12, [
             m.ModelStat("identity", 1, 0, 0, 0, 0, 0, 0, [], 0, 0, 0),
             m.ModelStat("mlp", 2, 3, 1600, 1, 4, 2, 391, [[1, 77], [8, 73], [64, 2]], 233934,
-                        164254, 68577)])),
+                        164254, 68577, bad_input=5)])),
         frame("draining", m.Draining(10000)),
         frame("health", m.Health(13)),
         frame("health_report", m.HealthReport(13, False, False, "model 'slow' has run one "

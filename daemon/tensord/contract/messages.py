@@ -60,6 +60,9 @@ class Hello:
     client: str
     request_ring: int
     response_ring: int
+    # SPEC §2.4: True asks for a connection without a session (no segment, no eventfds) for
+    # control messages only (probes, stats, admin); written only when true.
+    control_only: bool | None = field(default=None, metadata={"omit_none": True})
 
 
 @dataclass
@@ -179,6 +182,10 @@ class ModelStat:
     queue_us: int  # total time requests waited in the queue
     compute_us: int  # total forward-pass time of all batches
     max_queue_us: int
+    # requests the model refused for their inputs (BAD_INPUT, BAD_REQUEST, TOO_LARGE): the
+    # caller's error, not the model's. Added after version 4 shipped: written only when not
+    # 0, and None (absent) means 0.
+    bad_input: int | None = field(default=None, metadata={"omit_none": True})
 
 
 @dataclass

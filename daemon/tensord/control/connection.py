@@ -51,7 +51,7 @@ from ..contract.messages import (
     for_version,
 )
 from ..models.registry import Registry
-from ..ratelog import RateLimited
+from ..ratelog import PerUid, RateLimited
 from ..serving.core import Serving, SessionHandle
 from ..serving.executor import Executor
 from ..transport.segment import Segment
@@ -61,6 +61,10 @@ from .limits import Admission, Grant
 log = logging.getLogger(__name__)
 # Refused and failed connections: any local user can cause as many as they like.
 _refusals = RateLimited(log)
+# Sessions opened, closed and ended by an error, per uid with a summary per period (a client
+# churning sessions wrote two lines per session: 455 KB/s in the hostile run, issue 19.9).
+# The control loop (server.py) calls its flush.
+SESSION_LOG = PerUid(log)
 
 HANDSHAKE_TIMEOUT = 10.0
 # Replies a client has not read yet: past this it is not reading its socket, and is dropped
@@ -111,6 +115,9 @@ class Services:
     make_room: Callable[[Connection, int], int]
     # Sessions or admission counts changed (gauges, systemd STATUS=).
     changed: Callable[[], None]
+    # An ended session's segment still holds responses the client has not released:
+    # (segment, uid, pid, bytes kept), called on any thread (lingering.py counts them).
+    linger: Callable[[Segment, int, int, int], None] = lambda *_: None
 
 
 class Connection:
@@ -130,6 +137,7 @@ class Connection:
         self._segment: Segment | None = None  # the session's, until the core has freed it
         self._client = ""
         self.version = max(SUPPORTED_VERSIONS)  # the version the handshake chose
+        self.control_only = False  # no session: control messages only (SPEC hello)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -223,6 +231,9 @@ class Connection:
     def _hello(self, hello: Hello) -> None:
         cfg = self.s.config
         version = self.version = _choose_version(hello)
+        if hello.control_only:
+            self._control_hello(version, hello)
+            return
         req = ring_capacity(hello.request_ring, cfg.default_ring)
         resp = ring_capacity(hello.response_ring, cfg.default_ring)
         if max(req, resp) > cfg.max_ring:
@@ -238,6 +249,8 @@ class Connection:
         self._client = hello.client.encode()[:128].decode("utf-8", "ignore")
         session_id = secrets.token_hex(16)
         self._seg = self._create_segment(session_id, req, resp)
+        uid, pid, linger = self.peer.uid, self.peer.pid, self.s.linger
+        self._seg.on_linger = lambda seg, kept: linger(seg, uid, pid, kept)
         adm.charged(self._grant)
         welcome = Welcome(version=version, session=session_id,
                           segment_size=self._seg.header.segment_size, request_ring=req,
@@ -245,6 +258,19 @@ class Connection:
                           daemon=f"tensord {__version__}")
         self._send_with_fds(encode_frame(welcome), self._seg.descriptors())
         self._session_id = session_id
+        self.state = ATTACH
+
+    def _control_hello(self, version: int, hello: Hello) -> None:
+        """A connection for control messages only (`tensord health`, stats, admin): no
+        segment, no eventfds, no admission of memory, nothing logged at INFO. The welcome
+        says so with zero sizes and carries no descriptors (SPEC §2.4)."""
+        self.s.admission.admit_control()
+        self.control_only = True
+        self._client = hello.client[:128]
+        self._session_id = secrets.token_hex(16)
+        self.send(Welcome(version=version, session=self._session_id, segment_size=0,
+                          request_ring=0, response_ring=0, max_frame=MAX_FRAME,
+                          daemon=f"tensord {__version__}"))
         self.state = ATTACH
 
     def _create_segment(self, session_id: str, req: int, resp: int) -> Segment:
@@ -259,6 +285,13 @@ class Connection:
         return Segment.create(session_id, req, resp, reserved)
 
     def _attached(self) -> None:
+        if self.control_only:
+            self.state = SERVING
+            self.deadline = None
+            self.send(Ready())
+            log.debug("control connection: %r pid %d uid %d", self._client, self.peer.pid,
+                      self.peer.uid)
+            return
         seg, self._seg = self._seg, None
         try:
             self.session = self.s.serving.add_session(
@@ -274,9 +307,10 @@ class Connection:
         self.deadline = None
         self.send(Ready())
         h = seg.header
-        log.info("session %s: %r pid %d uid %d, rings %d/%d bytes", self.session.id[:8],
-                 self._client, self.peer.pid, self.peer.uid, h.request_ring_capacity,
-                 h.response_ring_capacity)
+        SESSION_LOG.log(self.peer.uid, "opened", logging.INFO,
+                        "session %s: %r pid %d uid %d, rings %d/%d bytes", self.session.id[:8],
+                        self._client, self.peer.pid, self.peer.uid, h.request_ring_capacity,
+                        h.response_ring_capacity)
 
     def _admin(self, msg) -> None:
         if self.peer.uid not in self.s.config.admin_uids:
@@ -369,8 +403,13 @@ class Connection:
         err.fatal = True
         if self.state in (HELLO, ATTACH):  # refused before its session started
             metrics.rejected(getattr(err, "reason", None) or err.code.name.lower())
-        _refusals.info("closing connection of pid %d uid %d: %s", self.peer.pid,
-                       self.peer.uid, err)
+        if self.state == SERVING and not self.control_only:  # the session ends with an error
+            SESSION_LOG.log(self.peer.uid, "ended by an error", logging.WARNING,
+                            "session %s of pid %d uid %d ends: %s", self._session_id[:8],
+                            self.peer.pid, self.peer.uid, err)
+        else:
+            _refusals.info("closing connection of pid %d uid %d: %s", self.peer.pid,
+                           self.peer.uid, err)
         self._out += encode_frame(error_message(err, 0, self.version))
         with contextlib.suppress(OSError):
             self.sock.send(self._out)
@@ -383,8 +422,11 @@ class Connection:
     def drain(self, grace_ms: int) -> None:
         """The daemon is stopping: tell the client (SPEC `draining`); a connection still in
         its handshake is closed."""
-        if self.state == SERVING:
+        if self.state == SERVING and not self.control_only:
             self.send(Draining(grace_ms=grace_ms))
+        elif self.state == SERVING:
+            # Nothing of it is in flight on a ring: it need not hold the drain up.
+            self.goodbye("the daemon is draining (stopping)")
         else:
             self.close(log_reason="the daemon is draining")
 
@@ -410,9 +452,14 @@ class Connection:
             # The core stops serving it; its memory and eventfds go once no batch holds it
             # (then _session_freed releases the rest).
             self.session.end()
-            log.info("session %s closed after %d requests", self.session.id[:8], served)
+            SESSION_LOG.log(self.peer.uid, "closed", logging.INFO,
+                            "session %s of uid %d closed after %d requests",
+                            self.session.id[:8], self.peer.uid, served)
         elif self._grant is not None:  # no session: nothing of it can still be mapped
             self._release_grant()
+        if self.control_only:
+            self.control_only = False
+            self.s.admission.release_control()
         self.s.forget(self)
         with contextlib.suppress(OSError):
             self.sock.close()

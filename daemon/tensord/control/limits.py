@@ -15,8 +15,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..config import DaemonConfig
+from ..config import DEFAULT_SHARE, UID_SHARE, DaemonConfig
 from ..contract.errors import ResourceError
+from ..transport.segment import available_memory
 
 MiB = 1 << 20
 
@@ -28,6 +29,7 @@ class Grant:
     uid: int
     size: int
     charged: bool = False  # its pages exist (posix_fallocate done): the kernel counts them
+    session: bool = True  # False: memory of an ended session (lingering.py), no session
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Admission:
     sessions: int = 0
     memory: int = 0  # bytes of every admitted session's segment
     uncharged: int = 0  # of which the kernel has not allocated the pages yet
+    control: int = 0  # control-only connections (no session, no memory): probes, admin
     _by_uid: dict[int, _Usage] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # The serving core's parked bytes: uid -> (the uid's, all sessions'); None: only ours.
@@ -52,8 +55,7 @@ class Admission:
 
     @classmethod
     def from_config(cls, cfg: DaemonConfig) -> Admission:
-        return cls(cfg.max_sessions, cfg.max_sessions_per_uid, cfg.max_memory,
-                   cfg.max_memory_per_uid)
+        return cls(cfg.max_sessions, *per_uid_limits(cfg))
 
     def admit(self, uid: int, size: int) -> Grant:
         """Count a new session of `size` bytes for `uid`, or raise ResourceError (fatal) saying
@@ -89,6 +91,21 @@ class Admission:
         self.uncharged += size
         return Grant(uid, size)
 
+    def admit_control(self) -> None:
+        """Count a control-only connection (SPEC hello `control_only`). They hold no session
+        and no memory, so they do not compete with sessions: a probe still gets in when
+        every session is taken. They are bounded apart, by max_sessions too, since each
+        holds a descriptor and a place in the control loop."""
+        with self._lock:
+            if self.control >= self.max_sessions:
+                _refuse("control", f"the daemon already has max_sessions={self.max_sessions} "
+                        "control-only connections open (probes, admin): close idle ones")
+            self.control += 1
+
+    def release_control(self) -> None:
+        with self._lock:
+            self.control -= 1
+
     def charged(self, g: Grant) -> None:
         """The session's pages are allocated: the kernel's own counters include them now."""
         with self._lock:
@@ -99,17 +116,35 @@ class Admission:
             g.charged = True
             self.uncharged -= g.size
 
+    def hold(self, uid: int, size: int) -> Grant:
+        """Count `size` bytes the kernel holds for `uid` without a session: unreleased
+        responses of an ended session (lingering.py). Never refused (they exist already);
+        they count against what the uid and the daemon may admit next."""
+        with self._lock:
+            u = self._by_uid.setdefault(uid, _Usage())
+            u.memory += size
+            self.memory += size
+        return Grant(uid, size, charged=True, session=False)
+
+    def resize(self, g: Grant, size: int) -> None:
+        """A held grant shrank (the client released some of it)."""
+        with self._lock:
+            self.memory += size - g.size
+            self._by_uid[g.uid].memory += size - g.size
+            g.size = size
+
     def release(self, g: Grant) -> None:
         """The session's memory is gone (call once its segment is freed, not when its
-        connection closes: requests still running keep it mapped)."""
+        connection closes: requests still running keep it mapped), or a held grant's."""
         with self._lock:
             self._charged(g)
-            self.sessions -= 1
             self.memory -= g.size
             u = self._by_uid[g.uid]
-            u.sessions -= 1
             u.memory -= g.size
-            if not u.sessions:
+            if g.session:
+                self.sessions -= 1
+                u.sessions -= 1
+            if not u.sessions and not u.memory:
                 del self._by_uid[g.uid]
 
     def of_uid(self, uid: int) -> tuple[int, int]:
@@ -118,6 +153,21 @@ class Admission:
             u = self._by_uid.get(uid)
             parked = self.parked_of(uid)[0] if self.parked_of else 0
             return (u.sessions, u.memory + parked) if u else (0, 0)
+
+
+def per_uid_limits(cfg: DaemonConfig) -> tuple[int, int, int]:
+    """(max_sessions_per_uid, max_memory, max_memory_per_uid) with the defaults filled in:
+    what a uid may hold when the config does not say is a quarter of the whole (sessions:
+    of max_sessions; memory: of max_memory, or when that is 0 of the memory the daemon has
+    now), so one service that leaks sessions or memory leaves room for three others."""
+    sessions = cfg.max_sessions_per_uid
+    if sessions == DEFAULT_SHARE:
+        sessions = max(1, cfg.max_sessions // UID_SHARE)
+    memory = cfg.max_memory_per_uid
+    if memory == DEFAULT_SHARE:
+        whole = cfg.max_memory or available_memory()[0]
+        memory = max(MiB, whole // UID_SHARE)
+    return sessions, cfg.max_memory, memory
 
 
 def _refuse(reason: str, message: str):

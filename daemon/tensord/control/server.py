@@ -32,9 +32,11 @@ from ..models.registry import Registry
 from ..ratelog import RateLimited
 from ..serving.core import Serving
 from ..serving.executor import Executor
+from . import model_gauges
 from .admin import LoadPolicy, ModelControl
-from .connection import HELLO, Connection, Services
+from .connection import HELLO, SESSION_LOG, Connection, Services
 from .limits import Admission
+from .lingering import Lingering
 from .reconfig import Reconfigurer
 from .takeover import Successor
 
@@ -59,9 +61,9 @@ class Server:
         self.registry = registry
         self.executor = executor
         self.path = config.socket_path()
-        self.serving = Serving(registry, executor, config.spin_us, config.max_memory,
-                               config.max_memory_per_uid)
-        admission = Admission.from_config(config)
+        admission = Admission.from_config(config)  # the per-uid defaults resolved
+        self.serving = Serving(registry, executor, config.spin_us, admission.max_memory,
+                               admission.max_memory_per_uid)
         admission.parked_of = self.serving.engine.parked  # unread responses count too
         self.services = Services(
             config=config, registry=registry, executor=executor, serving=self.serving,
@@ -71,7 +73,9 @@ class Server:
             stats=self.serving.stats, health=self.health, run_aside=self._run_aside,
             call_soon=self.call_soon,
             want_write=self._want_write,
-            forget=self._forget, make_room=self._make_room, changed=self._changed)
+            forget=self._forget, make_room=self._make_room, changed=self._changed,
+            linger=self._linger)
+        self._lingering = Lingering(self.services.admission)
         self._conns: dict[int, Connection] = {}
         self._deadlines: list[tuple[float, int, Connection]] = []  # a heap
         self._soon: collections.deque[Callable[[], None]] = collections.deque()
@@ -85,6 +89,17 @@ class Server:
         # Posted by shutdown() and call_soon() from other threads (and signal handlers).
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._ep.register(self._wake, select.EPOLLIN)
+        # signal.set_wakeup_fd's end (cli.py): CPython runs a Python signal handler only on
+        # the main thread, and only once that thread runs bytecode. The kernel may hand a
+        # process-directed SIGTERM to any thread (the dispatcher, a worker, a new thread
+        # unmasking signals); the main thread then slept on in epoll with no timeout and the
+        # daemon never drained (issue 19.10). The C-level handler writes the signal number
+        # here from whichever thread took it, which wakes this loop, and the handler runs.
+        self._sig_r, self._sig_w = socket.socketpair()
+        for s in (self._sig_r, self._sig_w):
+            s.setblocking(False)
+        self._ep.register(self._sig_r, select.EPOLLIN)
+        self._hard_stop: threading.Timer | None = None
         self._listener: socket.socket | None = None
         self._owns_path = False  # socket activation: the manager owns the socket file
         self._accept_paused_until = 0.0
@@ -96,6 +111,12 @@ class Server:
         self._watchdog_next = 0.0
         self._metrics: metrics.Listener | None = None
         self._successor = Successor(self.call_soon)
+        self._gauges: model_gauges.ModelGauges | None = None
+
+    @property
+    def signal_fd(self) -> int:
+        """For signal.set_wakeup_fd: a write here wakes the control loop."""
+        return self._sig_w.fileno()
 
     @property
     def admission(self) -> Admission:
@@ -127,6 +148,7 @@ class Server:
                 self._metrics = metrics.Listener(self.config.metrics, self.config.socket_mode)
             except (ValueError, OSError) as e:
                 raise ConfigError(f"[daemon] metrics = {self.config.metrics!r}: {e}") from None
+            self._gauges = model_gauges.register(lambda: self.health(1))
             self._metrics.start()
         self._listener = s
         self._ep.register(s, select.EPOLLIN)
@@ -230,6 +252,16 @@ class Server:
     def _changed(self) -> None:
         self._dirty = True
 
+    def _linger(self, seg, uid: int, pid: int, kept: int) -> None:
+        """Any thread (a session is freed by whichever thread finished its last job)."""
+        def add() -> None:
+            if self._stopping:
+                seg.close()
+                return
+            self._lingering.add(seg, uid, pid, kept)
+            self._dirty = True
+        self.call_soon(add)
+
     def _prune_pending(self) -> None:
         for c in [c for c in self._pending if c.state != HELLO]:
             del self._pending[c]
@@ -305,6 +337,9 @@ class Server:
                 if fd == self._wake:
                     with contextlib.suppress(OSError):
                         os.eventfd_read(self._wake)
+                elif fd == self._sig_r.fileno():
+                    with contextlib.suppress(OSError):
+                        self._sig_r.recv(4096)  # the handlers run as this thread goes on
                 elif self._listener is not None and fd == self._listener.fileno():
                     self._guarded(self._accept)
                 else:
@@ -368,6 +403,13 @@ class Server:
         for c in list(self._conns.values()):
             c.drain(int(grace * 1e3))
         log.info("draining %d sessions for up to %g s", len(self._conns), grace)
+        # Whatever happens next (a forward pass that never returns, a thread that does not
+        # join), the process is gone by grace + STOP_MARGIN_S: systemd and Kubernetes plan
+        # with that bound, and a second SIGTERM is not something they send.
+        self._hard_stop = threading.Timer(grace + STOP_MARGIN_S, _exit_now,
+                                          args=(grace + STOP_MARGIN_S,))
+        self._hard_stop.daemon = True
+        self._hard_stop.start()
 
     def _check_drain(self) -> None:
         """Done when every client has said goodbye (each does once its requests in flight are
@@ -386,8 +428,8 @@ class Server:
         self._stopping = True
 
     def _timeout(self) -> float:
-        """Seconds until the next handshake deadline, accept retry or watchdog ping; -1: none,
-        sleep."""
+        """Seconds until the next handshake deadline, accept retry, watchdog ping or session
+        log summary; -1: none, sleep."""
         now = time.monotonic()
         while self._deadlines and (self._deadlines[0][2].deadline is None
                                    or self._deadlines[0][2].closed):
@@ -397,12 +439,20 @@ class Server:
             times.append(self._deadlines[0][0])
         if self._watchdog:
             times.append(self._watchdog_next)
+        for t in (SESSION_LOG.next_flush(), self._lingering.next_check()):
+            if t is not None:
+                times.append(t)
         if self.draining:
             times.append(now + 0.01)  # sessions going idle wake nobody: look again soon
         return max(0.0, min(times) - now) if times else -1
 
     def _expire(self) -> None:
         now = time.monotonic()
+        SESSION_LOG.flush()
+        if self._lingering:
+            n = len(self._lingering)
+            self._lingering.check(now)
+            self._dirty = self._dirty or len(self._lingering) != n
         if self._watchdog and now >= self._watchdog_next:
             self._watchdog_next = now + self._watchdog
             # The loop is turning; the dispatcher is checked too where it can tell.
@@ -426,17 +476,34 @@ class Server:
         self._successor.abandon()  # an upgrade still loading does not outlive this daemon
         if self._metrics is not None:
             self._metrics.close()
+        if self._gauges is not None:
+            model_gauges.unregister(self._gauges)
         if self._listener is not None:
             self._listener.close()
         for c in list(self._conns.values()):
             c.goodbye("daemon is shutting down")
         # Requests still queued get SHUTTING_DOWN; their sessions are gone, so it is dropped.
         self.serving.cancel_queued(ShuttingDownError("the daemon stopped"))
-        self.serving.stop()
+        # Running forward passes may finish within what is left of the margin, no longer.
+        self.serving.stop(timeout=STOP_MARGIN_S / 2)
+        self._lingering.close()
         if self._owns_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+        SESSION_LOG.flush(everything=True)
         log.info("stopped")
+
+
+# What stopping may take past drain_grace_s: answering what was cancelled, joining the
+# threads, the interpreter's exit.
+STOP_MARGIN_S = 5.0
+
+
+def _exit_now(after: float) -> None:
+    log.error("the daemon did not stop within %g s of SIGTERM (drain_grace_s + %g s): "
+              "exiting without finishing", after, STOP_MARGIN_S)
+    logging.shutdown()
+    os._exit(1)
 
 
 _NO_FDS = ("the daemon is out of file descriptors and this connection waited longest for its "

@@ -15,7 +15,6 @@ workers (worker.py) enter Python once per batch.
 from __future__ import annotations
 
 import logging
-import os
 import select
 import threading
 import time
@@ -157,9 +156,11 @@ class Serving:
              max_queue_us, _retried) = s.queue.stats()
             out.append(ModelStat(
                 name=info.name, version=info.version, queued=s.queue.length, served=ok,
-                failed=failed + bad_input, rejected=rejected, expired=expired, batches=batches,
+                failed=failed, rejected=rejected, expired=expired, batches=batches,
                 batch_sizes=[[k, v] for k, v in sizes], queue_us=queue_us,
-                compute_us=compute_us, max_queue_us=max_queue_us))
+                compute_us=compute_us, max_queue_us=max_queue_us,
+                # the caller's error, never `failed` (model_stats.bad_input, issue 17.9)
+                bad_input=bad_input or None))
         return out
 
     def health(self, stuck_after: float) -> list[ModelHealth]:
@@ -215,8 +216,12 @@ class Serving:
             ep.poll(0.5)
             for kind, sid, code, message in self.engine.take_events():
                 with self._lock:
-                    h = (self._sessions.get(sid) if kind == "fatal"
-                         else self._sessions.pop(sid, None))
+                    h = (self._sessions.pop(sid, None) if kind == "freed"
+                         else self._sessions.get(sid))
+                if kind == "refused":  # the core let at most 10 per 10 s through
+                    log.info("session %s: answered %s: %s", h.id[:8] if h else "?",
+                             ErrorCode(code).name, message)
+                    continue
                 if h is None:
                     continue
                 if kind == "fatal":

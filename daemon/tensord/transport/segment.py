@@ -36,6 +36,11 @@ class Segment:
 
     def __init__(self, mm: mmap.mmap, efds: list[int], side: str):
         self.fd = -1
+        # Daemon side: called with the segment at the end of its session when the client
+        # still holds unreleased responses (control/lingering.py keeps it counted until they
+        # are gone) instead of unmapping it; None: close at once.
+        self.on_linger = None
+        self.lingering = False
         self.side = side
         self.mm = mm
         self.buf = memoryview(mm)
@@ -169,33 +174,52 @@ class Segment:
             os.close(self.fd)
             self.fd = -1
 
-    def release_memory(self) -> int:
+    def _unreleased(self) -> list[tuple[int, int]]:
+        """Segment offsets [start, end), page-rounded, of the response records the client has
+        not released (from its head to the daemon's tail)."""
+        h = self.header
+        cap, base = h.response_ring_capacity, h.response_ring_offset
+        tail = self.resp_ctl.tail()
+        head = self.resp_ctl.head()  # the client's word: only trusted when it is possible
+        if not (tail - cap <= head < tail and head % 64 == 0):
+            return []
+        first, last = head % cap, (tail - 1) % cap
+        spans = [(first, last + 1)] if first <= last else [(first, cap), (0, last + 1)]
+        return [(base + (a // PAGE) * PAGE, base + -(-b // PAGE) * PAGE) for a, b in spans]
+
+    def release_memory(self, everything: bool = False) -> int:
         """Punch the segment's pages out (madvise MADV_REMOVE on the shared mapping, which is
         fallocate's PUNCH_HOLE for a memfd), except the response records the client has not
         released yet: it may still read them (SPEC §2.5: views stay valid until released).
         Everything else is of no use to anyone once the session has ended. Returns the bytes
-        given back. A client that touches the pages again afterwards is charged for them
-        itself (its own memory cgroup), never the daemon."""
+        of pages still kept for the client (see `held`). A client that touches the pages
+        again afterwards is charged for them itself (its own memory cgroup), never the
+        daemon. `everything`: the client is gone, punch the records too."""
         h = self.header
-        keep: list[tuple[int, int]] = []  # segment offsets [start, end), page-rounded
-        cap, base = h.response_ring_capacity, h.response_ring_offset
-        tail = self.resp_ctl.tail()
-        head = self.resp_ctl.head()  # the client's word: only trusted when it is possible
-        if tail - cap <= head < tail and head % 64 == 0:
-            first, last = head % cap, (tail - 1) % cap
-            spans = [(first, last + 1)] if first <= last else [(first, cap), (0, last + 1)]
-            keep = [(base + (a // PAGE) * PAGE, base + -(-b // PAGE) * PAGE) for a, b in spans]
-        freed = 0
+        keep = [] if everything else self._unreleased()
         start = HEADER_SIZE
         for a, b in sorted(keep) + [(h.segment_size, h.segment_size)]:
             if a > start:
                 try:
                     self.mm.madvise(mmap.MADV_REMOVE, start, a - start)
-                    freed += a - start
                 except OSError:  # not shmem (a test's anonymous map): nothing to give back
                     return 0
             start = max(start, b)
-        return freed
+        return sum(b - a for a, b in keep)
+
+    def linger(self) -> int:
+        """Session over (daemon side): punch what nobody needs, close the descriptors, and
+        keep the mapping only when the client still holds unreleased responses. Returns the
+        bytes kept for it (0: the segment is closed like close() does); the caller counts
+        them against the client's uid, calls release_memory() again as the client releases
+        records, and close() once they are gone."""
+        kept = self.release_memory()
+        if not kept:
+            return 0
+        self.close_fd()
+        if self.own_efds:  # else the dispatcher closes them (it may hold stale events)
+            self.close_efds()
+        return kept
 
     def address(self) -> int:
         """The mapping's virtual address (for cudaHostRegister)."""
@@ -211,9 +235,18 @@ class Segment:
 
         The daemon first gives the segment's pages back (release_memory): a client may keep
         its descriptor or mapping after the session, and must not keep the daemon's memory
-        with it."""
+        with it. What it has not released stays (its views stay valid) and, with on_linger
+        set, stays counted against it (issue 19.3): the segment is handed to on_linger
+        mapped, and its second close() punches everything and unmaps."""
         if self.side == "daemon" and not self.shm.closed:
-            self.release_memory()
+            if self.on_linger is not None and not self.lingering:
+                kept = self.linger()
+                if kept:
+                    self.lingering = True
+                    self.on_linger(self, kept)
+                    return True
+            else:
+                self.release_memory(everything=self.lingering)
         self.close_fd()
         if self.own_efds:
             self.close_efds()

@@ -2,6 +2,8 @@
 //
 //	shmprobe -mode roundtrip -n 100 -bytes 65536   # N identity requests, verified; prints "ok N"
 //	shmprobe -mode hang -model mlp                 # publish one request, print "sent", sleep forever
+//	shmprobe -mode loop -model mlp -n 100000       # N requests built from the model's metadata
+//	                                               # (as hang); prints "ok N", or the first error
 //	shmprobe -mode latency -n 2000                 # 4 KiB identity round trips; prints p50/p99 µs as JSON
 //	shmprobe -mode latency -model efficientnet -input image -file cat.jpg -n 50
 //	                                               # the file as a 1-element bytes tensor instead
@@ -27,7 +29,7 @@ import (
 func main() {
 	socket := flag.String("socket", "", "daemon socket (default: $TENSORD_SOCKET or the SPEC default)")
 	model := flag.String("model", "identity", "model to call")
-	mode := flag.String("mode", "roundtrip", "roundtrip | hang | latency | echo")
+	mode := flag.String("mode", "roundtrip", "roundtrip | hang | loop | latency | echo")
 	goroutines := flag.Int("goroutines", 8, "echo: concurrent callers on the one client")
 	procID := flag.Int64("id", 0, "echo: this process's number, part of every id it sends")
 	n := flag.Int("n", 100, "number of requests (roundtrip, latency)")
@@ -58,6 +60,8 @@ func main() {
 		roundtrip(ctx, c, *model, *n, *size)
 	case "hang":
 		hang(ctx, c, *model, *size)
+	case "loop":
+		loop(ctx, c, *model, *n, *size)
 	case "latency":
 		x := shmclient.FromUint8("x", []int64{4096}, make([]byte, 4096))
 		m := "identity"
@@ -78,7 +82,7 @@ func main() {
 		}
 		echo(ctx, dial, *model, *procID, *goroutines, *n, *scale, *offset)
 	default:
-		fail(fmt.Errorf("unknown -mode %q (want roundtrip, hang, latency or echo)", *mode))
+		fail(fmt.Errorf("unknown -mode %q (want roundtrip, hang, loop, latency or echo)", *mode))
 	}
 }
 
@@ -163,6 +167,33 @@ func hang(ctx context.Context, c *shmclient.Client, model string, size int) {
 	}
 	fmt.Println("sent")
 	select {}
+}
+
+// loop sends n requests to model with inputs of ones shaped from its metadata (as hang) and
+// stops at the first error, so a test can keep a model busy from Go.
+func loop(ctx context.Context, c *shmclient.Client, model string, n, size int) {
+	specs, err := inputSpecs(ctx, c, model, size)
+	if err != nil {
+		fail(err)
+	}
+	for i := 0; i < n; i++ {
+		req, err := c.NewRequest(ctx, model, specs...)
+		if err != nil {
+			fail(fmt.Errorf("request %d: %w", i, err))
+		}
+		for j := 0; j < req.NumInputs(); j++ {
+			fillOnes(req.Input(j))
+		}
+		if err := req.Send(ctx); err != nil {
+			fail(fmt.Errorf("request %d: %w", i, err))
+		}
+		resp, err := req.Wait(ctx)
+		if err != nil {
+			fail(fmt.Errorf("request %d: %w", i, err))
+		}
+		resp.Release()
+	}
+	fmt.Printf("ok %d\n", n)
 }
 
 // inputSpecs builds inputs for model from its metadata: "any" dtypes become f32 of

@@ -157,9 +157,17 @@ fn take_all(sh: &Shared, s: &Arc<Session>, recs: &[RecordInfo], sc: &mut Scratch
             Ok(Some((q, job))) => submit(sh, q, job),
             Ok(None) => woke = true, // answered here (identity)
             Err((model, e, read_at)) => {
-                // Not the model's failures (stats), but requests of it all the same (metrics).
+                // Not the model's failures, but requests of it all the same (metrics); the
+                // caller's bad input counts in the model's bad_input as Prometheus counts it
+                // (issue 17.9: `tensord stats`, Prometheus and the log agree).
+                if let Some(q) = model.as_ref() {
+                    if matches!(e.code, Code::BadInput | Code::BadRequest | Code::TooLarge) {
+                        q.stats().bad_input += 1;
+                    }
+                }
                 let name = model.as_ref().map_or("-", |q| q.name.as_str());
                 sh.meters.request(name, e.code.name(), Some(read_at.elapsed()), None);
+                sh.events.refused(s.id, e.code, &e.message);
                 let f = ErrorFields { input: e.input.as_deref(), item: None, limit: e.limit };
                 s.respond_error_fields(rec.request_id, e.code, &e.message, &f, Some(rec.position));
                 woke = true;

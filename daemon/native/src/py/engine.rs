@@ -88,7 +88,7 @@ impl PyEngine {
         self.inner.shared.events.fd
     }
 
-    /// [("fatal", session, code, message) | ("freed", session, 0, "")]
+    /// [("fatal" | "refused", session, code, message) | ("freed", session, 0, "")]
     fn take_events(&self) -> Vec<(&'static str, u64, u32, String)> {
         self.inner
             .shared
@@ -98,6 +98,9 @@ impl PyEngine {
             .map(|e| match e {
                 Event::Fatal { session, code, message } => ("fatal", session, code as u32, message),
                 Event::Freed { session } => ("freed", session, 0, String::new()),
+                Event::Refused { session, code, message } => {
+                    ("refused", session, code as u32, message)
+                }
             })
             .collect()
     }

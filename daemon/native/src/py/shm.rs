@@ -143,9 +143,15 @@ impl Shm {
         Ok(false)
     }
 
-    /// Post an eventfd unconditionally.
-    fn post(&self, efd: i32) {
-        wake::post(efd);
+    /// Post an eventfd unconditionally. A number that cannot be a descriptor is the caller's
+    /// bug, refused as the C core's last version did (errors of the write itself are ignored:
+    /// a wake-up is only a hint).
+    fn post(&self, efd: i64) -> PyResult<()> {
+        if !(0..=i32::MAX as i64).contains(&efd) {
+            return Err(PyValueError::new_err(format!("{efd} is not a file descriptor")));
+        }
+        wake::post(efd as i32);
+        Ok(())
     }
 
     /// wait(counter_off, seen, flag_off, efd, spin_ns, timeout_ns) -> bool: spin-then-block
