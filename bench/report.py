@@ -875,7 +875,8 @@ def main() -> int:
         splice_readme(readme, text, pngs)
         made.append(readme)
     print("report: wrote " + ", ".join(str(p) for p in made), file=sys.stderr)
-    for t, m, want, ok in targets(r) + batching_targets(r) + gateway_targets(r):
+    for t, m, want, ok in (native_targets(r) + targets(r) + batching_targets(r)
+                           + gateway_targets(r)):
         mark = "----" if ok is None else "MET " if ok else "MISS"
         print(f"  target {mark} {t} ({want}): {m}", file=sys.stderr)
     return 0
