@@ -96,7 +96,8 @@ def test_resnet_metadata(resnet):
         ("labels", "bytes", [-1, 5], "labels"), ("scores", "f32", [-1, 5], "scores"),
         ("classes", "i64", [-1, 5], "classes"), ("logits", "f32", [-1, 1000], "logits")]
     assert info.limits.formats == ["png", "jpeg", "webp"] and info.limits.max_batch == 64
-    assert info.limits.max_bytes == 32 << 20 and info.limits.max_pixels == 64_000_000
+    # max_pixels is sized to the model: (16 x resize)^2 for resize 256 (issue 17 item 7)
+    assert info.limits.max_bytes == 32 << 20 and info.limits.max_pixels == 4096 * 4096
 
 
 def test_pixels_input_equals_the_encoded_image(builtin_files, resnet):
@@ -115,18 +116,22 @@ def test_pixels_input_equals_the_encoded_image(builtin_files, resnet):
 
 def test_formats_bytes_and_pixels_are_limits(builtin_files, resnet):
     gif = png(Image.new("RGB", (40, 30), (9, 9, 9)), "GIF")
-    with pytest.raises(BadInputError, match=r"image 1 is GIF; model 'resnet18' decodes png, "
-                                            r"jpeg, webp \(limits.formats\)"):
+    with pytest.raises(BadInputError, match=r"input 'image' item 1: a GIF image; model "
+                                            r"'resnet18' decodes PNG/JPEG/WEBP "
+                                            r"\(limits.formats\)"):
         run(resnet, strings(png(Image.new("RGB", (40, 30))), gif))
     small = load(builtin_files, {"name": "small", "source": "vision.classify", "warmup": False,
                                  "path": str(builtin_files.resnet),
                                  "options": {"max_bytes": 1000, "max_pixels": 50_000,
                                              "formats": ["gif", "png"]}})
     run(small, strings(gif))
-    with pytest.raises(BadInputError, match=r"image 0: \d+ bytes, more than the 1000"):
+    with pytest.raises(BadInputError, match=r"input 'image' item 0: \d+ bytes, model 'small' "
+                                            r"takes at most 1000 \(limits.max_bytes\)"):
         run(small, strings((DATA / "chelsea.png").read_bytes()))
-    with pytest.raises(BadInputError, match=r"image 0: 300x200 pixels, more than the 50000"):
+    with pytest.raises(BadInputError, match=r"input 'image' item 0: 300x200 pixels, model "
+                                            r"'small' takes at most 50000") as e:
         run(small, strings(png(Image.new("RGB", (300, 200)))))
+    assert (e.value.input, e.value.item, e.value.limit) == ("image", 0, 50_000)
 
 
 def test_preprocessing_options(builtin_files):
@@ -225,9 +230,11 @@ def test_long_texts_are_truncated_and_limits_hold(builtin_files, sentiment):
                                  "path": str(builtin_files.bert),
                                  "tokenizer": str(builtin_files.tokenizer),
                                  "options": {"max_bytes": 10, "top_k": 1}})
-    with pytest.raises(BadInputError, match=r"text 1: 11 bytes, more than the 10"):
+    with pytest.raises(BadInputError, match=r"input 'text' item 1: 11 bytes, model 's' takes "
+                                            r"at most 10 \(limits.max_bytes\)"):
         run(small, strings(b"cat", b"a" * 11))
-    with pytest.raises(BadInputError, match=r"text 0: not valid UTF-8"):
+    with pytest.raises(BadInputError, match=r"input 'text' item 0: not valid UTF-8 \(invalid "
+                                            r"start byte at byte 0: 0xff\)"):
         run(small, strings(b"\xff"))
     labels, scores, classes = run(small, strings())
     assert labels.shape == (0, 1) and scores.shape == classes.shape == (0, 1)

@@ -34,7 +34,16 @@ from tensord.contract.errors import (
 from tensord.contract.frames import encode_frame, read_frame, read_frame_with_fds
 from tensord.contract.layout import KIND_REQUEST, REQ_CONTROL
 from tensord.contract.messages import PROTOCOL_VERSION as V
-from tensord.contract.messages import Attached, Error, Hello, Ping, Pong, Ready, Welcome
+from tensord.contract.messages import (
+    SUPPORTED_VERSIONS,
+    Attached,
+    Error,
+    Hello,
+    Ping,
+    Pong,
+    Ready,
+    Welcome,
+)
 from tensord.transport import records
 from tensord.transport.segment import EFD_REQ_DATA, Segment
 
@@ -128,15 +137,16 @@ def test_version_mismatch_is_fatal_and_says_which(daemon):
     s = connect(daemon.path)
     s.sendall(encode_frame(Hello(7, 9, "future", 0, 0)))
     err = expect_fatal(s, "VERSION")
-    assert "7..9" in err.message and f"[{V}]" in err.message
+    assert "7..9" in err.message and f"{list(SUPPORTED_VERSIONS)}" in err.message
 
 
-def test_previous_version_client_is_refused_naming_both_versions(daemon):
+def test_older_version_client_is_refused_naming_both_versions(daemon):
+    old = min(SUPPORTED_VERSIONS) - 1  # version 4 is still spoken (SPEC §2.4 hello)
     s = connect(daemon.path)
-    s.sendall(encode_frame(Hello(V - 1, V - 1, "old", 0, 0)))
+    s.sendall(encode_frame(Hello(old, old, "old", 0, 0)))
     err = expect_fatal(s, "VERSION")
-    assert f"{V - 1}..{V - 1}" in err.message and f"[{V}]" in err.message and \
-        "upgrade" in err.message
+    assert f"{old}..{old}" in err.message and f"{list(SUPPORTED_VERSIONS)}" in err.message \
+        and "upgrade" in err.message
 
 
 def test_client_gone_during_handshake_leaves_nothing(daemon):
@@ -467,7 +477,7 @@ def test_a_slow_model_does_not_hold_up_another(slow_daemon):
 
 def test_model_raising_is_a_model_failed_error(slow_daemon):
     with Client(slow_daemon.path) as c:
-        with pytest.raises(ModelFailedError, match="'slow' raised"):
+        with pytest.raises(ModelFailedError, match="'slow' failed on this request"):
             c.infer("slow", {"x": torch.ones(2, 256), "n": torch.tensor([1, 2])})
         y = c.infer("slow", {"x": torch.ones(2, 256), "n": torch.tensor(3)})["y"]
         assert y.shape == (2, 256)

@@ -6,6 +6,7 @@ restarts, and a graceful shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -328,7 +329,7 @@ def test_bad_images_are_400_and_invalid_argument(served):
                                                           "StatusCode.INVALID_ARGUMENT")):
         with pytest.raises(InferenceServerException) as e:
             mod.InferenceServerClient(url).infer("resnet18", [image_input(mod, [b"not an image"])])
-        assert e.value.status() == want and "image 0" in e.value.message()
+        assert e.value.status() == want and "input 'image' item 0" in e.value.message()
         with pytest.raises(InferenceServerException) as e:
             mod.InferenceServerClient(url).infer("resnet18", [image_input(mod, [gif])])
         assert e.value.status() == want
@@ -364,7 +365,7 @@ def test_deadlines_reach_the_caller(served):
 
 def test_readiness_follows_the_daemon_through_a_restart(gateway_exe, tmp_path):
     d = start_daemon(tmp_path)
-    g = start_gateway(gateway_exe, d.path, tmp_path)
+    g = start_gateway(gateway_exe, d.path, tmp_path, "-hold", "0")  # 503 at once, no holding
     try:
         g.wait_ready(200)
         grpc_client = tritongrpc.InferenceServerClient(g.grpc)
@@ -467,3 +468,171 @@ def test_proto_field_numbers_are_tritons():
                 assert field.type == scalar[tok.group(4)], (names, tok.group(5))
             checked += 1
     assert checked > 60
+
+
+# ---- what a Triton user and an operator need (issue 17 items 11-13, issue 19 item 4) --------
+
+
+def test_model_config_and_statistics_through_tritonclient(served):
+    d, gw, _ = served
+    c = tritonhttp.InferenceServerClient(gw.http)
+    x = tritonhttp.InferInput("x", [2, 16], "FP32")
+    x.set_data_from_numpy(np.ones((2, 16), dtype=np.float32))
+    for _ in range(3):
+        c.infer("mlp", [x])
+    cfg = c.get_model_config("mlp")
+    assert cfg["name"] == "mlp" and cfg["platform"] == "tensord/torchscript"
+    assert cfg["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [-1, 16]}]
+    assert cfg["output"] == [{"name": "y", "data_type": "TYPE_FP32", "dims": [-1, 4]}]
+    (st,) = c.get_inference_statistics("mlp")["model_stats"]
+    with Client(d.path) as direct:
+        (want,) = [m for m in direct.stats() if m.name == "mlp"]
+    assert st["name"] == "mlp" and st["inference_count"] >= 3
+    assert st["inference_count"] <= want.served and st["execution_count"] <= want.batches
+    assert st["inference_stats"]["success"]["count"] == st["inference_count"]
+    everything = c.get_inference_statistics()["model_stats"]
+    assert {m["name"] for m in everything} >= {"mlp", "identity", "resnet18"}
+    with pytest.raises(InferenceServerException) as e:  # JSON, not "Parse error at offset 4"
+        c.get_model_config("nope")
+    assert "nope" in e.value.message()
+    status, headers, body = gw.request("GET", "/v2/no/such/route")
+    assert status == 404 and "error" in json.loads(body)
+
+
+def test_gateway_listens_on_loopback_by_default(gateway_exe, tmp_path):
+    log = tmp_path / "gw.log"
+    proc = subprocess.Popen([gateway_exe, "-socket", str(tmp_path / "none.sock"),
+                             "-http", "", "-grpc", "127.0.0.1:0"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        help_text = subprocess.run([gateway_exe, "-h"], capture_output=True, text=True).stderr
+        assert '-http string' in help_text and '(default "127.0.0.1:8000")' in help_text
+        assert '(default "127.0.0.1:8001")' in help_text
+    finally:
+        stop_process(proc, signal.SIGTERM, timeout=10)
+    exposed = subprocess.Popen([gateway_exe, "-socket", str(tmp_path / "none.sock"),
+                                "-http", "0.0.0.0:0", "-grpc", ""],
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        end = time.monotonic() + 10
+        while "without TLS or authentication" not in log.read_text():
+            assert time.monotonic() < end, log.read_text()
+            time.sleep(0.02)
+    finally:
+        stop_process(exposed, signal.SIGTERM, timeout=10)
+
+
+def test_requests_are_held_across_a_daemon_restart(gateway_exe, tmp_path):
+    """A SIGTERM restart of the daemon: requests made meanwhile wait for the new daemon
+    (within -hold and their deadline) instead of getting 503."""
+    d = start_daemon(tmp_path)
+    g = start_gateway(gateway_exe, d.path, tmp_path)
+    statuses: list[tuple[int, bytes]] = []
+    stop = threading.Event()
+
+    def caller(k: int) -> None:
+        i = 0
+        while not stop.is_set():
+            data = [float(k), float(i)]
+            status, _, body = g.request("POST", "/v2/models/identity/infer", json.dumps(
+                {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": data}]}
+            ).encode())
+            ok = status == 200 and json.loads(body)["outputs"][0]["data"] == data
+            statuses.append((200 if ok else status, body))
+            i += 1
+    try:
+        g.wait_ready()
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        assert d.stop() == 0
+        d = start_daemon(tmp_path)
+        n = len(statuses)
+        end = time.monotonic() + 30
+        while len(statuses) < n + 40 and time.monotonic() < end:
+            time.sleep(0.05)
+        stop.set()
+        for t in threads:
+            t.join(60)
+    finally:
+        stop.set()
+        assert g.stop() == 0, g.logs()
+        d.stop()
+    bad = [(s, b[:200]) for s, b in statuses if s != 200]
+    assert not bad and len(statuses) > 40, (len(statuses), bad[:5])
+
+
+def _rss_kib(pid: int, field: str) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def test_memory_stays_within_the_budget(gateway_exe, tmp_path):
+    """Lying Content-Lengths, bodies that trickle or stall, gzip that expands 1000 times:
+    the gateway's memory stays within its -max-inflight budget (issue 19 item 4)."""
+    import gzip as gz
+    import socket as so
+
+    d = start_daemon(tmp_path)
+    g = start_gateway(gateway_exe, d.path, tmp_path, "-max-body", str(8 << 20),
+                      "-max-inflight", str(32 << 20), "-body-timeout", "3s")
+    host, port = g.http.rsplit(":", 1)
+    socks = []
+
+    def send(head: bytes, body: bytes = b"") -> so.socket:
+        """Head now, body from a thread in 64 KiB pieces; a gateway that answers before the
+        body is all sent (413, 429) may close the connection under the sender."""
+        s = so.create_connection((host, int(port)), timeout=30)
+        s.sendall(head)
+
+        def rest() -> None:
+            with contextlib.suppress(OSError):
+                for i in range(0, len(body), 65536):
+                    s.sendall(body[i:i + 65536])
+        threading.Thread(target=rest, daemon=True).start()
+        socks.append(s)
+        return s
+
+    def answer(s: so.socket) -> int:
+        data = b""
+        with contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in data:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return int(data.split(b" ", 2)[1]) if data else 0
+
+    try:
+        g.wait_ready()
+        base = _rss_kib(g.proc.pid, "VmRSS")
+        path = b"POST /v2/models/identity/infer HTTP/1.1\r\nHost: x\r\n"
+        # 12 connections announcing 256 MiB and sending 1 byte: refused from the header.
+        liars = [send(path + b"Content-Length: 268435456\r\n\r\n", b"{") for _ in range(12)]
+        assert [answer(s) for s in liars] == [413] * 12
+        # 12 that send 6 MiB of an 8 MiB body and stall: the budget takes some, the rest 429.
+        stallers = [send(path + b"Content-Length: 8388608\r\n\r\n", b" " * (6 << 20))
+                    for _ in range(12)]
+        # 12 gzip bodies of ~64 KiB that expand to 64 MiB each.
+        bomb = gz.compress(b" " * (64 << 20))
+        bombs = [send(path + b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n"
+                      % len(bomb), bomb) for _ in range(12)]
+        codes = [answer(s) for s in stallers + bombs]  # stalled ones: 408 at -body-timeout
+        peak = _rss_kib(g.proc.pid, "VmHWM")
+        assert set(codes) <= {408, 413, 429} and 429 in codes and 408 in codes, codes
+        assert all(c in (413, 429) for c in codes[12:]), codes
+        # Within the 32 MiB budget, plus what the Go runtime and the connections take.
+        assert peak - base < (32 + 24) << 10, (base, peak)
+        # And it still serves.
+        status, _, body = g.request("POST", "/v2/models/identity/infer", json.dumps(
+            {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [3]}]}).encode())
+        assert status == 200, body
+    finally:
+        for s in socks:
+            s.close()
+        assert g.stop() == 0, g.logs()
+        d.stop()
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -46,12 +47,23 @@ def test_handler_serves_with_its_options(handler_daemon):
         assert [(s.name, s.dtype, s.shape) for s in info.inputs] == [("x", "f32", [-1])]
 
 
+def wait_for_log(d, text: str, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while text not in d.logs():
+        assert time.monotonic() < end, f"{text!r} not in the daemon's log:\n{d.logs()}"
+        time.sleep(0.02)
+
+
 def test_handler_errors_reach_the_caller_and_the_model_keeps_serving(handler_daemon):
     with Client(handler_daemon.path) as c:
         with pytest.raises(BadInputError, match="must not be negative"):
             c.infer("triple", {"x": torch.tensor([-1.0])})
-        with pytest.raises(ModelFailedError, match="'triple' raised RuntimeError: overflow"):
+        with pytest.raises(ModelFailedError, match="'triple' failed on this request") as e:
             c.infer("triple", {"x": torch.tensor([1e7])})
+        # Python's exception goes to the daemon's log, not to the caller (issue 17 item 4).
+        assert "RuntimeError" not in e.value.message and "overflow" not in e.value.message
+        ref = e.value.message.rsplit("ref ", 1)[1].rstrip(")")
+        wait_for_log(handler_daemon, f"raised RuntimeError: overflow in the model (ref {ref})")
         assert torch.equal(c.infer("triple", {"x": torch.tensor([1.0])})["y"],
                            torch.tensor([3.0]))
 

@@ -11,6 +11,7 @@ import sys
 
 from . import ops
 from .config import ConfigError, DaemonConfig, load_config
+from .control import takeover
 
 EXPORT_HELP = "export a Python model to TorchScript or torch.export"
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sub.add_parser("export", help=EXPORT_HELP)
     ops.add_parsers(sub)
+    takeover.add_parser(sub)
     args = p.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(), stream=sys.stderr,
                         format=log_format(), datefmt="%Y-%m-%dT%H:%M:%S")
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.cmd == "export" and export is not None:
         return export.run(args)
+    if args.cmd == "upgrade":
+        return takeover.run(args)
     if hasattr(args, "op"):
         return ops.run(args)
     return 2
@@ -80,6 +84,8 @@ def _serve(args) -> int:
 
     _raise_fd_limit()
     inherited = None
+    # Started by a daemon being upgraded: its listening socket, taken over once ready.
+    predecessor = takeover.Predecessor.from_env()
     try:
         # Socket activation (tensord.socket): the manager made the socket; clients that
         # connect while the models load wait in its queue.
@@ -88,6 +94,8 @@ def _serve(args) -> int:
             raise ConfigError(f"the service manager passed {len(fds)} sockets; tensord takes "
                               "one (one ListenStream= in tensord.socket)")
         inherited = fds[0] if fds else None
+        if predecessor is not None:
+            inherited = predecessor.listener
         cfg = load_config(args.config) if args.config else DaemonConfig()
         if args.socket:
             cfg.socket = args.socket
@@ -110,13 +118,20 @@ def _serve(args) -> int:
         signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
         signal.signal(signal.SIGINT, lambda *_: server.shutdown())
         signal.signal(signal.SIGHUP, lambda *_: server.reload_config())
+        signal.signal(signal.SIGUSR2, lambda *_: server.upgrade())  # `tensord upgrade`
         # Signals whose default would end the daemon without a word: ignored.
-        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGIO):
+        for sig in (signal.SIGUSR1, signal.SIGALRM, signal.SIGIO):
             signal.signal(sig, signal.SIG_IGN)
-        server.listen(inherited)
+        if predecessor is not None:
+            predecessor.take_over()  # models loaded and warm: the old daemon stops accepting
+        server.listen(inherited, owns_path=predecessor is not None and predecessor.owns_path)
     except (ConfigError, AddressInUse, LoadError, OSError) as e:
         logging.getLogger("tensord").error("%s", e)
         return 1
+    if predecessor is not None:
+        import os
+
+        notify(f"MAINPID={os.getpid()}")  # systemd follows the new daemon (NotifyAccess=all)
     notify("READY=1")
     server.serve_forever()  # tells the manager STOPPING=1 as it starts to shut down
     return 0

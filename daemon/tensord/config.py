@@ -58,6 +58,10 @@ class ModelConfig:
     instances: int = 1
     max_input_bytes: int = 0  # a request whose inputs are larger is TOO_LARGE; 0: no limit
     max_batch_bytes: int = 0  # input bytes one forward pass may join; 0: no limit
+    # Running a request twice has the effect of running it once (a pure function of its
+    # inputs): clients may then make again a request that may have run (SPEC §6). None: the
+    # model's own default (true for the built-in models and handlers, false otherwise).
+    idempotent: bool | None = None
 
 
 @dataclass
@@ -119,7 +123,7 @@ _MODEL_TYPES = {"name": str, "source": str, "path": str, "handler": str, "device
                 "precision": str, "warmup": bool, "inputs": list, "outputs": list,
                 "options": dict, "max_batch_size": int, "max_queue_delay_us": int,
                 "preferred_batch_sizes": list, "max_queue": int, "instances": int,
-                "max_input_bytes": int, "max_batch_bytes": int,
+                "max_input_bytes": int, "max_batch_bytes": int, "idempotent": bool,
                 "module": str, "labels": str, "tokenizer": str}
 
 

@@ -62,6 +62,20 @@ type Client struct {
 	superDone     chan struct{} // closed when the supervisor has returned
 
 	inHandler atomic.Bool // the supervisor is running a handler (see Close)
+
+	dialFailed bool // guarded by mu: the latest dial failed (WithFailFast)
+	// Draining sessions that finish their requests in flight while new work goes to the
+	// next session (reconnect.go, retire).
+	retiring map[*session]struct{}
+	retireWG sync.WaitGroup
+}
+
+// Connected reports whether the Client has a session that takes new requests now. False
+// while it reconnects (the daemon restarts, is not up yet with WithRetryOnFailedConnect, or
+// drains) and once it has ended; calls made then wait for a session within their context
+// (or fail at once, WithFailFast).
+func (c *Client) Connected() bool {
+	return c.Err() == nil && c.cur.Load().takesWork()
 }
 
 // Session returns the id the daemon assigned to the current session (or, while the
@@ -111,6 +125,7 @@ func (c *Client) Close() error {
 		if !c.inHandler.Load() {
 			<-c.superDone
 		}
+		c.retireWG.Wait() // each closes its draining session on closing
 		c.finish(errClientClosed)
 	}
 	return nil

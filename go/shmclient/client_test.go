@@ -47,7 +47,9 @@ func startDaemon(dir string) (*daemonProc, error) {
 // startDaemonOn starts a daemon on the socket sock, logging to a new file in dir, and
 // waits until the socket accepts connections: how a test restarts a daemon it stopped,
 // on the same path.
-func startDaemonOn(dir, sock string) (*daemonProc, error) {
+// Extra arguments go to `tensord serve` (a --config, say); the tests' Python handlers
+// (tests/handlers_for_tests.py) are importable by the daemon.
+func startDaemonOn(dir, sock string, args ...string) (*daemonProc, error) {
 	py := pythonPath()
 	if _, err := os.Stat(py); err != nil {
 		return nil, fmt.Errorf("no python for the daemon at %s (create the venv at the repository root, or set TENSORD_PYTHON): %v", py, err)
@@ -58,7 +60,8 @@ func startDaemonOn(dir, sock string) (*daemonProc, error) {
 	}
 	logPath := logf.Name()
 	defer logf.Close()
-	cmd := exec.Command(py, "-m", "tensord", "serve", "--socket", sock)
+	cmd := exec.Command(py, append([]string{"-m", "tensord", "serve", "--socket", sock}, args...)...)
+	cmd.Env = append(os.Environ(), "PYTHONPATH="+testsDir)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	d := &daemonProc{cmd: cmd, socket: sock, log: logPath, exited: make(chan struct{})}
@@ -95,6 +98,9 @@ func startDaemonOn(dir, sock string) (*daemonProc, error) {
 	d.kill(syscall.SIGKILL)
 	return nil, fmt.Errorf("the daemon did not accept on %s within 90s", sock)
 }
+
+// testsDir holds the Python tests' handlers, which test daemons may serve.
+var testsDir, _ = filepath.Abs("../../tests")
 
 func (d *daemonProc) kill(sig syscall.Signal) {
 	d.cmd.Process.Signal(sig)

@@ -59,7 +59,7 @@ func (s *session) readControl() {
 		}
 		switch m := msg.(type) {
 		case *errorMsg:
-			derr := &DaemonError{Code: m.Code, Name: m.Name, Message: m.Message, Fatal: m.Fatal}
+			derr := daemonError(m.Code, m.Name, m.Message, m.Fatal, m.Input, m.Item, m.Limit)
 			if m.ID != 0 {
 				s.deliverCtl(m.ID, ctlResult{err: derr})
 			}

@@ -38,6 +38,11 @@ type descError struct {
 	Code    uint64 `msgpack:"code"`
 	Name    string `msgpack:"name"`
 	Message string `msgpack:"message"`
+	// Version 5, written only when known (SPEC §6 "Error fields"): pointers, since item 0
+	// and limit 0 are values.
+	Input string  `msgpack:"input,omitempty"`
+	Item  *uint64 `msgpack:"item,omitempty"`
+	Limit *uint64 `msgpack:"limit,omitempty"`
 }
 
 // responseDesc has exactly one of its keys on the wire (SPEC §4.4).

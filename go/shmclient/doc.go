@@ -7,7 +7,7 @@
 // reads response records from the other, and the two processes wake each other with four
 // eventfds. The daemon passes the segment (a sealed memfd) and the eventfds to the client
 // as descriptors at the handshake, so nothing of a session has a name in /dev/shm, needs
-// an owner, or outlives the two processes. protocol/SPEC.md (protocol version 4) in the
+// an owner, or outlives the two processes. protocol/SPEC.md (protocol version 5; daemons of version 4 are spoken to as well) in the
 // tensord repository is the contract this package implements.
 //
 // # Usage
@@ -51,7 +51,10 @@
 //
 // Every error of a call also says whether the request certainly did not run in the
 // daemon, so that making it again cannot run it twice (SafeToRetry), or may have run
-// (errors.Is(err, ErrMayHaveRun)): see the list in errors.go.
+// (errors.Is(err, ErrMayHaveRun)), and whether making it again unchanged can succeed
+// (Retryable): see the list in errors.go. Both follow from the error's code, wherever it
+// was found. A *DaemonError says which input, item and limit it is about; HTTPStatus and
+// GRPCCode give the status a service answers its own callers with.
 //
 // # Restarts
 //
@@ -65,6 +68,12 @@
 // the model's queue was full). WithReconnect(false) restores a Client that ends with its
 // session; WithReconnectWait, WithMaxReconnectWait, WithMaxReconnects,
 // WithDisconnectHandler and WithReconnectHandler tune and observe reconnecting.
+// WithRetryOnFailedConnect lets Dial succeed before the daemon is up (Connected tells),
+// WithFailFast makes calls fail at once while no daemon answers, and a request to an
+// idempotent model in flight when the daemon died is made again on the next session
+// (WithIdempotentRetry). `tensord upgrade` replaces a daemon with one that has loaded its
+// models before it takes the socket over: a Client sees the old one draining and moves to
+// the new one with no failed call.
 //
 // # Memory
 //

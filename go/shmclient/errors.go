@@ -35,13 +35,21 @@ import (
 // the two holds. A request certainly did not run when it never left the client (refused
 // by the client's checks, its context ended or its session ended or drained before it
 // was sent, no session could be had), or when the daemon answered it with an error of
-// SPEC §6 marked "ran? no" (UNKNOWN_MODEL, BAD_REQUEST, DEADLINE: it expired in the
-// queue, OVERLOADED, SHUTTING_DOWN: the daemon was draining before it started, ...). It
-// may have run when the daemon answered BAD_INPUT, MODEL_FAILED, TOO_LARGE (a response
-// too large for the ring is refused after the model ran) or INTERNAL, or
+// SPEC §6 marked "ran? no" (UNKNOWN_MODEL, BAD_INPUT, BAD_REQUEST, DEADLINE: it expired
+// in the queue, OVERLOADED, SHUTTING_DOWN: the daemon was draining before it started,
+// ...). It may have run when the daemon answered MODEL_FAILED, TOO_LARGE (a response too
+// large for the ring is refused after the model ran) or INTERNAL, or
 // when it was sent and then its context or its session ended before the response was
-// read (the daemon was killed, say). WithRetry(true) makes the retries that can succeed
-// by themselves; SafeToRetry is for the rest.
+// read (the daemon was killed, say). ErrBadInput is safe to retry whether this client or
+// the daemon found it; ErrTooLarge is when this client refused the request before
+// sending it, and may have run when the daemon answered it (its response was too large).
+//
+// Whether a retry can succeed is the other question, answered by Retryable, a property of
+// the error's code wherever it was found (SPEC §6 "Worth retrying"): only transient errors (ErrOverloaded, ErrShuttingDown, ErrResource, ErrUnavailable, a
+// session that ended before the call was sent) are worth making again unchanged; bad
+// input, an unknown model or a request too large fail again. WithRetry(true) makes the
+// retries that can succeed by themselves, and a request to an idempotent model that may
+// have run is made again once after a reconnect (WithIdempotentRetry).
 var (
 	// ErrClosed: the session is over, because Close was called, the daemon closed the
 	// connection (it died, restarted or shut down) or a fatal protocol error occurred.
@@ -137,6 +145,14 @@ type DaemonError struct {
 	Name    string // code name as sent, e.g. "UNKNOWN_MODEL"
 	Message string // what was wrong and what to do, for people
 	Fatal   bool   // the daemon closes the connection after it
+
+	// What the error is about, for programs (SPEC §6 "Error fields"; protocol 5 daemons):
+	// the input's name ("" when it names none), the index of the item in it (the image or
+	// text of a Bytes input; -1 when it names none), and the limit the request went past
+	// (bytes, pixels, items, as the message says; 0 when it names none).
+	Input string
+	Item  int
+	Limit uint64
 }
 
 func (e *DaemonError) Error() string {
@@ -168,8 +184,35 @@ func (e *DaemonError) SafeToRetry() bool { return notRunCodes[e.Code] }
 // notRunCodes are the codes of SPEC §6 whose "ran?" is "no".
 var notRunCodes = map[uint64]bool{
 	CodeBadFrame: true, CodeVersion: true, CodeBadMessage: true, CodeUnknownModel: true,
-	CodeResource: true, CodePermission: true, CodeBadRequest: true,
-	CodeDeadline: true, CodeOverloaded: true, CodeShuttingDown: true, CodeUnsupported: true,
+	CodeBadInput: true, CodeResource: true, CodePermission: true,
+	CodeBadRequest: true, CodeDeadline: true, CodeOverloaded: true, CodeShuttingDown: true,
+	CodeUnsupported: true,
+}
+
+// Retryable reports whether the request err failed is worth making again unchanged: it
+// certainly did not run (SafeToRetry) and its cause is transient (SPEC §6 "Worth
+// retrying"): the model's queue was full (ErrOverloaded), the daemon was stopping
+// (ErrShuttingDown) or short of memory (ErrResource), no daemon was there
+// (ErrUnavailable), or the session ended before the request was sent (ErrClosed, but not
+// after Close). Bad input, an unknown model, a request too large and the like report
+// false wherever they were found: sending them again fails again. Back off between
+// attempts; WithRetry does this within Infer.
+func Retryable(err error) bool {
+	if !SafeToRetry(err) || errors.Is(err, errClientClosed) {
+		return false
+	}
+	for _, permanent := range []error{ErrBadInput, ErrBadRequest, ErrUnknownModel, ErrTooLarge,
+		ErrPermission, ErrVersion, ErrUnsupported, ErrProtocol, ErrDeadline} {
+		if errors.Is(err, permanent) {
+			return false
+		}
+	}
+	for _, transient := range []error{ErrOverloaded, ErrShuttingDown, ErrResource, ErrUnavailable, ErrClosed} {
+		if errors.Is(err, transient) {
+			return true
+		}
+	}
+	return false
 }
 
 // SafeToRetry reports whether err says that the request it failed certainly did not run
@@ -276,13 +319,21 @@ func syscallErr(err error) error {
 	return err
 }
 
-// noSessionError: a call's context ended while the Client had no session to send it on.
+// noSessionError: a call's context ended while the Client had no session to send it on,
+// or (ctxErr nil) it had none and WithFailFast said not to wait.
 type noSessionError struct {
-	ctxErr error // the context's error
+	ctxErr error // the context's error; nil: failed fast
 	last   error // why there was no session: the last session's end, or the last dial's failure
 }
 
 func (e *noSessionError) Error() string {
+	if e.ctxErr == nil {
+		msg := "shmclient: no session with the daemon (WithFailFast: not waiting for one)"
+		if e.last != nil {
+			msg += ": " + e.last.Error()
+		}
+		return msg
+	}
 	msg := "shmclient: no session with the daemon before the context ended"
 	if e.last != nil {
 		msg += " (reconnecting: " + e.last.Error() + ")"
@@ -291,7 +342,10 @@ func (e *noSessionError) Error() string {
 }
 
 func (e *noSessionError) Unwrap() []error {
-	errs := []error{e.ctxErr, ErrUnavailable, ErrClosed}
+	errs := []error{ErrUnavailable, ErrClosed}
+	if e.ctxErr != nil {
+		errs = append(errs, e.ctxErr)
+	}
 	if e.last != nil {
 		errs = append(errs, e.last)
 	}

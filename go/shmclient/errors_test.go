@@ -97,3 +97,57 @@ func TestRetrySafetyMarks(t *testing.T) {
 		}
 	}
 }
+
+// TestClassificationIsTheCode: an error of a code is classified alike wherever it was
+// found (issue 17 item 3): bad input this client refused before sending and bad input the
+// daemon answered are both safe to retry and neither worth retrying; transient errors are
+// worth retrying, from the daemon or from the client.
+func TestClassificationIsTheCode(t *testing.T) {
+	c := &Client{} // Infer's own checks refuse before any session is touched
+	_, clientFound := c.Infer(context.Background(), "mlp", Tensor{Name: "x", DType: F32, Shape: []int64{2}, Data: make([]byte, 3)})
+	if !errors.Is(clientFound, ErrBadInput) {
+		t.Fatalf("client's check: %v", clientFound)
+	}
+	daemonFound := fmt.Errorf("shmclient: model %q: %w", "mlp", daemonError(CodeBadInput, "BAD_INPUT", "input 'x': shape [2]", false, "x", nil, nil))
+	for what, err := range map[string]error{"client": clientFound, "daemon": daemonFound} {
+		checkRetrySafety(t, "bad input found by the "+what, err, true)
+		if Retryable(err) {
+			t.Errorf("bad input found by the %s: Retryable", what)
+		}
+	}
+	gone := &unavailableError{path: "/x.sock", err: &os.SyscallError{Syscall: "connect", Err: syscall.ECONNREFUSED}}
+	for _, tc := range []struct {
+		err       error
+		retryable bool
+	}{
+		{&DaemonError{Code: CodeOverloaded}, true},
+		{&DaemonError{Code: CodeShuttingDown}, true},
+		{&DaemonError{Code: CodeResource}, true},
+		{&DaemonError{Code: CodeUnknownModel}, false},
+		{&DaemonError{Code: CodeTooLarge}, false},
+		{&DaemonError{Code: CodeDeadline}, false},
+		{&DaemonError{Code: CodeModelFailed}, false},
+		{gone, true},
+		{&noSessionError{last: gone}, true},
+		{&notRunError{err: &closedError{msg: "session ended", cause: ErrShuttingDown}, gone: true}, true},
+		{notRun(errClientClosed), false},
+		{mayHaveRun(&closedError{msg: "session ended"}), false},
+	} {
+		if got := Retryable(tc.err); got != tc.retryable {
+			t.Errorf("Retryable(%v) = %v, want %v", tc.err, got, tc.retryable)
+		}
+	}
+}
+
+// TestErrorFields: the fields of a protocol 5 error reach DaemonError, and an error that
+// names no item says -1.
+func TestErrorFields(t *testing.T) {
+	item, limit := uint64(3), uint64(1<<20)
+	e := daemonError(CodeBadInput, "BAD_INPUT", "input 'text' item 3: too long", false, "text", &item, &limit)
+	if e.Input != "text" || e.Item != 3 || e.Limit != 1<<20 {
+		t.Fatalf("%+v", e)
+	}
+	if e := daemonError(CodeOverloaded, "OVERLOADED", "full", false, "", nil, nil); e.Input != "" || e.Item != -1 || e.Limit != 0 {
+		t.Fatalf("%+v", e)
+	}
+}

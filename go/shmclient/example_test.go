@@ -123,3 +123,62 @@ func ExampleWithReconnect() {
 	// Output:
 	// y [1 4]
 }
+
+// A service that may start before the daemon: Dial returns at once and the Client
+// connects in the background; a handler answers 503 at once while no daemon answers.
+func ExampleWithRetryOnFailedConnect() {
+	ctx := context.Background()
+	c, err := shmclient.Dial(ctx, "", shmclient.WithRetryOnFailedConnect(true),
+		shmclient.WithFailFast(true))
+	if err != nil {
+		log.Fatal(err) // only a refused permission or protocol version ends up here
+	}
+	defer c.Close()
+	for !c.Connected() { // a real service would serve 503s meanwhile
+		time.Sleep(10 * time.Millisecond)
+	}
+	x := shmclient.FromInt64("x", []int64{2}, []int64{4, 2})
+	cctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	out, err := c.Infer(cctx, "identity", x)
+	if err != nil {
+		fmt.Println(shmclient.HTTPStatus(err), err) // 503 while no daemon answers
+		return
+	}
+	fmt.Println(out[0].Int64s())
+	// Output:
+	// [4 2]
+}
+
+// Metadata, a check before sending, outputs by name and views that return errors.
+func ExampleClient_Model() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := shmclient.Dial(ctx, "")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close()
+	m, err := c.Model(ctx, "mlp")
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(m.Name, m.Inputs, "->", m.Outputs, "idempotent:", m.Idempotent)
+	bad := shmclient.FromFloat32("x", []int64{1, 15}, make([]float32, 15))
+	fmt.Println(m.Check(bad) != nil, shmclient.HTTPStatus(m.Check(bad)))
+
+	out, err := c.Infer(ctx, "mlp", shmclient.FromFloat32("x", []int64{1, 16}, make([]float32, 16)))
+	if err != nil {
+		log.Fatal(err)
+	}
+	y, err := out.Get("y")
+	if err != nil {
+		log.Fatal(err)
+	}
+	_, err = y.AsInt64s() // y is f32: an error, not a panic
+	fmt.Println(y.Shape, err)
+	// Output:
+	// mlp [x f32[?,16]] -> [y f32[?,4]] idempotent: true
+	// true 400
+	// [1 4] shmclient: tensor "y" has dtype f32, not i64
+}

@@ -106,8 +106,8 @@ func FuzzWelcome(f *testing.F) {
 		if !ok {
 			t.Fatalf("handshakeMsg(welcome) returned a %T", msg)
 		}
-		if checkWelcome(w) == nil && w.Version != protocolVersion {
-			t.Fatalf("welcome with version %d accepted", w.Version)
+		if checkWelcome(w) == nil && (w.Version < minProtocolVersion || w.Version > protocolVersion) {
+			t.Fatalf("welcome with version %d accepted (this client speaks %d to %d)", w.Version, minProtocolVersion, protocolVersion)
 		}
 		roundTrip(t, "welcome", w)
 	})

@@ -16,7 +16,8 @@ import (
 // handshake of SPEC §2.4: hello; welcome, which brings the session's segment and its four
 // eventfds as descriptors; mapping the segment; attached; ready. ctx bounds the whole
 // handshake. Dial fails when the first session cannot be had (ErrUnavailable: no daemon
-// at the socket); once it has succeeded, the Client reconnects by itself (WithReconnect).
+// at the socket), unless WithRetryOnFailedConnect; once it has a session, the Client
+// reconnects by itself (WithReconnect).
 func Dial(ctx context.Context, socketPath string, opts ...Option) (*Client, error) {
 	o := defaultOptions()
 	for _, opt := range opts {
@@ -37,8 +38,13 @@ func Dial(ctx context.Context, socketPath string, opts ...Option) (*Client, erro
 	c.closing, c.stopReconnect = context.WithCancel(context.Background())
 	s, err := c.dialSession(ctx)
 	if err != nil {
-		c.stopReconnect()
-		return nil, notRun(err)
+		if !o.retryOnFailedConnect || !o.reconnect || !Retryable(err) {
+			c.stopReconnect()
+			return nil, notRun(err)
+		}
+		// No daemon yet: the supervisor dials in the background, as after a lost session.
+		c.lastErr, c.dialFailed = err, true
+		s = noSession(&c.models, err)
 	}
 	c.cur.Store(s)
 	go c.supervise()
@@ -116,7 +122,7 @@ func (s *session) handshake(ctx context.Context) error {
 	}()
 
 	err := s.writeMsgBy(&helloMsg{
-		Type: "hello", MinVersion: protocolVersion, MaxVersion: protocolVersion,
+		Type: "hello", MinVersion: minProtocolVersion, MaxVersion: protocolVersion,
 		Client: s.opts.name, RequestRing: s.opts.requestRing, ResponseRing: s.opts.responseRing,
 	}, dl)
 	if err != nil {
@@ -175,8 +181,8 @@ func (s *session) handshake(ctx context.Context) error {
 
 // checkWelcome checks what the welcome says before anything is mapped.
 func checkWelcome(w *welcomeMsg) error {
-	if w.Version != protocolVersion {
-		return protocolErrorf("daemon chose protocol version %d, this client speaks %d", w.Version, protocolVersion)
+	if w.Version < minProtocolVersion || w.Version > protocolVersion {
+		return protocolErrorf("daemon chose protocol version %d, this client speaks %d to %d", w.Version, minProtocolVersion, protocolVersion)
 	}
 	return nil
 }
@@ -228,7 +234,7 @@ func handshakeMsg(body []byte, want string) (any, error) {
 		return nil, err
 	}
 	if e, ok := msg.(*errorMsg); ok {
-		return nil, &DaemonError{Code: e.Code, Name: e.Name, Message: e.Message, Fatal: e.Fatal}
+		return nil, daemonError(e.Code, e.Name, e.Message, e.Fatal, e.Input, e.Item, e.Limit)
 	}
 	if typ == "goodbye" {
 		return nil, fmt.Errorf("%w: %w: daemon said goodbye during the handshake: %s", ErrClosed, ErrShuttingDown, msg.(*goodbyeMsg).Reason)

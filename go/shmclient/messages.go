@@ -7,10 +7,13 @@ package shmclient
 // in declaration order, so the declaration order below IS the canonical key order of SPEC
 // §2.3; do not reorder fields. Only keys the SPEC calls optional carry omitempty.
 
-// protocolVersion 4: model info carries kind, limits and each tensor's meaning. (Version 3:
-// the session's segment, a sealed memfd, and its four wake-up eventfds arrive as descriptors
-// with the welcome frame, SCM_RIGHTS.)
-const protocolVersion = 4
+// protocolVersion 5: model info says whether a model is idempotent, and errors name the
+// input, item and limit they are about. (Version 4: model info carries kind, limits and each
+// tensor's meaning.) The client also speaks minProtocolVersion, whose daemons send neither.
+const (
+	protocolVersion    = 5
+	minProtocolVersion = 4
+)
 
 // Limits of SPEC §7 that the client checks before sending.
 const (
@@ -79,6 +82,8 @@ type wireModel struct {
 	Outputs []wireSpec `msgpack:"outputs"`
 	Kind    string     `msgpack:"kind"`
 	Limits  wireLimits `msgpack:"limits"`
+	// Version 5; absent from a version 4 daemon (a pointer: false is written, nil is not).
+	Idempotent *bool `msgpack:"idempotent,omitempty"`
 }
 
 type modelListMsg struct {
@@ -108,7 +113,26 @@ type errorMsg struct {
 	Name    string `msgpack:"name"`
 	Message string `msgpack:"message"`
 	Fatal   bool   `msgpack:"fatal"`
+	// Version 5, written only when known (SPEC §6 "Error fields"): pointers, since item 0
+	// and limit 0 are values.
+	Input string  `msgpack:"input,omitempty"`
+	Item  *uint64 `msgpack:"item,omitempty"`
+	Limit *uint64 `msgpack:"limit,omitempty"`
 }
+
+// daemonError builds the error a wire error stands for.
+func daemonError(code uint64, name, message string, fatal bool, input string, item, limit *uint64) *DaemonError {
+	e := &DaemonError{Code: code, Name: name, Message: message, Fatal: fatal, Input: input, Item: -1}
+	if item != nil && *item <= uint64(maxInt) {
+		e.Item = int(*item)
+	}
+	if limit != nil {
+		e.Limit = *limit
+	}
+	return e
+}
+
+const maxInt = int(^uint(0) >> 1)
 
 type goodbyeMsg struct {
 	Type   string `msgpack:"type"`

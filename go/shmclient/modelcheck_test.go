@@ -34,12 +34,16 @@ func TestModelInfoFromVectors(t *testing.T) {
 		Inputs: []TensorSpec{{Name: "image", DType: Bytes, Shape: []int64{-1}, Meaning: "image"}},
 		Outputs: []TensorSpec{{Name: "labels", DType: Bytes, Shape: []int64{-1, 5}, Meaning: "labels"},
 			{Name: "scores", DType: F32, Shape: []int64{-1, 5}, Meaning: "scores"}},
-		Limits: ModelLimits{MaxBatch: 64, MaxBytes: 33554432, MaxPixels: 40000000, Formats: []string{"png", "jpeg", "webp"}}}
+		Limits:     ModelLimits{MaxBatch: 64, MaxBytes: 33554432, MaxPixels: 40000000, Formats: []string{"png", "jpeg", "webp"}},
+		Idempotent: true}
 	if !reflect.DeepEqual(r, want) {
 		t.Fatalf("got %+v\nwant %+v", r, want)
 	}
-	if id := infoFromWire(ml.Models[0]); id.Kind != "builtin" || len(id.Limits.Formats) != 0 {
+	if id := infoFromWire(ml.Models[0]); id.Kind != "builtin" || len(id.Limits.Formats) != 0 || !id.Idempotent {
 		t.Fatalf("identity: %+v", id)
+	}
+	if mlp := infoFromWire(ml.Models[1]); mlp.Idempotent {
+		t.Fatalf("mlp (idempotent: false in the vector): %+v", mlp)
 	}
 }
 

@@ -20,6 +20,11 @@ type ModelInfo struct {
 	Inputs  []TensorSpec
 	Outputs []TensorSpec
 	Limits  ModelLimits
+	// Idempotent: running a request twice has the effect of running it once (the model's
+	// config says so; the built-in models and handlers are). Infer then makes again a
+	// request that may have run when its session ended under it (WithIdempotentRetry).
+	// False from a protocol 4 daemon, which does not say.
+	Idempotent bool
 }
 
 // ModelLimits are what a model refuses beyond (SPEC §2.4); a zero field is no limit.
@@ -66,7 +71,54 @@ func infoFromWire(m wireModel) ModelInfo {
 	return ModelInfo{Name: m.Name, Version: m.Version, Device: m.Device, Kind: m.Kind,
 		Inputs: specsFromWire(m.Inputs), Outputs: specsFromWire(m.Outputs),
 		Limits: ModelLimits{MaxBatch: l.MaxBatch, MaxBytes: l.MaxBytes, MaxPixels: l.MaxPixels,
-			MaxTokens: l.MaxTokens, Formats: append([]string(nil), l.Formats...)}}
+			MaxTokens: l.MaxTokens, Formats: append([]string(nil), l.Formats...)},
+		Idempotent: m.Idempotent != nil && *m.Idempotent}
+}
+
+// Model returns a model's metadata from the Client's cache, asking the daemon when the
+// cache does not have it (a model loaded since, or a new session whose daemon has not been
+// asked yet). It fails with ErrUnknownModel when the daemon serves no such model. Use its
+// Check to refuse or split a request before sending it, its Limits to size requests, and
+// Idempotent to know whether a call may be made again. The result is the caller's copy.
+func (c *Client) Model(ctx context.Context, name string) (*ModelInfo, error) {
+	if m := c.models.get(name); m != nil {
+		cp := m.clone()
+		return &cp, nil
+	}
+	models, err := c.Models(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for i := range models {
+		if models[i].Name == name {
+			return &models[i], nil
+		}
+	}
+	names := make([]string, len(models))
+	for i, m := range models {
+		names[i] = m.Name
+	}
+	return nil, notRun(fmt.Errorf("%w: the daemon serves no model named %q (it serves %v)", ErrUnknownModel, name, names))
+}
+
+// clone copies m deeply, so a caller's changes cannot reach the cache.
+func (m *ModelInfo) clone() ModelInfo {
+	cp := *m
+	cp.Inputs = cloneSpecs(m.Inputs)
+	cp.Outputs = cloneSpecs(m.Outputs)
+	cp.Limits.Formats = append([]string(nil), m.Limits.Formats...)
+	return cp
+}
+
+func cloneSpecs(specs []TensorSpec) []TensorSpec {
+	out := make([]TensorSpec, len(specs))
+	for i, s := range specs {
+		out[i] = s
+		if s.Shape != nil {
+			out[i].Shape = append([]int64{}, s.Shape...)
+		}
+	}
+	return out
 }
 
 // specsFromWire keeps a dtype this client does not know as InvalidDType, which input

@@ -25,6 +25,10 @@ type options struct {
 	onDisconnect     func(error)
 	onReconnect      func()
 	retry            bool
+
+	retryOnFailedConnect bool
+	failFast             bool
+	idempotentRetry      bool
 }
 
 // Reconnect defaults: the first pause between attempts, and the cap the pauses double
@@ -39,7 +43,7 @@ const maxClientName = 128
 
 func defaultOptions() options {
 	return options{name: defaultName(os.Args), reconnect: true, reconnectWait: DefaultReconnectWait,
-		maxReconnectWait: DefaultMaxReconnectWait, maxReconnects: -1}
+		maxReconnectWait: DefaultMaxReconnectWait, maxReconnects: -1, idempotentRetry: true}
 }
 
 // defaultName names the client after its program. The daemon decodes the name as
@@ -195,6 +199,49 @@ func WithReconnectHandler(f func()) Option {
 func WithRetry(on bool) Option {
 	return func(o *options) error {
 		o.retry = on
+		return nil
+	}
+}
+
+// WithRetryOnFailedConnect makes Dial succeed when the daemon is not there yet (nats.go's
+// RetryOnFailedConnect): a service started before tensord, or while it restarts, gets a
+// Client that connects in the background with backoff, as after a lost session
+// (WithReconnectWait, WithMaxReconnects). Calls made meanwhile wait for the session within
+// their context, or fail at once with WithFailFast; Connected tells which state the Client
+// is in, and the reconnect handler runs when the first session is had. Only failures that
+// may go away are waited out (Retryable: nothing listens at the socket, the daemon is
+// stopping or short of memory); a refused permission or protocol version still fails Dial.
+// Default off: Dial fails when the first session cannot be had.
+func WithRetryOnFailedConnect(on bool) Option {
+	return func(o *options) error {
+		o.retryOnFailedConnect = on
+		return nil
+	}
+}
+
+// WithFailFast makes calls fail at once, instead of waiting within their context, while
+// the Client has no session and its last attempt to dial one failed (the daemon is down):
+// for callers that would rather answer "unavailable" (HTTP 503) now than wait out their
+// deadline during an outage. The error matches ErrUnavailable and is safe to retry. A
+// session being replaced with a dial still under way (a restart, a zero-downtime upgrade)
+// is waited for as usual: fail-fast only starts once a dial has failed. Default off.
+func WithFailFast(on bool) Option {
+	return func(o *options) error {
+		o.failFast = on
+		return nil
+	}
+}
+
+// WithIdempotentRetry controls whether Infer makes again, once, on the next session, a
+// request to an idempotent model (ModelInfo.Idempotent, the model's config says so) that
+// may have run because its session ended before the response was read: the daemon was
+// killed or restarted under it (SPEC §6 "Idempotent models"). Running it twice has the
+// effect of running it once, so the caller gets its answer instead of ErrMayHaveRun.
+// Requests the daemon answered with an error, requests to other models and the zero-copy
+// path (NewRequest) are never made again. Default on.
+func WithIdempotentRetry(on bool) Option {
+	return func(o *options) error {
+		o.idempotentRetry = on
 		return nil
 	}
 }

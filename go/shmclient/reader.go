@@ -195,7 +195,7 @@ func (s *session) parseOutputs(cl *call, rec record) error {
 			return protocolErrorf("response %d: bad descriptor: %v", rec.hdr.RequestID, err)
 		}
 		if e := desc.Error; e != nil {
-			return &DaemonError{Code: e.Code, Name: e.Name, Message: e.Message}
+			return daemonError(e.Code, e.Name, e.Message, false, e.Input, e.Item, e.Limit)
 		}
 		refs = desc.Outputs
 	}

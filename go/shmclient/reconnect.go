@@ -8,10 +8,12 @@ import (
 
 // Reconnecting. Each Client has one supervisor goroutine. It watches the current
 // session; when the daemon says it is draining, new work stops going to the session
-// (takesWork) and waits for the next one, while the requests in flight finish. When the
-// session has ended (the daemon's goodbye or death, a fatal error, or the Client's own
-// goodbye once a draining session has nothing left in flight), the supervisor dials again
-// with backoff and installs the new session, which wakes every call waiting for one. With
+// (takesWork) and the supervisor dials the next one at once, while the requests in flight
+// finish on the draining session in the background (retire), which the Client ends with
+// its own goodbye once nothing is left in flight. With a zero-downtime restart the new
+// daemon already listens, so new work waits only for one handshake. When the session has
+// ended (the daemon's goodbye or death, a fatal error), the supervisor dials again with
+// backoff and installs the new session, which wakes every call waiting for one. With
 // WithReconnect(false) it ends the Client instead.
 
 // redialTimeout bounds one dial and handshake while reconnecting: a daemon that accepts
@@ -38,6 +40,11 @@ func (c *Client) waitSession(ctx context.Context, work bool) (*session, error) {
 				return nil, notRun(err)
 			}
 			return nil, notRun(errDraining)
+		}
+		if c.opts.failFast && c.dialFailed {
+			last := c.lastErr
+			c.mu.Unlock()
+			return nil, &noSessionError{last: last}
 		}
 		changed := c.changed
 		c.mu.Unlock()
@@ -74,17 +81,20 @@ func (c *Client) supervise() {
 			why = errDraining
 		}
 		c.setLastErr(why)
-		if h := c.opts.onDisconnect; h != nil {
+		if h := c.opts.onDisconnect; h != nil && !s.placeholder {
 			c.runHandler(func() { h(why) })
 		}
-		if !c.waitEnd(s) {
-			return
-		}
 		if !c.opts.reconnect {
-			c.finish(s.Err())
+			if c.waitEnd(s) {
+				c.finish(s.Err())
+			}
 			return
 		}
-		c.setLastErr(s.Err())
+		if !s.ended() {
+			c.retire(s) // draining: it finishes its requests while the next session is dialled
+		} else {
+			c.setLastErr(s.Err())
+		}
 		// A session that served a while starts the backoff afresh, with an immediate
 		// dial; one that ended soon after it began (a daemon that keeps failing, or
 		// drains new sessions at once) goes on backing off.
@@ -103,7 +113,7 @@ func (c *Client) supervise() {
 			return
 		}
 		c.cur.Store(ns)
-		c.lastErr = nil
+		c.lastErr, c.dialFailed = nil, false
 		close(c.changed)
 		c.changed = make(chan struct{})
 		c.mu.Unlock()
@@ -155,8 +165,31 @@ func (c *Client) redial(b *backoff, immediate bool) *session {
 		if c.closing.Err() != nil {
 			return nil
 		}
-		c.setLastErr(err)
+		c.mu.Lock()
+		c.lastErr, c.dialFailed = err, true
+		c.mu.Unlock()
 	}
+}
+
+// retire lets a draining session finish its requests in flight in the background, and
+// ends it (waitEnd) once it has none, or when the Client is closed.
+func (c *Client) retire(s *session) {
+	c.mu.Lock()
+	if c.retiring == nil {
+		c.retiring = make(map[*session]struct{})
+	}
+	c.retiring[s] = struct{}{}
+	c.retireWG.Add(1)
+	c.mu.Unlock()
+	go func() {
+		defer c.retireWG.Done()
+		if !c.waitEnd(s) {
+			s.close(nil)
+		}
+		c.mu.Lock()
+		delete(c.retiring, s)
+		c.mu.Unlock()
+	}()
 }
 
 func (c *Client) setLastErr(err error) {

@@ -310,10 +310,12 @@ func (r Request) Abandon() {
 //
 // Infer owns its inputs until it returns, so it never fails for want of a session: while
 // the Client reconnects, or when the session ends or drains before the request was sent,
-// it waits for the next session and sends it there, as long as ctx allows. With
+// it waits for the next session and sends it there, as long as ctx allows. A request to
+// an idempotent model whose session ended after it was sent (the daemon was killed or
+// restarted) is made once more on the next session (WithIdempotentRetry). With
 // WithRetry(true) it also makes again a request the daemon answered without running it
-// and may run later (ErrShuttingDown, ErrOverloaded): see SafeToRetry.
-func (c *Client) Infer(ctx context.Context, model string, inputs ...Tensor) ([]Tensor, error) {
+// and may run later (ErrShuttingDown, ErrOverloaded): see SafeToRetry and Retryable.
+func (c *Client) Infer(ctx context.Context, model string, inputs ...Tensor) (Tensors, error) {
 	if len(inputs) > maxTensors {
 		return nil, notRun(fmt.Errorf("%w: model %s: %d inputs, the limit is %d per request", ErrBadRequest, strconv.Quote(model), len(inputs), maxTensors))
 	}
@@ -330,33 +332,45 @@ func (c *Client) Infer(ctx context.Context, model string, inputs ...Tensor) ([]T
 	}
 	specs := buf[:len(inputs)]
 	var b backoff
+	replayed := false
 	for {
-		out, err := c.infer(ctx, model, specs, inputs)
-		if err == nil || !c.again(ctx, err, &b) {
+		out, idempotent, err := c.infer(ctx, model, specs, inputs)
+		if err == nil {
+			return out, nil
+		}
+		if idempotent && !replayed && c.replay(ctx, err) {
+			replayed = true // once: a request that kills the daemon must not do it forever
+			continue
+		}
+		if !c.again(ctx, err, &b) {
 			return out, err
 		}
 	}
 }
 
-// infer is one attempt of Infer.
-func (c *Client) infer(ctx context.Context, model string, specs []TensorSpec, inputs []Tensor) ([]Tensor, error) {
+// infer is one attempt of Infer. idempotent: the model said so when the request was made.
+func (c *Client) infer(ctx context.Context, model string, specs []TensorSpec, inputs []Tensor) (Tensors, bool, error) {
 	req, err := c.newRequest(ctx, model, specs)
 	if err != nil {
-		return nil, err
+		return nil, false, err
+	}
+	idempotent := false
+	if m := c.models.get(model); m != nil {
+		idempotent = m.Idempotent
 	}
 	for i, t := range inputs {
 		copy(req.cl.inputs[i].Data, t.Data)
 	}
 	resp, err := req.Do(ctx)
 	if err != nil {
-		return nil, err
+		return nil, idempotent, err
 	}
-	out := make([]Tensor, len(resp.Outputs))
+	out := make(Tensors, len(resp.Outputs))
 	for i, t := range resp.Outputs {
 		out[i] = t.cloneOne()
 	}
 	resp.Release()
-	return out, nil
+	return out, idempotent, nil
 }
 
 // cloneOne is Clone in one allocation: shape and data share a block of 8-byte words

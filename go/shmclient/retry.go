@@ -54,6 +54,21 @@ func (c *Client) again(ctx context.Context, err error, b *backoff) bool {
 	return c.sleep(ctx, b.pause())
 }
 
+// replay decides whether Infer makes again a request to an idempotent model that may have
+// run: only when its session ended under it (the daemon was killed or restarted; not an
+// answer from the daemon, nor the caller's context), the Client reconnects, and
+// WithIdempotentRetry is on. The next attempt waits for the new session within ctx.
+func (c *Client) replay(ctx context.Context, err error) bool {
+	if !c.opts.idempotentRetry || !c.opts.reconnect || ctx.Err() != nil || c.over() {
+		return false
+	}
+	var de *DaemonError
+	if errors.As(err, &de) && !de.Fatal {
+		return false // the daemon answered it
+	}
+	return errors.Is(err, ErrMayHaveRun) && errors.Is(err, ErrClosed)
+}
+
 // sleep pauses for d, and reports false when ctx ends or the Client is closed first.
 func (c *Client) sleep(ctx context.Context, d time.Duration) bool {
 	t := time.NewTimer(d)

@@ -51,6 +51,19 @@ type session struct {
 	// may then end it without waiting for the daemon's goodbye.
 	idle chan struct{}
 	wg   sync.WaitGroup // the session's goroutines: readControl, readResponses
+
+	placeholder bool // noSession: stands in for the first session, not had yet
+}
+
+// noSession is the Client's current session before its first one (WithRetryOnFailedConnect):
+// ended, with why, so every call waits for the next session or fails with the reason.
+func noSession(models *modelCache, why error) *session {
+	s := &session{models: models, done: make(chan struct{}), drainCh: make(chan struct{}),
+		idle: make(chan struct{}, 1), pendingCtl: map[uint64]chan ctlResult{}, closing: true,
+		placeholder: true,
+		closeErr:    &closedError{msg: "shmclient: not connected to the daemon yet", cause: why}}
+	close(s.done)
+	return s
 }
 
 // Err returns nil while the session is usable, else why it ended (wrapping ErrClosed).

@@ -67,22 +67,22 @@ def alt_frame(value_pairs):
 
 def cases():
     ident = m.ModelInfo("identity", 1, "cpu", [m.TensorSpec("x", "any", None)],
-                        [m.TensorSpec("y", "any", None)], kind="builtin")
+                        [m.TensorSpec("y", "any", None)], kind="builtin", idempotent=True)
     mlp = m.ModelInfo("mlp", 3, "cuda:0", [m.TensorSpec("x", "f32", [-1, 16])],
-                      [m.TensorSpec("y", "f32", [-1, 4])], kind="torchscript")
+                      [m.TensorSpec("y", "f32", [-1, 4])], kind="torchscript", idempotent=False)
     resnet = m.ModelInfo(
         "resnet", 2, "cpu", [m.TensorSpec("image", "bytes", [-1], "image")],
         [m.TensorSpec("labels", "bytes", [-1, 5], "labels"),
          m.TensorSpec("scores", "f32", [-1, 5], "scores")], kind="vision.classify",
         limits=m.ModelLimits(max_batch=64, max_bytes=33554432, max_pixels=40000000,
-                             formats=["png", "jpeg", "webp"]))
+                             formats=["png", "jpeg", "webp"]), idempotent=True)
     sess = "00112233445566778899aabbccddeeff"
     out = [
-        frame("hello", m.Hello(4, 4, "vectors", 0, 1 << 20)),
+        frame("hello", m.Hello(4, 5, "vectors", 0, 1 << 20)),
         frame("hello_control_only", m.Hello(4, 4, "tensord health", 65536, 65536,
                                             control_only=True)),
         frame("welcome_control_only", m.Welcome(4, sess, 0, 0, 0, 1 << 20, "tensord 0.1.0")),
-        frame("welcome", m.Welcome(4, sess, 4096 + (1 << 24) + (1 << 20), 1 << 24, 1 << 20,
+        frame("welcome", m.Welcome(5, sess, 4096 + (1 << 24) + (1 << 20), 1 << 24, 1 << 20,
                                    1 << 20, "tensord 0.1.0")),
         frame("attached", m.Attached()),
         frame("ready", m.Ready()),
@@ -98,6 +98,9 @@ def cases():
               alt=[alt_frame([("type", "error"), ("id", 3), ("code", 4),
                               ("name", "UNKNOWN_MODEL"), ("message", "no model named 'nope'"),
                               ("fatal", False)])]),
+        frame("error_fields", m.Error(0, 6, "TOO_LARGE", "asked for rings of 2147483648 and "
+                                      "65536 bytes; this daemon allows at most 1073741824 per "
+                                      "ring (max_ring in its config)", True, limit=1 << 30)),
         frame("error_fatal", m.Error(0, 10, "BAD_RECORD", "record length 12 is not a multiple "
                                      "of 64", True)),
         frame("goodbye", m.Goodbye("client closed")),
@@ -129,6 +132,15 @@ def cases():
         desc("response_error", "response_descriptor",
              ResponseDescriptor(error=ErrorInfo(5, "BAD_INPUT", "model 'mlp' input 'x': got "
                                                 "shape [2, 15], the model takes x: f32 [?, 16]"))),
+        desc("response_error_fields", "response_descriptor",
+             ResponseDescriptor(error=ErrorInfo(5, "BAD_INPUT", "input 'image' item 1: not a "
+                                                "decodable PNG/JPEG/WEBP image (truncated)",
+                                                input="image", item=1))),
+        desc("response_error_limit", "response_descriptor",
+             ResponseDescriptor(error=ErrorInfo(5, "BAD_INPUT", "input 'image' item 0: 8000x7999 "
+                                                "pixels, the model takes at most 16777216 "
+                                                "(limits.max_pixels)", input="image", item=0,
+                                                limit=16777216))),
     ]
     for name, h in (("record_header_request", RecordHeader(192, KIND_REQUEST, 42, 37)),
                     ("record_header_pad", RecordHeader(2048, KIND_PAD, 0, 0)),

@@ -500,15 +500,48 @@ pub fn encode_response_outputs(out: &mut Vec<u8>, outputs: &[OutputRef<'_>]) {
 
 /// Appends `{"error": {"code", "name", "message"}}` in canonical form.
 pub fn encode_response_error(out: &mut Vec<u8>, code: u32, name: &str, message: &str) {
+    encode_response_error_fields(out, code, name, message, &ErrorFields::default());
+}
+
+/// What an error is about (protocol 5, SPEC §6 "Error fields"); each written only when set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ErrorFields<'a> {
+    pub input: Option<&'a str>,
+    pub item: Option<u64>,
+    pub limit: Option<u64>,
+}
+
+/// Appends `{"error": {"code", "name", "message"[, "input"][, "item"][, "limit"]}}` in
+/// canonical form.
+pub fn encode_response_error_fields(
+    out: &mut Vec<u8>,
+    code: u32,
+    name: &str,
+    message: &str,
+    f: &ErrorFields<'_>,
+) {
+    let n = 3 + f.input.is_some() as usize + f.item.is_some() as usize + f.limit.is_some() as usize;
     msgpack::write_map_len(out, 1);
     msgpack::write_str(out, "error");
-    msgpack::write_map_len(out, 3);
+    msgpack::write_map_len(out, n);
     msgpack::write_str(out, "code");
     msgpack::write_uint(out, code as u64);
     msgpack::write_str(out, "name");
     msgpack::write_str(out, name);
     msgpack::write_str(out, "message");
     msgpack::write_str(out, message);
+    if let Some(input) = f.input {
+        msgpack::write_str(out, "input");
+        msgpack::write_str(out, input);
+    }
+    if let Some(item) = f.item {
+        msgpack::write_str(out, "item");
+        msgpack::write_uint(out, item);
+    }
+    if let Some(limit) = f.limit {
+        msgpack::write_str(out, "limit");
+        msgpack::write_uint(out, limit);
+    }
 }
 
 /// A response record's layout: what `transport/records.py` `plan` computes.

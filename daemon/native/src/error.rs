@@ -48,17 +48,34 @@ impl Code {
     }
 }
 
-/// A request refused before it ran: its error response carries `code` and `message`.
+/// A request refused before it ran: its error response carries `code` and `message`, and
+/// from protocol 5 what it is about (SPEC §6 "Error fields").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestError {
     pub code: Code,
     /// For people: what was wrong and what to do, in the client's terms.
     pub message: String,
+    /// The input the error is about, when it is about one.
+    pub input: Option<String>,
+    /// The limit the request went past, when it went past one.
+    pub limit: Option<u64>,
 }
 
 impl RequestError {
     pub fn new(code: Code, message: impl Into<String>) -> RequestError {
-        RequestError { code, message: message.into() }
+        RequestError { code, message: message.into(), input: None, limit: None }
+    }
+
+    /// The same error, naming the input it is about.
+    pub fn about(mut self, input: &str) -> RequestError {
+        self.input = Some(input.to_string());
+        self
+    }
+
+    /// The same error, naming the limit the request went past.
+    pub fn past(mut self, limit: u64) -> RequestError {
+        self.limit = Some(limit);
+        self
     }
 
     pub fn bad_request(message: impl Into<String>) -> RequestError {

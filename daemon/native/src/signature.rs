@@ -138,7 +138,8 @@ impl Signature {
                         model(),
                         self.max_input_bytes
                     ),
-                ));
+                )
+                .past(self.max_input_bytes));
             }
         }
         for (i, r) in refs.iter().enumerate() {
@@ -146,7 +147,8 @@ impl Signature {
                 return Err(RequestError::bad_input(format!(
                     "input {} is given twice",
                     pyrepr::str(r.name)
-                )));
+                ))
+                .about(r.name));
             }
         }
         // Names now unique on both sides (or the declared ones are not, and nothing matches):
@@ -176,7 +178,7 @@ impl Signature {
             if let Some(why) = spec.accepts(refs[i].dtype, refs[i].shape.dims()) {
                 let e = format!("model {} input {}: got {why}", model(), pyrepr::str(&spec.name));
                 order.clear();
-                return Err(RequestError::bad_input(e));
+                return Err(RequestError::bad_input(e).about(&spec.name));
             }
         }
         if let Some(&first) = order.first() {
@@ -188,7 +190,9 @@ impl Signature {
                          request has {rows}",
                         model(),
                         self.max_batch
-                    )));
+                    ))
+                    .about(refs[first].name)
+                    .past(self.max_batch));
                 }
             }
         }

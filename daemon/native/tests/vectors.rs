@@ -47,11 +47,18 @@ fn same_request(got: &desc::Request<'_>, want: &Value) {
 fn encode_response(v: &Value) -> Vec<u8> {
     let mut out = vec![];
     if let Some(e) = v.get("error") {
-        desc::encode_response_error(
+        // Protocol 5's optional fields, written only when the vector has them.
+        let fields = desc::ErrorFields {
+            input: e.get("input").map(|x| x.as_str().unwrap()),
+            item: e.get("item").map(|x| x.as_u64().unwrap()),
+            limit: e.get("limit").map(|x| x.as_u64().unwrap()),
+        };
+        desc::encode_response_error_fields(
             &mut out,
             e["code"].as_u64().unwrap() as u32,
             e["name"].as_str().unwrap(),
             e["message"].as_str().unwrap(),
+            &fields,
         );
         return out;
     }

@@ -95,7 +95,8 @@ Value = Union["torch.Tensor", np.ndarray, ByteStrings]
 
 class Client:
     def __init__(self, path: str | None = None, *, request_ring: int = 0, response_ring: int = 0,
-                 spin: float = 0.0, name: str = "tensord-python", timeout: float = 10.0):
+                 spin: float = 0.0, name: str = "tensord-python", timeout: float = 10.0,
+                 max_version: int = PROTOCOL_VERSION):
         self.path = path or default_socket_path()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
@@ -113,7 +114,10 @@ class Client:
                 "(the systemd unit uses `tensord`), or run as the daemon's user") from None
         self.draining = False
         try:
-            self._send(Hello(min_version=PROTOCOL_VERSION, max_version=PROTOCOL_VERSION,
+            # Protocol 4 daemons are spoken to as well; they send no error fields and no
+            # `idempotent` (SPEC §9).
+            # (max_version: a lower one speaks as an older client would, for tests.)
+            self._send(Hello(min_version=4, max_version=max_version,
                              client=name, request_ring=request_ring,
                              response_ring=response_ring))
             welcome, fds = read_frame_with_fds(self.sock)
@@ -128,7 +132,7 @@ class Client:
             for fd in fds:
                 os.close(fd)
             if isinstance(welcome, Error):
-                raise error_from_code(welcome.code, welcome.message, fatal=welcome.fatal)
+                raise _error(welcome, fatal=welcome.fatal)
             raise ProtocolError(f"expected a welcome, the daemon sent {type(welcome).TYPE}",
                                 fatal=True)
         self.welcome = welcome
@@ -165,7 +169,7 @@ class Client:
     def _expect(self, cls):
         msg = read_frame(self.sock)
         if isinstance(msg, Error):
-            raise error_from_code(msg.code, msg.message, fatal=msg.fatal)
+            raise _error(msg, fatal=msg.fatal)
         if not isinstance(msg, cls):
             raise ProtocolError(f"expected {cls.TYPE}, daemon sent {type(msg).TYPE}", fatal=True)
         return msg
@@ -211,7 +215,7 @@ class Client:
                 self._replies_cv.wait(left)
             (reply,) = self._replies.pop(msg.id)
         if isinstance(reply, Error):
-            raise error_from_code(reply.code, reply.message)
+            raise _error(reply)
         return reply
 
     def _leave_after_drain(self) -> None:
@@ -294,9 +298,10 @@ class Client:
         record_len, desc, offsets = records.plan(sizes, encode)
         ring = self.seg.requests
         if record_len > ring.capacity:
-            raise TooLargeError(
+            raise TooLargeError(  # refused before writing: it certainly did not run
                 f"the request needs a {record_len}-byte record but the request ring holds "
-                f"{ring.capacity} bytes: connect with a larger request_ring")
+                f"{ring.capacity} bytes: connect with a larger request_ring", ran=False,
+                limit=ring.capacity)
         deadline = time.monotonic() + timeout if timeout else None
         with self._infer_lock:
             self._check_open()
@@ -345,7 +350,7 @@ class Client:
         d0 = rec.offset + RECORD_HEADER_SIZE
         desc = decode_response(bytes(buf[d0:d0 + rec.desc_len]))
         if desc.error is not None:
-            raise error_from_code(desc.error.code, desc.error.message)
+            raise _error(desc.error)
         check_refs(desc.outputs, rec.data_start, rec.record_len, "output")
         out: dict[str, Value] = {}
         for ref in desc.outputs:
@@ -382,6 +387,13 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _error(e, fatal: bool = False):
+    """The exception for a wire error (an `error` message or a response's error map), with
+    the input, item and limit it names (protocol 5)."""
+    return error_from_code(e.code, e.message, fatal=fatal, input=e.input, item=e.item,
+                           limit=e.limit)
 
 
 def _as_value(v) -> tuple[Value, str, str]:

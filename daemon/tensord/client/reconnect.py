@@ -4,6 +4,11 @@ the new session within their own time limit instead of failing (as nats.go and p
 
     c = ReconnectingClient(retry=True)      # retry calls that certainly did not run
     out = c.infer("mlp", {"x": x}, timeout=1.0)
+
+It dials on first use, so a service may start before the daemon: calls wait for it within
+their time limit, or fail at once with `fail_fast=True` while no daemon answers. A request to
+an idempotent model (SPEC §6) that may have run when its session ended under it is made once
+more on the next session (`retry_idempotent`, default on).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ class ReconnectingClient:
     def __init__(self, path: str | None = None, *, reconnect_wait: float = 0.05,
                  max_reconnect_wait: float = 2.0, max_reconnects: int | None = None,
                  retry: bool = False, on_disconnect: Callable[[str], None] | None = None,
-                 on_reconnect: Callable[[Client], None] | None = None, **client_options):
+                 on_reconnect: Callable[[Client], None] | None = None,
+                 fail_fast: bool = False, retry_idempotent: bool = True, **client_options):
         self.path = path
         self.reconnect_wait = reconnect_wait
         self.max_reconnect_wait = max_reconnect_wait
@@ -35,13 +41,23 @@ class ReconnectingClient:
         self.retry = retry
         self.on_disconnect = on_disconnect
         self.on_reconnect = on_reconnect
+        self.fail_fast = fail_fast
+        self.retry_idempotent = retry_idempotent
         self._options = client_options
+        self._idempotent: dict[str, bool] | None = None  # the current session's models
         self._lock = threading.Lock()
         self._client: Client | None = None
         self._closed = False
         self.reconnects = 0  # sessions dialled after the first
 
     # -- the session ------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether there is a session that takes new calls now (False before the first
+        call, while the daemon is away or draining, and after close)."""
+        c = self._client
+        return c is not None and not c._closed_reason and not c.draining and not self._closed
 
     def client(self, deadline: float | None = None) -> Client:
         """The live session, dialling one (with backoff, until `deadline`) if there is none."""
@@ -62,7 +78,8 @@ class ReconnectingClient:
                     c = Client(self.path, **self._options)
                 except (ConnectionClosedError, ShuttingDownError, OSError) as e:
                     attempts += 1
-                    if self.max_reconnects is not None and attempts > self.max_reconnects:
+                    if self.fail_fast or \
+                            self.max_reconnects is not None and attempts > self.max_reconnects:
                         raise
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
@@ -73,6 +90,7 @@ class ReconnectingClient:
                     wait = min(wait * 2, self.max_reconnect_wait)
                     continue
                 self._client = c
+                self._idempotent = None
                 if not first:
                     self.reconnects += 1
                     if self.on_reconnect:
@@ -106,12 +124,36 @@ class ReconnectingClient:
     def infer(self, model: str, inputs: Mapping[str, object], timeout: float | None = None,
               budget: float | None = None, priority: int = 0) -> dict[str, Value]:
         deadline = None if timeout is None else time.monotonic() + timeout
+        replayed = False
 
         def call(c: Client):
             left = None if deadline is None else max(deadline - time.monotonic(), 1e-6)
             return c.infer(model, inputs, timeout=left,
                            budget=budget if budget is not None else left, priority=priority)
-        return self._call(timeout, call)
+        while True:
+            idempotent = self.retry_idempotent and self._is_idempotent(model, deadline)
+            try:
+                return self._call(None if deadline is None else
+                                  max(deadline - time.monotonic(), 0.0), call)
+            except ConnectionClosedError as e:
+                # Sent, then the session ended under it (the daemon died): it may have run.
+                # For an idempotent model that is harmless: make it once more.
+                if not idempotent or replayed or e.ran is not None or self._closed or \
+                        deadline is not None and time.monotonic() >= deadline:
+                    raise
+                replayed = True
+
+    def _is_idempotent(self, model: str, deadline: float | None) -> bool:
+        """What the current session's daemon says of the model (asked once per session)."""
+        table = self._idempotent
+        if table is None:
+            try:
+                left = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
+                models = self.models(timeout=left)
+            except TensordError:
+                return False
+            table = self._idempotent = {m.name: bool(m.idempotent) for m in models}
+        return table.get(model, False)
 
     def models(self, timeout: float | None = 10.0):
         return self._call(timeout, lambda c: c.models())

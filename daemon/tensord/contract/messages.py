@@ -11,11 +11,13 @@ from typing import Any, ClassVar
 from .codec import WireTypeError, from_wire, to_wire
 from .errors import ErrorCode, ProtocolError
 
+# Version 5: model info says whether a model is `idempotent`, and errors name the input, item
+# and limit they are about (SPEC §9); a daemon speaks 4 too, leaving those fields out.
 # Version 4: model info carries what serves a model (`kind`), what each tensor means and the
-# model's limits (SPEC §9). Version 3: wake-ups are eventfds that ride with the segment's memfd
-# on the welcome frame (SCM_RIGHTS).
-PROTOCOL_VERSION = 4
-SUPPORTED_VERSIONS = (4,)
+# model's limits. Version 3: wake-ups are eventfds that ride with the segment's memfd on the
+# welcome frame (SCM_RIGHTS).
+PROTOCOL_VERSION = 5
+SUPPORTED_VERSIONS = (4, 5)
 
 
 @dataclass
@@ -45,6 +47,9 @@ class ModelInfo:
     outputs: list[TensorSpec]
     kind: str = ""  # what serves it: "torchscript", "export", "handler", "vision.classify", ...
     limits: ModelLimits = field(default_factory=ModelLimits)
+    # Protocol 5: running a request twice has the effect of running it once, so a client may
+    # make a request that may have run again (SPEC §6). None: not sent (a protocol 4 session).
+    idempotent: bool | None = field(default=None, metadata={"omit_none": True})
 
 
 @dataclass
@@ -143,6 +148,10 @@ class Error:
     name: str
     message: str
     fatal: bool
+    # Protocol 5, written only when known (SPEC §6 "Error fields").
+    input: str | None = field(default=None, metadata={"omit_none": True})
+    item: int | None = field(default=None, metadata={"omit_none": True})
+    limit: int | None = field(default=None, metadata={"omit_none": True})
 
 
 @dataclass
@@ -258,20 +267,39 @@ def _int_fields(cls: type) -> tuple[tuple[str, int], ...]:
     uint, and every `id` positive (0 means "none" only in `error`)."""
     hints = typing.get_type_hints(cls)
     return tuple((f.name, 1 if f.name == "id" and cls is not Error else 0)
-                 for f in dataclasses.fields(cls) if hints[f.name] is int)
+                 for f in dataclasses.fields(cls) if hints[f.name] in (int, int | None))
 
 
 def _check_ranges(msg: Message, t: str) -> None:
     for name, low in _int_fields(type(msg)):
         v = getattr(msg, name)
-        if not low <= v < U64:
+        if v is not None and not low <= v < U64:
             what = "a positive integer" if low else "an unsigned integer"
             sign = "negative, " if v < 0 else ""
             raise ProtocolError(f"{t}.{name} is {v} ({sign}out of range): it must be {what} "
                                 "below 2**64", code=ErrorCode.BAD_MESSAGE)
 
 
-def error_message(err, request_id: int = 0) -> Error:
-    """The wire `error` for a TensordError."""
-    return Error(id=request_id, code=int(err.code), name=err.code.name, message=err.message,
-                 fatal=err.fatal)
+def error_message(err, request_id: int = 0, version: int = PROTOCOL_VERSION) -> Error:
+    """The wire `error` for a TensordError; its input, item and limit from protocol 5 on."""
+    e = Error(id=request_id, code=int(err.code), name=err.code.name, message=err.message,
+              fatal=err.fatal)
+    if version >= 5:
+        e.input, e.item, e.limit = error_fields(err)
+    return e
+
+
+def error_fields(err) -> tuple[str | None, int | None, int | None]:
+    """A TensordError's input, item and limit, each None unless it is a valid wire value."""
+    def uint(v):
+        return v if type(v) is int and 0 <= v < U64 else None
+    name = getattr(err, "input", None)
+    return (name if isinstance(name, str) else None, uint(getattr(err, "item", None)),
+            uint(getattr(err, "limit", None)))
+
+
+def for_version(info: ModelInfo, version: int) -> ModelInfo:
+    """Model info as a session of `version` is sent it: protocol 4 has no `idempotent`."""
+    if version >= 5:
+        return info
+    return dataclasses.replace(info, idempotent=None)

@@ -48,6 +48,7 @@ from ..contract.messages import (
     Unload,
     Welcome,
     error_message,
+    for_version,
 )
 from ..models.registry import Registry
 from ..ratelog import PerUid, RateLimited
@@ -135,6 +136,7 @@ class Connection:
         self._grant: Grant | None = None
         self._segment: Segment | None = None  # the session's, until the core has freed it
         self._client = ""
+        self.version = max(SUPPORTED_VERSIONS)  # the version the handshake chose
         self.control_only = False  # no session: control messages only (SPEC hello)
 
     def fileno(self) -> int:
@@ -184,7 +186,7 @@ class Connection:
                     self.fail(e)
                     return
                 rid = getattr(msg, "id", 0) if msg is not None else getattr(e, "request_id", 0)
-                self.send(error_message(e, rid))
+                self.send(error_message(e, rid, self.version))
             except OSError as e:
                 # Not the socket: the session could not be set up (mmap, fallocate, eventfds).
                 _refusals.warning("connection of pid %d: %s", self.peer.pid, e)
@@ -211,7 +213,8 @@ class Connection:
         elif isinstance(msg, Ping):
             self.send(Pong(id=msg.id))
         elif isinstance(msg, Models):
-            self.send(ModelList(id=msg.id, models=self.s.registry.infos()))
+            self.send(ModelList(id=msg.id, models=[for_version(m, self.version)
+                                                   for m in self.s.registry.infos()]))
         elif isinstance(msg, Stats):
             self.send(ModelStats(id=msg.id, models=self.s.stats()))
         elif isinstance(msg, Health):
@@ -227,7 +230,7 @@ class Connection:
 
     def _hello(self, hello: Hello) -> None:
         cfg = self.s.config
-        version = _choose_version(hello)
+        version = self.version = _choose_version(hello)
         if hello.control_only:
             self._control_hello(version, hello)
             return
@@ -236,7 +239,8 @@ class Connection:
         if max(req, resp) > cfg.max_ring:
             raise TooLargeError(
                 f"asked for rings of {req} and {resp} bytes; this daemon allows at most "
-                f"{cfg.max_ring} per ring (max_ring in its config)", fatal=True)
+                f"{cfg.max_ring} per ring (max_ring in its config)", fatal=True,
+                limit=cfg.max_ring)
         # Counted before the segment exists: the next handshake sees these bytes as taken.
         adm = self.s.admission
         self._grant = adm.admit(self.peer.uid, segment_size(req, resp))
@@ -295,6 +299,7 @@ class Connection:
                 high_priority=self.peer.uid in self.s.config.priority_uids,
                 park_limit=self.s.config.max_parked_per_session,
                 on_fatal=self._fatal_from_any_thread, on_freed=self._session_freed)
+            self.s.serving.set_version(self.session, self.version)
         finally:
             seg.close_fd()  # the core maps it itself; the client holds its own descriptor
         self._segment = seg  # closed (pages punched) once the core has freed the session
@@ -327,7 +332,7 @@ class Connection:
             if self.state != SERVING:
                 return
             if isinstance(err, TensordError):
-                self.send(error_message(err, msg.id))
+                self.send(error_message(err, msg.id, self.version))
             elif err is not None:
                 self.send(error_message(InternalError(
                     f"{msg.TYPE} failed inside the daemon: {type(err).__name__}: {err}"),
@@ -405,7 +410,7 @@ class Connection:
         else:
             _refusals.info("closing connection of pid %d uid %d: %s", self.peer.pid,
                            self.peer.uid, err)
-        self._out += encode_frame(error_message(err))
+        self._out += encode_frame(error_message(err, 0, self.version))
         with contextlib.suppress(OSError):
             self.sock.send(self._out)
         self.close()

@@ -38,6 +38,7 @@ from .connection import HELLO, SESSION_LOG, Connection, Services
 from .limits import Admission
 from .lingering import Lingering
 from .reconfig import Reconfigurer
+from .takeover import Successor
 
 log = logging.getLogger(__name__)
 _accept_log = RateLimited(log, burst=3, period=10.0)
@@ -105,6 +106,7 @@ class Server:
         self._watchdog = sdnotify.watchdog_interval()
         self._watchdog_next = 0.0
         self._metrics: metrics.Listener | None = None
+        self._successor = Successor(self.call_soon)
         self._gauges: model_gauges.ModelGauges | None = None
 
     @property
@@ -116,12 +118,14 @@ class Server:
     def admission(self) -> Admission:
         return self.services.admission
 
-    def listen(self, inherited: socket.socket | None = None) -> None:
+    def listen(self, inherited: socket.socket | None = None, owns_path: bool = False) -> None:
         """Listen on the configured path, or on `inherited` (socket activation: the manager
-        made the socket, its path and mode; the daemon leaves the file alone)."""
+        made the socket, its path and mode; the daemon leaves the file alone, unless
+        owns_path: a takeover of a daemon that made it, control/takeover.py)."""
         if inherited is not None:
             s = _check_inherited(inherited)
             self.path = s.getsockname() or self.path
+            self._owns_path = owns_path
         else:
             claim(self.path, "--socket")
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -178,6 +182,27 @@ class Server:
         """SIGHUP (safe from a signal handler): converge on the config file's models, on a
         thread of its own; the daemon keeps serving meanwhile."""
         self.call_soon(lambda: self._run_aside(self._reconfig.apply, lambda *_: None))
+
+    def upgrade(self) -> None:
+        """SIGUSR2 (safe from a signal handler): start a successor that takes the socket over
+        once its models are loaded, then drain (control/takeover.py)."""
+        self.call_soon(lambda: self._successor.start(self._listener, self._owns_path,
+                                                     self._hand_over))
+
+    def _hand_over(self, go: Callable[[], None]) -> None:
+        """The successor is ready: stop accepting (it accepts from now on, queued connections
+        included), leave it the socket file and the metrics address, and drain."""
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._ep.unregister(self._listener)
+            self._listener.close()
+            self._listener = None
+        self._owns_path = False
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        go()
+        self._drain_requested = True
 
     def stop_now(self) -> None:
         """Stop without draining."""
@@ -444,6 +469,7 @@ class Server:
 
     def _close(self) -> None:
         sdnotify.notify("STOPPING=1\nSTATUS=stopping")
+        self._successor.abandon()  # an upgrade still loading does not outlive this daemon
         if self._metrics is not None:
             self._metrics.close()
         if self._gauges is not None:

@@ -34,6 +34,9 @@ class Model(ABC):
     kind: str = "builtin"
     limits: ModelLimits = ModelLimits()
     batching: BatchPolicy = BatchPolicy()
+    # SPEC §2.4 `idempotent`: running a request twice has the effect of running it once. Off
+    # unless the model says so (built-ins) or its config does (`idempotent = true`).
+    idempotent: bool = False
 
     @abstractmethod
     def forward(self, inputs: Sequence[Value]) -> Sequence[Value]:
@@ -50,4 +53,5 @@ class Model(ABC):
             outputs=[s.wire() for s in self.signature.outputs],
             kind=self.kind,
             limits=self.limits,
+            idempotent=self.idempotent,
         )

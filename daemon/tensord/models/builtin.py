@@ -18,6 +18,7 @@ class Identity(Model):
 
     name = "identity"
     inline = True  # no tensor math: a hand-off to the compute thread would be pure overhead
+    idempotent = True
     signature = Signature(inputs=(Spec("x", "any", None),), outputs=(Spec("y", "any", None),))
 
     def forward(self, inputs: Sequence[Value]) -> Sequence[Value]:
@@ -55,6 +56,7 @@ def build_mlp() -> torch.jit.ScriptModule:
 
 def builtin_models() -> list[Model]:
     mlp = ModuleModel("mlp", build_mlp(), MLP_SIGNATURE, kind="torchscript")
+    mlp.idempotent = True  # a pure function of its input
     # Rows are independent: requests that queue up while a batch runs join the next one.
     mlp.batching = BatchPolicy(max_batch_size=64)
     return [Identity(), mlp]

@@ -65,6 +65,8 @@ def load_model(mc: ModelConfig) -> Model:
     try:
         model = _build(mc)
         model.batching = _batch_policy(mc, model)
+        if mc.idempotent is not None:
+            model.idempotent = mc.idempotent
         if mc.warmup:
             warm_up(model)
         return model

@@ -72,7 +72,7 @@ class Signature:
         by_name = {}
         for i, r in enumerate(refs):
             if r.name in by_name:
-                raise BadInputError(f"input {r.name!r} is given twice")
+                raise BadInputError(f"input {r.name!r} is given twice", input=r.name)
             by_name[r.name] = i
         want = [s.name for s in self.inputs]
         if sorted(by_name) != sorted(want):
@@ -84,13 +84,15 @@ class Signature:
             i = by_name[spec.name]
             why = spec.accepts(refs[i].dtype, refs[i].shape)
             if why:
-                raise BadInputError(f"model {model!r} input {spec.name!r}: got {why}")
+                raise BadInputError(f"model {model!r} input {spec.name!r}: got {why}",
+                                    input=spec.name)
             order.append(i)
         if self.max_batch and refs and refs[order[0]].shape and \
                 refs[order[0]].shape[0] > self.max_batch:
             raise BadInputError(f"model {model!r} takes at most {self.max_batch} items per "
                                 f"request (limits.max_batch), the request has "
-                                f"{refs[order[0]].shape[0]}")
+                                f"{refs[order[0]].shape[0]}", input=refs[order[0]].name,
+                                limit=self.max_batch)
         return order
 
     def check_outputs(self, model: str, outputs: Sequence[Value]) -> list[str]:

@@ -201,6 +201,10 @@ class Serving:
             self._sessions[sid] = handle
         return handle
 
+    def set_version(self, handle: SessionHandle, version: int) -> None:
+        """The session's protocol version (protocol 4 sessions get errors without fields)."""
+        self.engine.set_session_version(handle.sid, version)
+
     def sessions(self) -> int:
         return self.engine.sessions()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -112,9 +113,14 @@ class Executor:
             except TensordError:
                 raise
             except Exception as e:  # a model may raise anything; the caller gets it as an error
-                _failures.info("model %s raised %s: %s", model.name, type(e).__name__, e)
+                # The caller gets words of its own; the exception (Python's names, paths,
+                # values) goes to the log, under a reference both carry.
+                ref = secrets.token_hex(4)
+                _failures.info("model %s raised %s: %s (ref %s)", model.name, type(e).__name__,
+                               e, ref)
                 raise ModelFailedError(
-                    f"model {model.name!r} raised {type(e).__name__}: {e}"
+                    f"model {model.name!r} failed on this request: an error inside the model "
+                    f"(the daemon logged it as ref {ref})"
                 ) from None
             if isinstance(outputs, (torch.Tensor, ByteStrings)):
                 outputs = [outputs]

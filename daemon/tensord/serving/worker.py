@@ -27,6 +27,7 @@ import torch
 
 from ..contract.dtypes import DTYPES, ByteStrings
 from ..contract.errors import InternalError, ModelFailedError, TensordError
+from ..contract.messages import error_fields
 from ..models.base import Model
 from ..models.signature import Value
 from ..ratelog import RateLimited
@@ -108,7 +109,7 @@ def _attempt(batch: Any, lo: int, hi: int, run: Callable[[int, int], None]) -> N
             _attempt(batch, lo, mid, run)
             _attempt(batch, mid, hi, run)
         else:
-            batch.fail(lo, hi, int(e.code), e.message)
+            batch.fail(lo, hi, int(e.code), e.message, *error_fields(e))
 
 
 def _tensors(batch: Any, model: Model, executor: Executor, stream: Any) -> None:

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net/http"
@@ -39,34 +38,13 @@ var (
 		"tensord-gateway: shutting down"}
 )
 
-// statusClientClosed is nginx's code for a request whose client went away; it is only
-// logged, since nobody reads it.
-const statusClientClosed = 499
-
-// errorStatus maps an error to an HTTP status and a gRPC code: what the caller can do about
-// it (fix the request, retry later, report a bug) decides the class.
+// errorStatus maps an error to an HTTP status and a gRPC code: the gateway's own, or the
+// client library's documented mapping (shmclient.HTTPStatus, GRPCCode), in which what the
+// caller can do about it (fix the request, retry later, report a bug) decides the class.
 func errorStatus(err error) (int, codes.Code) {
 	var re *requestError
-	switch {
-	case errors.As(err, &re):
+	if errors.As(err, &re) {
 		return re.status, re.code
-	case errors.Is(err, context.DeadlineExceeded): // DEADLINE from the daemon matches too
-		return http.StatusGatewayTimeout, codes.DeadlineExceeded
-	case errors.Is(err, context.Canceled):
-		return statusClientClosed, codes.Canceled
-	case errors.Is(err, shmclient.ErrUnknownModel):
-		return http.StatusNotFound, codes.NotFound
-	case errors.Is(err, shmclient.ErrBadInput), errors.Is(err, shmclient.ErrBadRequest):
-		return http.StatusBadRequest, codes.InvalidArgument
-	case errors.Is(err, shmclient.ErrTooLarge):
-		return http.StatusRequestEntityTooLarge, codes.ResourceExhausted
-	case errors.Is(err, shmclient.ErrOverloaded), errors.Is(err, shmclient.ErrShuttingDown),
-		errors.Is(err, shmclient.ErrClosed), errors.Is(err, shmclient.ErrResource):
-		return http.StatusServiceUnavailable, codes.Unavailable
-	case errors.Is(err, shmclient.ErrPermission):
-		return http.StatusForbidden, codes.PermissionDenied
-	case errors.Is(err, shmclient.ErrUnsupported):
-		return http.StatusNotImplemented, codes.Unimplemented
 	}
-	return http.StatusInternalServerError, codes.Internal // MODEL_FAILED, INTERNAL, protocol errors
+	return shmclient.HTTPStatus(err), codes.Code(shmclient.GRPCCode(err))
 }

@@ -65,6 +65,15 @@ func (f *fakeBackend) Model(ctx context.Context, name string) (*shmclient.ModelI
 	return nil, fmt.Errorf("%w: no model %q", shmclient.ErrUnknownModel, name)
 }
 
+func (f *fakeBackend) Stats(context.Context) ([]shmclient.ModelStats, error) {
+	if f.notReady {
+		return nil, errNotReady
+	}
+	return []shmclient.ModelStats{{Name: "echo", Version: 3, Served: 10, Failed: 1, Rejected: 2,
+		Batches: 4, BatchSizes: map[int]uint64{1: 2, 4: 2}, QueueTime: 5 * time.Millisecond,
+		ComputeTime: 10 * time.Millisecond}}, nil
+}
+
 func (f *fakeBackend) Infer(ctx context.Context, model string, inputs []shmclient.Tensor) ([]shmclient.Tensor, func(), error) {
 	if dl, ok := ctx.Deadline(); ok {
 		f.deadline = time.Until(dl)
@@ -258,7 +267,7 @@ func TestRESTErrorsMapToStatuses(t *testing.T) {
 		{"bad input", "/v2/models/broken/infer", x, nil, &shmclient.DaemonError{Code: shmclient.CodeBadInput, Name: "BAD_INPUT", Message: "image 0: not an image"}, 400, "image 0: not an image"},
 		{"too large", "/v2/models/broken/infer", x, nil, fmt.Errorf("%w: record of 9 GiB", shmclient.ErrTooLarge), 413, "9 GiB"},
 		{"deadline", "/v2/models/broken/infer", x, nil, &shmclient.DaemonError{Code: shmclient.CodeDeadline, Name: "DEADLINE"}, 504, "DEADLINE"},
-		{"overloaded", "/v2/models/broken/infer", x, nil, &shmclient.DaemonError{Code: shmclient.CodeOverloaded, Name: "OVERLOADED"}, 503, "OVERLOADED"},
+		{"overloaded", "/v2/models/broken/infer", x, nil, &shmclient.DaemonError{Code: shmclient.CodeOverloaded, Name: "OVERLOADED"}, 429, "OVERLOADED"},
 		{"daemon gone", "/v2/models/broken/infer", x, nil, fmt.Errorf("%w: EOF", shmclient.ErrClosed), 503, "connection closed"},
 		{"model failed", "/v2/models/broken/infer", x, nil, &shmclient.DaemonError{Code: shmclient.CodeModelFailed, Name: "MODEL_FAILED", Message: "boom"}, 500, "boom"},
 		{"body too large", "/v2/models/echo/infer", `{"inputs":[{"name":"x","shape":[1],"datatype":"BYTES","data":["` + strings.Repeat("a", 2<<20) + `"]}]}`, nil, nil, 413, "larger than"},
@@ -356,9 +365,13 @@ func TestRESTGzipRequest(t *testing.T) {
 
 func grpcClient(t *testing.T, g *gateway) pb.GRPCInferenceServiceClient {
 	t.Helper()
+	return pb.NewGRPCInferenceServiceClient(grpcConnTo(t, g))
+}
+
+func grpcConnTo(t *testing.T, g *gateway) *grpc.ClientConn {
+	t.Helper()
 	ln := bufconn.Listen(1 << 20)
-	s := grpc.NewServer()
-	pb.RegisterGRPCInferenceServiceServer(s, &grpcService{g: g})
+	s := newGRPCServer(g)
 	go s.Serve(ln)
 	t.Cleanup(s.Stop)
 	conn, err := grpc.NewClient("passthrough:///bufnet",
@@ -368,7 +381,7 @@ func grpcClient(t *testing.T, g *gateway) pb.GRPCInferenceServiceClient {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return pb.NewGRPCInferenceServiceClient(conn)
+	return conn
 }
 
 func TestGRPCInferRawAndContents(t *testing.T) {

@@ -12,11 +12,13 @@ import (
 
 // gateway holds what both front ends share: the backend, limits and shutdown state.
 type gateway struct {
-	b          backend
-	log        *slog.Logger
-	maxTimeout time.Duration // the longest a request may run; 0: no limit
-	maxBody    int64         // largest request body / message
-	draining   atomic.Bool   // shutting down: not ready, no new requests
+	b           backend
+	log         *slog.Logger
+	maxTimeout  time.Duration // the longest a request may run; 0: no limit
+	maxBody     int64         // largest request body / message (decompressed)
+	inflight    *budget       // request body bytes held at once (body.go); nil: no bound
+	bodyTimeout time.Duration // the longest a request body may take to arrive; 0: none
+	draining    atomic.Bool   // shutting down: not ready, no new requests
 }
 
 // inferRequest is one inference request of either front end, its inputs already in

@@ -1,17 +1,19 @@
 package main
 
 import (
-	"bytes"
 	"compress/gzip"
 	"compress/zlib"
 	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
+	"os"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/tensord/tensord/go/shmclient"
+	"google.golang.org/grpc/codes"
 )
 
 // The Open Inference Protocol over HTTP/REST (KServe v2), with Triton's binary tensor
@@ -21,7 +23,9 @@ import (
 
 const headerLength = "Inference-Header-Content-Length"
 
-func (g *gateway) routes() *http.ServeMux {
+// routes is the HTTP API. Every answer is the protocol's JSON, a route that does not exist
+// (404) or a method a route does not take (405) included: Triton's clients parse every body.
+func (g *gateway) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v2", g.serverMetadata)
 	mux.HandleFunc("GET /v2/health/live", func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusOK) })
@@ -39,7 +43,46 @@ func (g *gateway) routes() *http.ServeMux {
 	mux.HandleFunc("POST /v2/models/{name}/infer", g.restInfer)
 	mux.HandleFunc("POST /v2/models/{name}/versions/{version}/infer", g.restInfer)
 	mux.HandleFunc("POST /v2/repository/index", g.repositoryIndex)
-	return mux
+	mux.HandleFunc("GET /v2/models/{name}/config", g.modelConfig)
+	mux.HandleFunc("GET /v2/models/{name}/versions/{version}/config", g.modelConfig)
+	mux.HandleFunc("GET /v2/models/stats", g.modelStats)
+	mux.HandleFunc("GET /v2/models/{name}/stats", g.modelStats)
+	mux.HandleFunc("GET /v2/models/{name}/versions/{version}/stats", g.modelStats)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if _, pattern := mux.Handler(r); pattern == "" {
+			// The mux's own 404 and 405 are plain text; answer them in JSON.
+			mux.ServeHTTP(&jsonStatus{ResponseWriter: w, path: r.URL.Path, method: r.Method}, r)
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
+}
+
+// jsonStatus replaces the body of the mux's own error answers with the protocol's JSON.
+type jsonStatus struct {
+	http.ResponseWriter
+	path, method string
+	wrote        bool
+}
+
+func (j *jsonStatus) WriteHeader(status int) {
+	if status < 400 {
+		j.ResponseWriter.WriteHeader(status)
+		return
+	}
+	j.wrote = true
+	msg := "tensord-gateway: no route " + j.path + " (the Open Inference Protocol's are under /v2)"
+	if status == http.StatusMethodNotAllowed {
+		msg = "tensord-gateway: " + j.path + " does not take " + j.method
+	}
+	writeError(j.ResponseWriter, &requestError{status, codes.Unimplemented, msg})
+}
+
+func (j *jsonStatus) Write(b []byte) (int, error) {
+	if j.wrote {
+		return len(b), nil // the mux's text, replaced
+	}
+	return j.ResponseWriter.Write(b)
 }
 
 type serverMetadataJSON struct {
@@ -179,9 +222,9 @@ type restOutputSpec struct {
 	Parameters restParams `json:"parameters"`
 }
 
-// scratch is a request's reusable memory: the body read in, the response built out.
+// scratch is a request's reusable memory for the response built out. (Bodies are read
+// into memory taken from the gateway's budget, body.go, and are not pooled.)
 type scratch struct {
-	in  bytes.Buffer
 	out []byte
 }
 
@@ -189,17 +232,22 @@ var scratchPool = sync.Pool{New: func() any { return new(scratch) }}
 
 func (g *gateway) restInfer(w http.ResponseWriter, r *http.Request) {
 	s := scratchPool.Get().(*scratch)
-	s.in.Reset()
 	defer func() {
-		if s.in.Cap() <= 64<<20 && cap(s.out) <= 64<<20 { // keep no giant buffers around
+		if cap(s.out) <= 1<<20 { // keep no large buffers around, outside every budget
 			scratchPool.Put(s)
 		}
 	}()
-	req, binaryOut, err := g.readRESTRequest(w, r, &s.in)
+	if g.bodyTimeout > 0 {
+		// The whole body within -body-timeout: a body that trickles in holds a connection,
+		// a goroutine and its buffer, so it is cut off.
+		http.NewResponseController(w).SetReadDeadline(time.Now().Add(g.bodyTimeout))
+	}
+	req, binaryOut, bd, err := g.readRESTRequest(w, r)
 	if err != nil {
 		writeError(w, err)
 		return
 	}
+	defer bd.free() // the inputs alias the body until the response is written
 	res, err := g.infer(r.Context(), req)
 	if err != nil {
 		writeError(w, err)
@@ -226,41 +274,58 @@ func (g *gateway) restInfer(w http.ResponseWriter, r *http.Request) {
 	w.Write(out)
 }
 
-// readRESTRequest reads and parses an infer request; body is scratch space it may keep
-// input data in.
-func (g *gateway) readRESTRequest(w http.ResponseWriter, r *http.Request, body *bytes.Buffer) (*inferRequest, bool, error) {
+// readRESTRequest reads and parses an infer request. The inputs alias the body, whose
+// memory the caller frees (body.free) once they are no longer used.
+func (g *gateway) readRESTRequest(w http.ResponseWriter, r *http.Request) (_ *inferRequest, _ bool, bd *body, err error) {
+	if err := sizeHint(r.ContentLength, g.maxBody); err != nil {
+		return nil, false, nil, err
+	}
 	var src io.Reader = http.MaxBytesReader(w, r.Body, g.maxBody)
 	switch enc := r.Header.Get("Content-Encoding"); enc {
 	case "", "identity":
 	case "gzip":
 		zr, err := gzip.NewReader(src)
 		if err != nil {
-			return nil, false, badRequest("Content-Encoding gzip: %v", err)
+			return nil, false, nil, compressedErr("gzip", err)
 		}
-		src = io.LimitReader(zr, g.maxBody+1)
+		src = zr
 	case "deflate":
 		zr, err := zlib.NewReader(src)
 		if err != nil {
-			return nil, false, badRequest("Content-Encoding deflate: %v", err)
+			return nil, false, nil, compressedErr("deflate", err)
 		}
-		src = io.LimitReader(zr, g.maxBody+1)
+		src = zr
 	default:
-		return nil, false, &requestError{http.StatusUnsupportedMediaType, 0, "Content-Encoding " + enc + " is not supported (gzip, deflate)"}
+		return nil, false, nil, &requestError{http.StatusUnsupportedMediaType, 0, "Content-Encoding " + enc + " is not supported (gzip, deflate)"}
 	}
-	if r.ContentLength > 0 && r.ContentLength <= g.maxBody {
-		body.Grow(int(r.ContentLength))
+	// Decompressed bytes are what the buffer holds: they count against -max-body and the
+	// budget, so a small compressed body cannot expand without bound.
+	if bd, err = readBody(src, g.maxBody, g.inflight); err != nil {
+		return nil, false, nil, err
 	}
-	if _, err := body.ReadFrom(src); err != nil {
-		var mb *http.MaxBytesError
-		if errors.As(err, &mb) {
-			return nil, false, tooLarge("request body larger than %d bytes (-max-body)", g.maxBody)
+	defer func() {
+		if err != nil {
+			bd.free()
 		}
-		return nil, false, badRequest("reading the request body: %v", err)
+	}()
+	req, binaryOut, err := parseRESTRequest(r, bd.buf)
+	return req, binaryOut, bd, err
+}
+
+// compressedErr words a failure to start decompressing: the body's deadline, or bad data.
+func compressedErr(enc string, err error) error {
+	var mb *http.MaxBytesError
+	switch {
+	case errors.As(err, &mb):
+		return tooLarge("request body larger than the limit (-max-body)")
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return errBodyTimeout
 	}
-	if int64(body.Len()) > g.maxBody {
-		return nil, false, tooLarge("request body larger than %d bytes (-max-body)", g.maxBody)
-	}
-	all := body.Bytes()
+	return badRequest("Content-Encoding %s: %v", enc, err)
+}
+
+// parseRESTRequest parses an infer request's body (JSON, or JSON then binary tensors).
+func parseRESTRequest(r *http.Request, all []byte) (*inferRequest, bool, error) {
 	header, rest := all, []byte(nil)
 	if v := r.Header.Get(headerLength); v != "" {
 		n, err := strconv.Atoi(v)

@@ -1,8 +1,10 @@
 // Command service is a small HTTP service in front of tensord: the shape of a real one.
-// It shares ONE shmclient.Client between all requests; the Client reconnects by itself
-// when the daemon restarts, each HTTP request's deadline bounds its call (and its wait
-// for a session), /healthz is built on Client.Health, and SIGINT or SIGTERM stops it
-// cleanly: in-flight HTTP requests finish, then the Client says goodbye.
+// It shares ONE shmclient.Client between all requests; it may start before the daemon
+// (the Client connects in the background) and reconnects by itself when the daemon
+// restarts; each HTTP request's deadline bounds its call (and its wait for a session),
+// errors map to HTTP statuses with shmclient.HTTPStatus, /healthz is built on
+// Client.Health, and SIGINT or SIGTERM stops it cleanly: in-flight HTTP requests finish,
+// then the Client says goodbye.
 //
 //	go run ./examples/service [-addr 127.0.0.1:8080] [-socket PATH]
 //	curl -s localhost:8080/healthz
@@ -33,7 +35,9 @@ func main() {
 	defer stop()
 
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	c, err := shmclient.Dial(dctx, *socket, shmclient.WithName("service"), shmclient.WithRetry(true),
+	c, err := shmclient.Dial(dctx, *socket, shmclient.WithName("service"),
+		shmclient.WithRetryOnFailedConnect(true), // the daemon may start after this service
+		shmclient.WithRetry(true),                // retry OVERLOADED and draining refusals
 		shmclient.WithDisconnectHandler(func(err error) { log.Printf("tensord: %v; reconnecting", err) }),
 		shmclient.WithReconnectHandler(func() { log.Print("tensord: reconnected") }))
 	cancel()
@@ -52,7 +56,7 @@ func main() {
 		defer cancel()
 		srv.Shutdown(sctx)
 	}()
-	log.Printf("service: listening on %s, daemon %s", *addr, c.Daemon())
+	log.Printf("service: listening on %s (daemon connected: %v)", *addr, c.Connected())
 	if err := srv.ListenAndServe(); !errors.Is(err, http.ErrServerClosed) {
 		log.Fatalf("service: %v", err)
 	}
@@ -93,29 +97,24 @@ func infer(c *shmclient.Client, w http.ResponseWriter, r *http.Request) {
 	}
 	out, err := c.Infer(ctx, "mlp", shmclient.FromFloat32("x", []int64{int64(len(in.X)), 16}, x))
 	if err != nil {
-		http.Error(w, err.Error(), status(err))
+		// 400 bad input, 429 overloaded, 503 no daemon, 504 deadline, 500 the model failed
+		http.Error(w, err.Error(), shmclient.HTTPStatus(err))
 		return
 	}
-	y := out[0].Float32s()
+	t, err := out.Get("y")
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	y, err := t.AsFloat32s()
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
 	rows := make([][]float32, len(in.X))
 	for i := range rows {
 		rows[i] = y[i*4 : (i+1)*4]
 	}
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(map[string]any{"y": rows})
-}
-
-// status maps the client's errors to HTTP: the caller's fault, the daemon away or busy
-// (safe to retry), or a failure during the call.
-func status(err error) int {
-	switch {
-	case errors.Is(err, shmclient.ErrBadInput), errors.Is(err, shmclient.ErrBadRequest):
-		return http.StatusBadRequest
-	case errors.Is(err, context.DeadlineExceeded):
-		return http.StatusGatewayTimeout
-	case shmclient.SafeToRetry(err):
-		return http.StatusServiceUnavailable
-	default: // errors.Is(err, shmclient.ErrMayHaveRun)
-		return http.StatusInternalServerError
-	}
 }

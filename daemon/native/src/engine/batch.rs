@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use super::queue::{Job, Queue};
 use super::session::{Response, Session};
-use crate::desc::plan_outputs;
+use crate::desc::{plan_outputs, ErrorFields};
 use crate::dtype::DType;
 use crate::error::Code;
 use crate::pyrepr;
@@ -331,11 +331,23 @@ impl Batch {
 
     /// Answers requests [lo, hi) with an error.
     pub fn fail(&mut self, lo: usize, hi: usize, code: Code, message: &str) -> Result<(), String> {
+        self.fail_fields(lo, hi, code, message, &ErrorFields::default())
+    }
+
+    /// Answers requests [lo, hi) with an error that says what it is about (protocol 5).
+    pub fn fail_fields(
+        &mut self,
+        lo: usize,
+        hi: usize,
+        code: Code,
+        message: &str,
+        f: &ErrorFields<'_>,
+    ) -> Result<(), String> {
         self.check_range(lo, hi)?;
         let mut woken: HashMap<u64, Arc<Session>> = HashMap::new();
         for m in &mut self.members[lo..hi] {
             m.answered = true;
-            m.session.respond_error(m.request_id, code, message, None);
+            m.session.respond_error_fields(m.request_id, code, message, f, None);
             woken.entry(m.session.id).or_insert_with(|| m.session.clone());
         }
         let mut st = self.queue.stats();

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use super::queue::{Input, Job, Queue, Refused};
 use super::session::{Response, Session};
 use super::{Event, Shared};
-use crate::desc::{self, plan_outputs, TensorRef, MAX_DESCRIPTOR};
+use crate::desc::{self, plan_outputs, ErrorFields, TensorRef, MAX_DESCRIPTOR};
 use crate::dtype::DType;
 use crate::error::{Code, RequestError};
 use crate::layout::RECORD_HEADER;
@@ -168,7 +168,8 @@ fn take_all(sh: &Shared, s: &Arc<Session>, recs: &[RecordInfo], sc: &mut Scratch
                 let name = model.as_ref().map_or("-", |q| q.name.as_str());
                 sh.meters.request(name, e.code.name(), Some(read_at.elapsed()), None);
                 sh.events.refused(s.id, e.code, &e.message);
-                s.respond_error(rec.request_id, e.code, &e.message, Some(rec.position));
+                let f = ErrorFields { input: e.input.as_deref(), item: None, limit: e.limit };
+                s.respond_error_fields(rec.request_id, e.code, &e.message, &f, Some(rec.position));
                 woke = true;
             }
         }

@@ -16,7 +16,7 @@ use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::events::{Event, Events};
-use crate::desc;
+use crate::desc::{self, ErrorFields};
 use crate::error::Code;
 use crate::layout::{
     align64, RecordHeader, CTL_CONSUMER_WAITING, CTL_PRODUCER_WAITING, KIND_REQUEST, KIND_RESPONSE,
@@ -181,6 +181,8 @@ pub struct Session {
     /// Records taken and not answered yet (drain waits for 0).
     running: AtomicU64,
     pub served: AtomicU64,
+    /// The session's protocol version is 5 or later: error responses carry their fields.
+    pub error_fields: AtomicBool,
     ledger: Arc<Ledger>,
     events: Arc<Events>,
     _map: Mapping,
@@ -245,6 +247,7 @@ impl Session {
             stopped: AtomicBool::new(false),
             running: AtomicU64::new(0),
             served: AtomicU64::new(0),
+            error_fields: AtomicBool::new(true),
             ledger,
             events,
             _map: map,
@@ -377,7 +380,22 @@ impl Session {
 
     /// Answers a taken request with an error.
     pub fn respond_error(&self, rid: u64, code: Code, message: &str, release: Option<u64>) -> bool {
-        let desc = error_descriptor(code, message);
+        self.respond_error_fields(rid, code, message, &ErrorFields::default(), release)
+    }
+
+    /// Answers a taken request with an error that says what it is about: the fields go to
+    /// protocol 5 sessions only (a protocol 4 client gets the error without them).
+    pub fn respond_error_fields(
+        &self,
+        rid: u64,
+        code: Code,
+        message: &str,
+        f: &ErrorFields<'_>,
+        release: Option<u64>,
+    ) -> bool {
+        let none = ErrorFields::default();
+        let f = if self.error_fields.load(Ordering::Relaxed) { f } else { &none };
+        let desc = error_descriptor_fields(code, message, f);
         let len = align64(RECORD_HEADER as u64 + desc.len() as u64);
         self.respond(
             &Response { request_id: rid, record_len: len, desc: &desc, payloads: &[] },
@@ -535,6 +553,11 @@ impl Drop for Session {
 
 /// An error response's descriptor (SPEC §4.4), the message cut to MAX_ERROR_MESSAGE.
 pub fn error_descriptor(code: Code, message: &str) -> Vec<u8> {
+    error_descriptor_fields(code, message, &ErrorFields::default())
+}
+
+/// error_descriptor with what the error is about (protocol 5).
+pub fn error_descriptor_fields(code: Code, message: &str, f: &ErrorFields<'_>) -> Vec<u8> {
     let mut m = message;
     if m.len() > MAX_ERROR_MESSAGE {
         let mut end = MAX_ERROR_MESSAGE;
@@ -543,7 +566,7 @@ pub fn error_descriptor(code: Code, message: &str) -> Vec<u8> {
         }
         m = &m[..end];
     }
-    let mut out = Vec::with_capacity(m.len() + 48);
-    desc::encode_response_error(&mut out, code as u32, code.name(), m);
+    let mut out = Vec::with_capacity(m.len() + 48 + f.input.map_or(0, str::len));
+    desc::encode_response_error_fields(&mut out, code as u32, code.name(), m, f);
     out
 }

@@ -16,6 +16,7 @@ use super::buffer::Buffer;
 use crate::engine::batch::{Aligned, Batch, Output};
 use crate::engine::queue::{Policy, Queue};
 use crate::engine::session::Session;
+use crate::desc::ErrorFields;
 use crate::engine::{Engine, Event};
 use crate::error::Code;
 use crate::signature::{Signature, Spec};
@@ -136,6 +137,13 @@ impl PyEngine {
         .map_err(|e| PyOSError::new_err(e.to_string()))?;
         self.inner.add_session(s).map_err(|e| PyOSError::new_err(e.to_string()))?;
         Ok(id)
+    }
+
+    /// The session's protocol version: below 5 its error responses carry no fields.
+    fn set_session_version(&self, id: u64, version: u32) {
+        if let Some(s) = self.inner.session(id) {
+            s.error_fields.store(version >= 5, Ordering::Relaxed);
+        }
     }
 
     fn end_session(&self, id: u64) {
@@ -442,9 +450,22 @@ impl PyBatch {
         py.detach(|| b.complete_one(k, &outs)).map_err(PyValueError::new_err)
     }
 
-    /// Answers requests [lo, hi) with an error (SPEC §6 code).
-    fn fail(&mut self, lo: usize, hi: usize, code: u32, message: &str) -> PyResult<()> {
-        self.b.fail(lo, hi, code_of(code)?, message).map_err(PyValueError::new_err)
+    /// Answers requests [lo, hi) with an error (SPEC §6 code) and, for protocol 5 sessions,
+    /// the input, item and limit it is about.
+    #[pyo3(signature = (lo, hi, code, message, input=None, item=None, limit=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn fail(
+        &mut self,
+        lo: usize,
+        hi: usize,
+        code: u32,
+        message: &str,
+        input: Option<&str>,
+        item: Option<u64>,
+        limit: Option<u64>,
+    ) -> PyResult<()> {
+        let f = ErrorFields { input, item, limit };
+        self.b.fail_fields(lo, hi, code_of(code)?, message, &f).map_err(PyValueError::new_err)
     }
 
     /// Which requests are not answered yet.

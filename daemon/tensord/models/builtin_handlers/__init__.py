@@ -42,4 +42,5 @@ def build(mc: ModelConfig, device: torch.device, dtype: torch.dtype) -> HandlerM
     model = HandlerModel(mc.name, handler, sig, str(device))
     model.kind = mc.source
     model.limits = handler.limits
+    model.idempotent = True  # decode, run, rank: a pure function of the inputs
     return model

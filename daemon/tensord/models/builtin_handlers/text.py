@@ -14,6 +14,7 @@
     output = 0                          # which of the network's outputs to use
     max_batch = 64                      # texts per request
     max_bytes = 1048576                 # bytes of one text
+    max_chars = 0                       # characters tokenized per text; 0: 32 x max_tokens
     # text.classify only
     top_k = 5                           # at most the number of classes
     scores = "softmax"                  # softmax | sigmoid | none (the logits themselves)
@@ -31,6 +32,12 @@ needs padding = "max" and max_tokens set to that length; the load says so when i
 
 text.classify returns labels bytes [N, K], scores f32 [N, K], classes i64 [N, K] (+ logits);
 text.embed returns embedding f32 [N, D].
+
+A text's cost is bounded by max_tokens, not by its length: only its first max_chars
+characters are tokenized (a 1 MB text would otherwise be tokenized in full, about a second,
+before truncation to max_tokens threw most of it away). A token covers a few characters of
+ordinary text, so the cut changes nothing the model reads unless a text's first max_tokens
+tokens average more than 32 characters each (long runs of spaces, say).
 """
 
 from __future__ import annotations
@@ -60,8 +67,9 @@ from .common import (
 )
 
 COMMON: dict[str, Any] = {"max_tokens": 0, "padding": "longest", "token_type_ids": False,
-                          "output": 0, "max_batch": 64, "max_bytes": 1 << 20}
+                          "output": 0, "max_batch": 64, "max_bytes": 1 << 20, "max_chars": 0}
 DEFAULT_MAX_TOKENS = 512
+CHARS_PER_TOKEN = 32  # the default max_chars: this many characters per token kept
 
 
 class _Text(Handler):
@@ -84,6 +92,7 @@ class _Text(Handler):
         max_tokens = o.int("max_tokens", 0, 1 << 20) or \
             ((own.get("truncation") or {}).get("max_length") or DEFAULT_MAX_TOKENS)
         self.max_tokens = max_tokens
+        self.max_chars = o.int("max_chars") or CHARS_PER_TOKEN * max_tokens
         self.fixed = o.choice("padding", ("longest", "max")) == "max"
         self.token_types = o.bool("token_type_ids")
         self.output = o.int("output", 0, 63)
@@ -126,17 +135,23 @@ class _Text(Handler):
         """Token ids and attention mask, i64 [N, L], padded to the longest text."""
         (texts,) = inputs
         if not isinstance(texts, ByteStrings):
-            raise BadInputError("input 'text' must be a bytes tensor of UTF-8 strings")
+            raise BadInputError("input 'text' must be a bytes tensor of UTF-8 strings",
+                                input="text")
         strings = []
         for i, b in enumerate(texts.items):
             if self.limits.max_bytes and len(b) > self.limits.max_bytes:
-                raise BadInputError(f"text {i}: {len(b)} bytes, more than the "
-                                    f"{self.limits.max_bytes} model {self.name!r} takes")
+                raise BadInputError(f"input 'text' item {i}: {len(b)} bytes, model "
+                                    f"{self.name!r} takes at most {self.limits.max_bytes} "
+                                    "(limits.max_bytes)", input="text", item=i,
+                                    limit=self.limits.max_bytes)
             try:
-                strings.append(b.decode("utf-8"))
+                s = b.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise BadInputError(f"text {i}: not valid UTF-8 ({e.reason} at byte "
-                                    f"{e.start}: {b[e.start:e.start + 4]!r})") from None
+                bad = " ".join(f"0x{c:02x}" for c in b[e.start:e.start + 4])
+                raise BadInputError(f"input 'text' item {i}: not valid UTF-8 ({e.reason} at "
+                                    f"byte {e.start}: {bad})", input="text", item=i) from None
+            # Cut before tokenizing: what lies past max_tokens is thrown away anyway.
+            strings.append(s[:self.max_chars])
         return self.collate_ids([e.ids for e in self.tokenizer.encode_batch(strings)])
 
     def collate_ids(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,11 +22,21 @@
     output = 0                       # which of the network's outputs holds the logits
     max_batch = 64                   # images per request
     max_bytes = 33554432             # bytes of one encoded image
-    max_pixels = 64000000            # width x height of one image
+    max_pixels = 0                   # width x height of one image; 0: (16 x resize)^2, 16.7 Mpx
+    max_request_pixels = 0           # pixels decoded for one request; 0: 4 x max_pixels
     formats = ["png", "jpeg", "webp"]
 
 Outputs: labels bytes [N, K] (UTF-8 names, best first), scores f32 [N, K], classes i64 [N, K],
 and logits f32 [N, C] when `logits = true`. The limits are published in the model's metadata.
+
+What one request may cost is bounded by its size and these limits, never by what its bytes
+claim: an image's width and height are read from its header and checked against max_pixels
+before anything is decoded (a 7.8 KB PNG can claim 64 Mpx and take seconds and hundreds of
+MB to decode), and the pixels all images of a request decode to (after the JPEG reduction
+below) must stay within max_request_pixels. The default max_pixels is sized to the model:
+(16 x resize)^2, 16.7 Mpx at resize 256, which takes any phone photo (12 Mpx) and decodes in
+well under a second; raise it for models that need more. A request over either limit is
+BAD_INPUT naming the input, the item and the limit.
 
 The crop and the resize are one resampling step: the window of the original image that
 `resize` then `crop` would keep is resampled straight to crop x crop pixels (torchvision's
@@ -38,6 +48,7 @@ times faster. Decoded pixels stay uint8 until the network's device.
 from __future__ import annotations
 
 import io
+import logging
 from typing import Any
 
 import numpy as np
@@ -48,6 +59,7 @@ from ...config import ConfigError, ModelConfig
 from ...contract.dtypes import ByteStrings
 from ...contract.errors import BadInputError
 from ...contract.messages import ModelLimits
+from ...ratelog import RateLimited
 from ..handler import Handler
 from ..signature import Spec, Value
 from .common import (
@@ -72,8 +84,16 @@ DEFAULTS: dict[str, Any] = {
     "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "channels": "RGB",
     "layout": "NCHW", "channels_last": False, "top_k": 5, "scores": "softmax",
     "logits": False, "output": 0, "max_batch": 64, "max_bytes": 32 << 20,
-    "max_pixels": 64_000_000, "formats": ["png", "jpeg", "webp"],
+    "max_pixels": 0, "max_request_pixels": 0, "formats": ["png", "jpeg", "webp"],
 }
+# The default max_pixels: the image's shorter side at most 16 times what the network keeps.
+PIXELS_PER_RESIZE = 16
+MAX_DEFAULT_PIXELS = 64_000_000
+REQUEST_IMAGES = 4  # the default max_request_pixels: this many images of max_pixels
+
+log = logging.getLogger(__name__)
+# Why an image did not decode, for the operator: the caller gets a message of its own.
+_undecodable = RateLimited(log)
 
 
 class VisionClassify(Handler):
@@ -95,9 +115,11 @@ class VisionClassify(Handler):
         self.channels_last = o.bool("channels_last")
         top_k, scores, logits = o.int("top_k", 1), o.choice("scores", SCORES), o.bool("logits")
         self.output = o.int("output", 0, 63)
+        max_pixels = o.int("max_pixels") or min((PIXELS_PER_RESIZE * self.resize) ** 2,
+                                                MAX_DEFAULT_PIXELS)
+        self.max_request_pixels = o.int("max_request_pixels") or REQUEST_IMAGES * max_pixels
         self.limits = ModelLimits(
-            max_batch=o.int("max_batch"), max_bytes=o.int("max_bytes"),
-            max_pixels=o.int("max_pixels"),
+            max_batch=o.int("max_batch"), max_bytes=o.int("max_bytes"), max_pixels=max_pixels,
             formats=[] if self.pixels_input else o.strings("formats", tuple(FORMATS)))
         self.pil_formats = {p for f in self.limits.formats for p in FORMATS[f]}
         self.device, self.dtype = device, dtype
@@ -145,12 +167,12 @@ class VisionClassify(Handler):
         if n == 0:
             return torch.empty((0, self.crop, self.crop, 3), dtype=torch.uint8)
         if isinstance(images, ByteStrings):
-            crops = [self._crop(self._open(data, i), i) for i, data in enumerate(images.items)]
+            budget = [self.max_request_pixels]
+            crops = [self._crop(self._open(data, i, budget), i)
+                     for i, data in enumerate(images.items)]
         else:
             _, h, w, _ = images.shape
-            if self.limits.max_pixels and h * w > self.limits.max_pixels:
-                raise BadInputError(f"images of {w}x{h} pixels, more than the "
-                                    f"{self.limits.max_pixels} model {self.name!r} takes")
+            self._check_pixels(0, w, h, n * w * h)
             crops = [self._crop(Image.fromarray(images[i].numpy(), "RGB"), i) for i in range(n)]
         return torch.from_numpy(np.stack(crops))
 
@@ -182,40 +204,71 @@ class VisionClassify(Handler):
                 x = x.contiguous()
         return first_output(self.net(x.to(self.dtype)), self.output, self.name)
 
-    def _open(self, data: bytes, index: int) -> Image.Image:
+    def _bad(self, index: int, what: str, limit: int | None = None) -> BadInputError:
+        """BAD_INPUT about one image, in the caller's terms (SPEC §6 "Error fields")."""
+        return BadInputError(f"input 'image' item {index}: {what}", input="image", item=index,
+                             limit=limit)
+
+    def _check_pixels(self, index: int, w: int, h: int, request_pixels: int) -> None:
+        limit = self.limits.max_pixels
+        if w * h > limit:
+            raise self._bad(index, f"{w}x{h} pixels, model {self.name!r} takes at most {limit} "
+                            "(limits.max_pixels)", limit)
+        if request_pixels > self.max_request_pixels:
+            raise self._bad(index, f"the request's images come to more than "
+                            f"{self.max_request_pixels} pixels decoded, which model "
+                            f"{self.name!r} takes per request (option max_request_pixels): "
+                            "send fewer or smaller images per request",
+                            self.max_request_pixels)
+
+    def _open(self, data: bytes, index: int, budget: list[int]) -> Image.Image:
+        """Decode one image after checking its header; budget[0]: pixels the request may
+        still decode."""
+        formats = "/".join(f.upper() for f in self.limits.formats)
         if self.limits.max_bytes and len(data) > self.limits.max_bytes:
-            raise BadInputError(f"image {index}: {len(data)} bytes, more than the "
-                                f"{self.limits.max_bytes} model {self.name!r} takes")
+            raise self._bad(index, f"{len(data)} bytes, model {self.name!r} takes at most "
+                            f"{self.limits.max_bytes} (limits.max_bytes)", self.limits.max_bytes)
         try:
-            im = Image.open(io.BytesIO(data), formats=None)
+            im = Image.open(io.BytesIO(data), formats=None)  # reads the header only
+        except Image.DecompressionBombError:  # Pillow's own bound, far above ours
+            raise self._bad(index, f"more than {self.limits.max_pixels} pixels, model "
+                            f"{self.name!r} takes at most {self.limits.max_pixels} "
+                            "(limits.max_pixels)", self.limits.max_pixels) from None
         except UnidentifiedImageError:
-            raise BadInputError(f"image {index} ({len(data)} bytes, starting {data[:8]!r}): "
-                                "unrecognised or corrupt image data (this model decodes "
-                                f"{', '.join(self.limits.formats)})") from None
+            raise self._bad(index, f"not a {formats} image ({len(data)} bytes): model "
+                            f"{self.name!r} decodes {formats}") from None
         except Exception as e:  # a recognised format with a broken header
-            raise BadInputError(f"image {index} ({len(data)} bytes): not a decodable image: "
-                                f"{_reason(e)}") from None
+            self._log(index, e)
+            raise self._bad(index, f"not a decodable {formats} image ({_why(e)})") from None
         if im.format not in self.pil_formats:
-            raise BadInputError(f"image {index} is {im.format}; model {self.name!r} decodes "
-                                f"{', '.join(self.limits.formats)} (limits.formats)")
+            raise self._bad(index, f"a {im.format} image; model {self.name!r} decodes "
+                            f"{formats} (limits.formats)")
         w, h = im.size
-        if self.limits.max_pixels and w * h > self.limits.max_pixels:
-            raise BadInputError(f"image {index}: {w}x{h} pixels, more than the "
-                                f"{self.limits.max_pixels} model {self.name!r} takes")
+        self._check_pixels(index, w, h, 0)
         try:
             # JPEG only: decode at 1/2, 1/4 or 1/8 scale while the shorter side stays at
-            # least `resize` pixels.
+            # least `resize` pixels. What is decoded counts against the request's budget.
             im.draft("RGB", (self.resize, self.resize))
+            dw, dh = im.size
+            budget[0] -= dw * dh
+            if budget[0] < 0:
+                self._check_pixels(index, 0, 0, self.max_request_pixels + 1)
             return ImageOps.exif_transpose(im).convert("RGB")  # phones store rotation in EXIF
+        except BadInputError:
+            raise
         except Exception as e:  # truncated or corrupt data surfaces only when decoding
-            raise BadInputError(f"image {index} ({im.format} {w}x{h}): cannot decode: "
-                                f"{_reason(e)}") from None
+            self._log(index, e)
+            raise self._bad(index, f"not a decodable {im.format} image ({_why(e)})") from None
+
+    def _log(self, index: int, e: Exception) -> None:
+        _undecodable.info("model %s: image %d did not decode: %s: %s", self.name, index,
+                          type(e).__name__, e)
 
     def _crop(self, rgb: Image.Image, index: int) -> np.ndarray:
         """The centred window that `resize` then `crop` keep, resampled to crop x crop."""
         w, h = rgb.size
         if w == 0 or h == 0:
-            raise BadInputError(f"image {index} is empty ({w}x{h})")
+            raise self._bad(index, f"an empty image ({w}x{h} pixels)")
         side = self.crop * min(w, h) / self.resize
         left, top = (w - side) / 2, (h - side) / 2
         out = rgb.resize((self.crop, self.crop), self.resample,
@@ -223,5 +276,6 @@ class VisionClassify(Handler):
         return np.asarray(out)
 
 
-def _reason(e: Exception) -> str:
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+def _why(e: Exception) -> str:
+    """Why Pillow could not decode, in the caller's words (its own go to the log)."""
+    return "truncated" if "truncat" in str(e).lower() else "corrupt data"
