@@ -13,10 +13,10 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 
 use super::buffer::Buffer;
+use crate::desc::ErrorFields;
 use crate::engine::batch::{Aligned, Batch, Output};
 use crate::engine::queue::{Policy, Queue};
 use crate::engine::session::Session;
-use crate::desc::ErrorFields;
 use crate::engine::{Engine, Event};
 use crate::error::Code;
 use crate::signature::{Signature, Spec};
