@@ -121,8 +121,9 @@ def decode_response(data: bytes) -> ResponseDescriptor:
     if desc.outputs is not None and len(desc.outputs) > MAX_TENSORS:
         raise BadRequestError(f"response has {len(desc.outputs)} outputs; at most {MAX_TENSORS} "
                               "are allowed")
-    e = desc.error
-    if e is not None and any(v is not None and not 0 <= v < 1 << 64 for v in (e.item, e.limit)):
+    err = desc.error
+    if err is not None and any(v is not None and not 0 <= v < 1 << 64
+                               for v in (err.item, err.limit)):
         raise BadRequestError("response error's item and limit must be unsigned integers")
     return desc
 
