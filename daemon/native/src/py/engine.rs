@@ -363,8 +363,17 @@ impl PyBatch {
 
 type OutTuple<'py> = (String, String, Vec<u64>, Bound<'py, PyAny>);
 
-fn outputs<'py>(outs: &[OutTuple<'py>]) -> PyResult<Vec<Buffer>> {
+/// The outputs' buffers, held (so their memory stays put while the GIL is released).
+fn buffers(outs: &[OutTuple<'_>]) -> PyResult<Vec<Buffer>> {
     outs.iter().map(|(_, _, _, data)| Buffer::get(data, false)).collect()
+}
+
+/// The core's view of outputs whose buffers `bufs` holds.
+fn views<'a>(outs: &'a [OutTuple<'_>], bufs: &'a [Buffer]) -> Vec<Output<'a>> {
+    outs.iter()
+        .zip(bufs)
+        .map(|((n, d, s, _), b)| Output { name: n, dtype: d, shape: s, data: b.as_slice() })
+        .collect()
 }
 
 #[pymethods]
@@ -423,12 +432,8 @@ impl PyBatch {
         hi: usize,
         outputs_: Vec<OutTuple<'_>>,
     ) -> PyResult<()> {
-        let bufs = outputs(&outputs_)?;
-        let outs: Vec<Output<'_>> = outputs_
-            .iter()
-            .zip(&bufs)
-            .map(|((n, d, s, _), b)| Output { name: n, dtype: d, shape: s, data: b.as_slice() })
-            .collect();
+        let bufs = buffers(&outputs_)?;
+        let outs = views(&outputs_, &bufs);
         let b = &mut self.b;
         py.detach(|| b.complete(lo, hi, &outs)).map_err(PyValueError::new_err)
     }
@@ -440,12 +445,8 @@ impl PyBatch {
         k: usize,
         outputs_: Vec<OutTuple<'_>>,
     ) -> PyResult<()> {
-        let bufs = outputs(&outputs_)?;
-        let outs: Vec<Output<'_>> = outputs_
-            .iter()
-            .zip(&bufs)
-            .map(|((n, d, s, _), b)| Output { name: n, dtype: d, shape: s, data: b.as_slice() })
-            .collect();
+        let bufs = buffers(&outputs_)?;
+        let outs = views(&outputs_, &bufs);
         let b = &mut self.b;
         py.detach(|| b.complete_one(k, &outs)).map_err(PyValueError::new_err)
     }
