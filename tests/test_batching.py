@@ -14,12 +14,10 @@ import pytest
 import torch
 from conftest import start_daemon
 from handlers_for_tests import gate_calls, wait_for
+from pipelining import publish, responses
 
 from tensord.client import Client
-from tensord.contract.descriptors import RequestDescriptor, TensorRef, encode_descriptor
 from tensord.contract.errors import DeadlineError, OverloadedError
-from tensord.contract.layout import KIND_REQUEST
-from tensord.transport import records
 
 ECHO = """
 import warnings
@@ -104,34 +102,6 @@ def in_thread(fn, *args, **kw) -> tuple[threading.Thread, dict]:
     return t, out
 
 
-def post(c: Client, model: str, x: torch.Tensor, rid: int, priority: int = 0) -> None:
-    """Publish a request without waiting for its answer, so one session can have many in
-    flight (the Python client's infer() waits for each)."""
-    def encode(offsets):
-        return encode_descriptor(RequestDescriptor(model, 0, [
-            TensorRef("x", "f32", list(x.shape), offsets[0], x.numel() * 4)],
-            priority or None))
-
-    n, desc, offsets = records.plan([x.numel() * 4], encode)
-    off = c.seg.requests.try_reserve(n)
-    assert off is not None
-    records.write(c.seg, off, KIND_REQUEST, rid, n, desc, [(offsets[0], x.numel() * 4, x)])
-    c.seg.requests.publish()
-    c._req_data.notify()
-
-
-def collect(c: Client, ids: set[int]) -> None:
-    """Read the responses of posted requests (their payloads are not needed)."""
-    end = time.monotonic() + 60
-    while ids:
-        assert time.monotonic() < end, f"responses missing for {ids}"
-        for rec in c.seg.responses.poll():
-            ids.discard(rec.request_id)
-            if c.seg.responses.release(rec):
-                c._resp_space.notify()  # the daemon may wait for this space
-        time.sleep(0.005)
-
-
 def test_request_expired_in_the_queue_is_answered_deadline_and_never_computed(make_daemon):
     d = make_daemon()
     with Client(d.path) as a, Client(d.path) as b, Client(d.path) as watch:
@@ -180,7 +150,7 @@ def test_high_priority_goes_before_normal_requests_queued_earlier(make_daemon):
         held, _ = in_thread(a.infer, "gate", {"x": torch.tensor([0.0])}, timeout=120)
         wait_for(d.gate / "started")
         for i in range(3):
-            post(b, "gate", torch.tensor([float(i + 1)]), rid=100 + i)
+            publish(b, "gate", 100 + i, torch.tensor([float(i + 1)]), "f32", wait=0)
         wait_queued(h, "gate", 3)
         urgent, out = in_thread(h.infer, "gate", {"x": torch.tensor([9.0])}, timeout=120,
                                 priority=1)
@@ -188,7 +158,7 @@ def test_high_priority_goes_before_normal_requests_queued_earlier(make_daemon):
         (d.gate / "open").touch()
         held.join()
         urgent.join()
-        collect(b, {100, 101, 102})
+        responses(b, {100, 101, 102})
         assert "error" not in out, out
         order = [call[0] for call in gate_calls(d.gate)]
         assert order == [0.0, 9.0, 1.0, 2.0, 3.0], order
@@ -201,7 +171,7 @@ def test_a_flooding_session_does_not_starve_a_light_one(make_daemon):
         wait_for(d.gate / "started")
         ids = set()
         for i in range(20):
-            post(flood, "gate", torch.tensor([100.0 + i]), rid=1000 + i)
+            publish(flood, "gate", 1000 + i, torch.tensor([100.0 + i]), "f32", wait=0)
             ids.add(1000 + i)
         wait_queued(light, "gate", 20)
         t, out = in_thread(light.infer, "gate", {"x": torch.tensor([7.0])}, timeout=120)
@@ -209,7 +179,7 @@ def test_a_flooding_session_does_not_starve_a_light_one(make_daemon):
         (d.gate / "open").touch()
         held.join()
         t.join()
-        collect(flood, ids)
+        responses(flood, ids)
         order = [call[0] for call in gate_calls(d.gate)]
         # Round-robin across sessions: the light request runs right after the flood's first.
         assert order.index(7.0) <= 2, order
@@ -278,13 +248,13 @@ def test_a_client_that_never_reads_responses_does_not_hold_up_others(make_daemon
         x = torch.ones(4000)  # 16 KB each: four responses fill the 64 KiB response ring
         ids = set()
         for i in range(40):
-            post(stalled, "identity", x, rid=500 + i)
+            publish(stalled, "identity", 500 + i, x, "f32", wait=0)
             ids.add(500 + i)
         with Client(d.path) as other:
             for i in range(50):
                 y = other.infer("echo", {"x": torch.tensor([[i, i]])}, timeout=60)["y"]
                 assert y.tolist() == [[i, i]]
-        collect(stalled, ids)
+        responses(stalled, ids)
     finally:
         stalled.close()
 

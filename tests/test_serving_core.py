@@ -170,7 +170,7 @@ def test_a_full_queue_overloads_whoever_holds_the_most_of_it(tmp_path):
     """Issue 19 item 6: one session filling a model's queue must not make another session's
     request OVERLOADED: the newcomer takes the place of the flood's newest request."""
     from handlers_for_tests import gate_calls, wait_for
-    from test_correctness import publish, responses
+    from pipelining import publish, responses
 
     from tensord.contract.errors import OverloadedError
 
