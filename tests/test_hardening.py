@@ -22,6 +22,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from cgroups import SKIP_REASON, memory_cgroup, own_memcg
 from conftest import start_daemon
 from users import (
     OUTSIDER,
@@ -629,40 +630,13 @@ def test_available_memory_reads_cgroup_v1_and_v2_limits(tmp_path):
                                                       "the host's available memory")
 
 
-def _own_memcg() -> Path | None:
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            if "memory" in controllers.split(","):
-                base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-                if (base / "memory.limit_in_bytes").exists() and os.access(base, os.W_OK):
-                    return base
-    return None
-
-
-@contextlib.contextmanager
-def _memory_cgroup(parent: Path):
-    """A child memory cgroup of `parent`, removed afterwards (pass or fail): whatever still
-    runs in it (only what the test started) moves back to the parent first."""
-    cg = parent / f"tensord-test-{os.getpid()}"
-    cg.mkdir()
-    try:
-        yield cg
-    finally:
-        for pid in (cg / "cgroup.procs").read_text().split():
-            with contextlib.suppress(OSError):  # it may have exited meanwhile
-                (parent / "cgroup.procs").write_text(pid)
-        cg.rmdir()
-
-
 def test_a_cgroup_v1_memory_limit_refuses_the_session_that_does_not_fit(tmp_path):
-    parent = _own_memcg()
+    parent = own_memcg()
     if parent is None:
-        pytest.skip("no writable cgroup v1 memory controller on this machine (needs root "
-                    "with a writable /sys/fs/cgroup/memory)")
+        pytest.skip(SKIP_REASON)
     d = None
     rc = 0
-    with _memory_cgroup(parent) as cg:
+    with memory_cgroup(parent) as cg:
         try:
             procs = cg / "cgroup.procs"
             d = start_daemon(tmp_path, preexec_fn=lambda: procs.write_text(str(os.getpid())))

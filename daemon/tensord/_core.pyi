@@ -166,8 +166,11 @@ class Engine:
                   inputs: list[tuple[str, str, list[int] | None]], max_batch: int,
                   max_input_bytes: int, max_batch_size: int, max_queue_delay_us: int,
                   preferred_batch_sizes: list[int], max_queue: int, max_batch_bytes: int,
-                  batching: bool, identity: bool) -> ModelQueue:
-        """Serves a model under its name (the version it replaces drains)."""
+                  batching: bool, identity: bool,
+                  compute_bound: tuple[int, str] = (0, "")) -> ModelQueue:
+        """Serves a model under its name (the version it replaces drains). compute_bound:
+        the most input bytes per request the daemon's compute memory admits (0: any) and
+        why, for the TOO_LARGE message."""
     def remove_model(self, name: str) -> None: ...
     def metrics(self) -> list[tuple[str, list[tuple[str, int]],
                                     list[tuple[list[int], float]], int]]:

@@ -62,6 +62,9 @@ class ModelConfig:
     # inputs): clients may then make again a request that may have run (SPEC §6). None: the
     # model's own default (true for the built-in models and handlers, false otherwise).
     idempotent: bool | None = None
+    # Bytes of daemon memory one byte of a request's inputs takes while the model runs (its
+    # gathered copy, activations, outputs; models/memory.py). 0: measured at warm-up.
+    memory_factor: float = 0.0
 
 
 @dataclass
@@ -93,6 +96,11 @@ class DaemonConfig:
     # Responses the daemon holds for a session whose client does not read them (parked until
     # it frees response-ring space); they count against max_memory and max_memory_per_uid too.
     max_parked_per_session: int = 64 * MiB
+    # Memory forward passes may take (models/memory.py): a request whose inputs times its
+    # model's memory_factor exceed it is TOO_LARGE, and batches are never joined past it;
+    # each large pass is also checked against the memory the daemon has when it starts.
+    # 0: half the memory the daemon has at start (the host's, or its cgroup's when less).
+    max_compute_memory: int = 0
     # Admin loads are code execution (SPEC §2.6). For admins other than root and the daemon's
     # own user: the handlers/modules they may name (None: those named in [[models]] at start;
     # "pkg.mod:Class", "pkg.mod:*", "*") and the directories their model files must be in.
@@ -116,7 +124,7 @@ _DAEMON_KEYS = {"socket", "socket_mode", "default_ring", "max_ring", "max_sessio
                 "admin_uids", "priority_uids", "builtin_models", "threads", "stuck_after_s",
                 "drain_grace_s", "max_pending",
                 "max_sessions_per_uid", "max_memory", "max_memory_per_uid", "allow_handlers",
-                "max_parked_per_session",
+                "max_parked_per_session", "max_compute_memory",
                 "model_dirs", "metrics"}
 _STR_LISTS = {"allow_handlers", "model_dirs"}
 _MODEL_TYPES = {"name": str, "source": str, "path": str, "handler": str, "device": str,
@@ -124,6 +132,7 @@ _MODEL_TYPES = {"name": str, "source": str, "path": str, "handler": str, "device
                 "options": dict, "max_batch_size": int, "max_queue_delay_us": int,
                 "preferred_batch_sizes": list, "max_queue": int, "instances": int,
                 "max_input_bytes": int, "max_batch_bytes": int, "idempotent": bool,
+                "memory_factor": float,
                 "module": str, "labels": str, "tokenizer": str}
 
 
@@ -133,6 +142,8 @@ def model_config(table: dict[str, Any], base_dir: str, what: str) -> ModelConfig
     if unknown:
         raise ConfigError(f"{what} has unknown keys {sorted(unknown)}; known: "
                           f"{sorted(_MODEL_TYPES)}")
+    if type(table.get("memory_factor")) is int:
+        table = {**table, "memory_factor": float(table["memory_factor"])}  # TOML writes 8 for 8.0
     for k, t in _MODEL_TYPES.items():
         if k in table and not isinstance(table[k], t):
             raise ConfigError(f"{what}.{k} must be a {t.__name__}")
@@ -140,6 +151,9 @@ def model_config(table: dict[str, Any], base_dir: str, what: str) -> ModelConfig
         if k not in table:
             raise ConfigError(f"{what} needs a {k!r}")
     mc = ModelConfig(**table)
+    if mc.memory_factor != 0 and not 1 <= mc.memory_factor <= 1e6:
+        raise ConfigError(f"{what}.memory_factor must be 0 (measured at warm-up) or between 1 "
+                          "and 1e6 (bytes of daemon memory per input byte)")
     if mc.source not in SOURCES:
         raise ConfigError(f"{what}: unknown source {mc.source!r}; known: {', '.join(SOURCES)}")
     if mc.precision not in PRECISION_NAMES:
@@ -205,6 +219,9 @@ def load_config(path: str) -> DaemonConfig:
     for k in ("max_sessions_per_uid", "max_memory", "max_memory_per_uid"):
         if k in daemon and daemon[k] < 0:
             raise ConfigError(f"{path}: [daemon].{k} must be 0 (no bound) or positive")
+    if cfg.max_compute_memory < 0:
+        raise ConfigError(f"{path}: [daemon].max_compute_memory must be 0 (half the memory the "
+                          "daemon has at start) or positive")
     if cfg.max_parked_per_session < 0:
         raise ConfigError(f"{path}: [daemon].max_parked_per_session must be 0 or positive")
     if cfg.max_pending < 1:

@@ -84,7 +84,8 @@ var (
 	ErrVersion = errors.New("shmclient: no common protocol version")
 	// ErrResource: the daemon cannot create the session (RESOURCE): the host or the
 	// daemon's cgroup lacks the memory for its segment (a memfd whose pages the daemon
-	// reserves at the handshake), or the daemon has max_sessions sessions already.
+	// reserves at the handshake), or the daemon has max_sessions sessions already. As a
+	// request's error: the daemon lacked the memory to run it then, and did not run it.
 	ErrResource = errors.New("shmclient: daemon out of resources")
 	// ErrProtocol: one side broke the wire contract (BAD_FRAME, BAD_MESSAGE, BAD_RECORD, or
 	// a malformed frame, record or descriptor read by this client).

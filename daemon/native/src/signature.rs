@@ -97,6 +97,9 @@ pub struct Signature {
     max_batch: u64,
     /// Most input bytes per request; 0 = any.
     max_input_bytes: u64,
+    /// Most input bytes per request that the daemon's compute memory admits (issue 19.1), and
+    /// the sentence that says why, in the caller's terms; 0 = any.
+    compute: (u64, String),
     /// No two inputs share a name (else no request can match, as in the Python path).
     names_unique: bool,
 }
@@ -105,7 +108,21 @@ impl Signature {
     pub fn new(model: &str, inputs: Vec<Spec>, max_batch: u64, max_input_bytes: u64) -> Signature {
         let names_unique =
             inputs.iter().enumerate().all(|(i, s)| inputs[..i].iter().all(|t| t.name != s.name));
-        Signature { model: model.to_string(), inputs, max_batch, max_input_bytes, names_unique }
+        Signature {
+            model: model.to_string(),
+            inputs,
+            max_batch,
+            max_input_bytes,
+            compute: (0, String::new()),
+            names_unique,
+        }
+    }
+
+    /// The same signature, admitting at most `bytes` of input per request for the memory a
+    /// forward pass takes; `why` says how that bound follows from the config.
+    pub fn with_compute_bound(mut self, bytes: u64, why: &str) -> Signature {
+        self.compute = (bytes, why.to_string());
+        self
     }
 
     pub fn model(&self) -> &str {
@@ -140,6 +157,21 @@ impl Signature {
                     ),
                 )
                 .past(self.max_input_bytes));
+            }
+        }
+        let (bound, why) = &self.compute;
+        if *bound != 0 {
+            let total: u128 = refs.iter().map(|r| r.nbytes as u128).sum();
+            if total > *bound as u128 {
+                return Err(RequestError::new(
+                    Code::TooLarge,
+                    format!(
+                        "the request's inputs are {total} bytes; model {} takes at most {bound} \
+                         per request ({why}): send fewer rows per request",
+                        model(),
+                    ),
+                )
+                .past(*bound));
             }
         }
         for (i, r) in refs.iter().enumerate() {
@@ -358,6 +390,18 @@ mod tests {
         let big = Signature::new("m", vec![Spec::parse("x", "any", None).unwrap()], 0, 63);
         let e = big.order(&[r("x", DType::U8, &[64])], &mut o).unwrap_err();
         assert_eq!(e.code, Code::TooLarge);
+        let bounded = |b| {
+            Signature::new("m", vec![Spec::parse("x", "any", None).unwrap()], 0, 0)
+                .with_compute_bound(b, "the reason")
+        };
+        bounded(64).order(&[r("x", DType::U8, &[64])], &mut o).unwrap(); // 64 bytes: at the bound
+        let e = bounded(63).order(&[r("x", DType::U8, &[64])], &mut o).unwrap_err();
+        assert_eq!((e.code, e.limit), (Code::TooLarge, Some(63)));
+        assert_eq!(
+            e.message,
+            "the request's inputs are 64 bytes; model 'm' takes at most 63 per request (the \
+             reason): send fewer rows per request"
+        );
         assert!(Spec::parse("x", "f31", None).is_err());
         assert!(Spec::parse("x", "f32", Some(&[-2])).is_err());
     }

@@ -27,6 +27,7 @@ from .. import metrics, sdnotify
 from ..config import ConfigError, DaemonConfig
 from ..contract.errors import ResourceError, ShuttingDownError
 from ..contract.messages import HealthReport
+from ..models.memory import ComputeBudget, default_limit
 from ..models.registry import Registry
 from ..ratelog import RateLimited
 from ..serving.core import Serving
@@ -58,8 +59,12 @@ class Server:
         self.executor = executor
         self.path = config.socket_path()
         admission = Admission.from_config(config)  # the per-uid defaults resolved
+        compute = ComputeBudget(config.max_compute_memory or default_limit())
+        log.info("forward passes may take %d MiB of memory (max_compute_memory%s)",
+                 compute.limit >> 20, "" if config.max_compute_memory else
+                 ": half of what the daemon has at start")
         self.serving = Serving(registry, executor, config.spin_us, admission.max_memory,
-                               admission.max_memory_per_uid)
+                               admission.max_memory_per_uid, compute)
         admission.parked_of = self.serving.engine.parked  # unread responses count too
         self.services = Services(
             config=config, registry=registry, executor=executor, serving=self.serving,

@@ -12,6 +12,7 @@ from ..contract.dtypes import DTYPES
 from . import builtin_handlers
 from .base import BatchPolicy, Model
 from .handler import Handler, HandlerModel, LoadContext
+from .memory import measure_factor
 from .modules import PRECISIONS, ModuleModel, load_exported, load_torchscript
 from .signature import Signature, Spec
 
@@ -67,6 +68,7 @@ def load_model(mc: ModelConfig) -> Model:
         model.batching = _batch_policy(mc, model)
         if mc.idempotent is not None:
             model.idempotent = mc.idempotent
+        model.memory_factor = mc.memory_factor  # 0: warm-up measures it
         if mc.warmup:
             warm_up(model)
         return model
@@ -158,3 +160,10 @@ def warm_up(model: Model) -> None:
         model.signature.check_outputs(model.name, list(outputs))
     if model.device.startswith("cuda"):
         torch.cuda.synchronize()
+    if not model.memory_factor and example is None:
+        factor = measure_factor(model)
+        if factor is not None:
+            model.memory_factor = factor
+            log.info("model %s: a forward pass takes %.1f bytes of daemon memory per input "
+                     "byte (measured; memory_factor in its config replaces it)", model.name,
+                     factor)

@@ -27,11 +27,12 @@ from .. import _core, metrics
 from ..contract.errors import ErrorCode, ProtocolError, ResourceError, TensordError
 from ..contract.messages import ModelHealth, ModelStat
 from ..models.base import Model
+from ..models.memory import FALLBACK_FACTOR, ComputeBudget
 from ..models.registry import Registry
 from ..transport.segment import Segment
 from . import cuda
 from .executor import Executor
-from .worker import work
+from .worker import per_request, work
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ class _Served:
     model: Model
     queue: object  # _core.ModelQueue
     workers: list[threading.Thread]
+
+
+def _least(*bounds: int) -> int:
+    """The tightest of some bounds where 0 means none."""
+    return min((b for b in bounds if b), default=0)
 
 
 class SessionHandle:
@@ -78,9 +84,11 @@ class SessionHandle:
 
 class Serving:
     def __init__(self, registry: Registry, executor: Executor, spin_us: int = 0,
-                 max_memory: int = 0, max_memory_per_uid: int = 0):
+                 max_memory: int = 0, max_memory_per_uid: int = 0,
+                 compute: ComputeBudget | None = None):
         self.registry = registry
         self.executor = executor
+        self.compute = compute or ComputeBudget(0)
         self.engine = _core.Engine(spin_us, max_memory, max_memory_per_uid)
         metrics.use_core(self.engine.metrics)
         self._lock = threading.Lock()
@@ -113,14 +121,19 @@ class Serving:
                 self._served.pop(name, None)
                 return
             p = model.batching
+            factor = self._factor(model)
+            bound = self.compute.bound(factor)
+            why = (f"running it takes about {factor:.1f} bytes of daemon memory per input "
+                   f"byte, and the daemon lets one forward pass take "
+                   f"{self.compute.limit >> 20} MiB (max_compute_memory)")
             q = self.engine.set_model(
                 model.name, model.version,
                 [(s.name, s.dtype, None if s.shape is None else list(s.shape))
                  for s in model.signature.inputs],
                 model.signature.max_batch, p.max_input_bytes,
                 p.max_batch_size, p.max_queue_delay_us, list(p.preferred_batch_sizes),
-                p.max_queue, p.max_batch_bytes,
-                p.max_batch_size > 1 and batchable(model), model.inline)
+                p.max_queue, _least(p.max_batch_bytes, bound),
+                p.max_batch_size > 1 and batchable(model), model.inline, (bound, why))
             workers = []
             if not model.inline:
                 for i in range(max(1, p.instances)):
@@ -136,11 +149,19 @@ class Serving:
                     workers.append(t)
             self._served[name] = _Served(model, q, workers)
 
+    @staticmethod
+    def _factor(model: Model) -> float:
+        """The model's memory per input byte for compute admission; 0: none (the built-in
+        identity, and the per-request path, whose handlers bound each item themselves)."""
+        if model.inline or per_request(model):
+            return 0.0
+        return model.memory_factor or FALLBACK_FACTOR
+
     def _work(self, q, model: Model) -> None:
         stream = None
         if model.device.startswith("cuda"):
             stream = cuda.SideStream(torch.device(model.device)).stream
-        work(q, model, self.executor, stream)
+        work(q, model, self.executor, stream, compute=self.compute, factor=self._factor(model))
 
     def stats(self) -> list[ModelStat]:
         """Every served model's counters, sorted by name (zeros before its first request)."""

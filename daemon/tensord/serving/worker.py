@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from ..contract.dtypes import DTYPES, ByteStrings
-from ..contract.errors import InternalError, ModelFailedError, TensordError
+from ..contract.errors import InternalError, ModelFailedError, ResourceError, TensordError
 from ..contract.messages import error_fields
 from ..models.base import Model
+from ..models.memory import ComputeBudget
 from ..models.signature import Value
 from ..ratelog import RateLimited
 from .executor import Executor
@@ -47,16 +48,19 @@ def per_request(model: Model) -> bool:
 
 
 def work(queue: Any, model: Model, executor: Executor, stream: Any = None,
-         on_exit: Callable[[], None] | None = None) -> None:
-    """A worker thread's loop: until the model is retired and its queue drained."""
+         on_exit: Callable[[], None] | None = None, compute: ComputeBudget | None = None,
+         factor: float = 0.0) -> None:
+    """A worker thread's loop: until the model is retired and its queue drained. `compute`
+    and `factor`: each pass on the tensor path first reserves its memory (models/memory.py)."""
     split_here = per_request(model)
+    budget = compute if compute is not None and factor else None
     with torch.inference_mode():
         while (batch := queue.next_batch()) is not None:
             try:
                 if split_here:
                     _requests(batch, model, executor, stream)
                 else:
-                    _tensors(batch, model, executor, stream)
+                    _tensors(batch, model, executor, stream, budget, factor)
             except _Unwritable:
                 _bugs.exception("model %s: outputs could not be written", model.name)
                 for k in batch.open():
@@ -112,9 +116,11 @@ def _attempt(batch: Any, lo: int, hi: int, run: Callable[[int, int], None]) -> N
             batch.fail(lo, hi, int(e.code), e.message, *error_fields(e))
 
 
-def _tensors(batch: Any, model: Model, executor: Executor, stream: Any) -> None:
+def _tensors(batch: Any, model: Model, executor: Executor, stream: Any,
+             budget: ComputeBudget | None = None, factor: float = 0.0) -> None:
     rows = batch.rows
     starts = np.concatenate(([0], np.cumsum(rows))).tolist()
+    row_bytes = 0
     whole = []
     for arena, dtype, spans in batch.inputs():
         if len(spans) == 1:
@@ -124,12 +130,26 @@ def _tensors(batch: Any, model: Model, executor: Executor, stream: Any) -> None:
             total = sum(n for _, n, _ in spans)
             shape = [int(starts[-1]), *spans[0][2][1:]]
             whole.append(_view(arena, dtype, 0, total, shape))
+    if budget is not None and starts[-1]:
+        row_bytes = sum(t.numel() * t.element_size() for t in whole) / starts[-1]
     if model.device.startswith("cuda"):
         whole = [_pinned(i, t) for i, t in enumerate(whole)]
     names = [s.name for s in model.signature.outputs]
     single = len(rows) == 1
 
     def run(lo: int, hi: int) -> None:
+        """One pass over requests [lo, hi), with its memory held until they are answered."""
+        need = int(row_bytes * (starts[hi] - starts[lo]) * factor)
+        if budget is not None and (why := budget.reserve(need)) is not None:
+            # Never run: halves are tried, and a request that does not fit alone gets this.
+            raise ResourceError(f"model {model.name!r} did not run the request: {why}")
+        try:
+            answer(lo, hi)
+        finally:
+            if budget is not None:
+                budget.release(need)
+
+    def answer(lo: int, hi: int) -> None:
         inputs = whole if single or (lo, hi) == (0, len(rows)) else \
             [t[starts[lo]:starts[hi]] for t in whole]
         outputs, dtypes = executor.run(model, inputs, stream)

@@ -173,7 +173,7 @@ impl PyEngine {
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (name, version, inputs, max_batch, max_input_bytes, max_batch_size,
                         max_queue_delay_us, preferred_batch_sizes, max_queue, max_batch_bytes,
-                        batching, identity))]
+                        batching, identity, compute_bound = (0, String::new())))]
     fn set_model(
         &self,
         name: &str,
@@ -188,13 +188,15 @@ impl PyEngine {
         max_batch_bytes: u64,
         batching: bool,
         identity: bool,
+        compute_bound: (u64, String),
     ) -> PyResult<PyQueue> {
         let specs = inputs
             .iter()
             .map(|(n, d, s)| Spec::parse(n, d, s.as_deref()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(PyValueError::new_err)?;
-        let sig = Signature::new(name, specs, max_batch, max_input_bytes);
+        let sig = Signature::new(name, specs, max_batch, max_input_bytes)
+            .with_compute_bound(compute_bound.0, &compute_bound.1);
         let policy = Policy {
             max_batch_size,
             max_queue_delay_us,

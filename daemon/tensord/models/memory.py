@@ -1,0 +1,141 @@
+"""Compute memory (issue 19.1): what a forward pass costs the daemon, per byte of its inputs,
+and the budget passes draw on, so that no request can get the daemon OOM-killed.
+
+A model's `memory_factor` is the bytes of daemon memory one byte of a request's inputs takes
+while it runs: its gathered copy (the batch arena), the activations, and the outputs until the
+core has copied them out. It is the config's `memory_factor`, or measured at warm-up: one
+forward pass over a calibration batch, with the process's peak RSS reset before it (Linux
+/proc/self/clear_refs), so the growth of the peak is what the pass allocated. Cost grows
+with rows, so the factor holds for any batch size on the tensor path; models on the
+per-request path (bytes inputs: images, texts) have their own per-item limits instead.
+
+Two checks follow from it:
+- at intake (the native core): a request whose inputs times the factor exceed
+  max_compute_memory is TOO_LARGE; batches never join past that bound either;
+- before each forward pass (the worker): a pass that needs more than the memory the daemon
+  has now (host and cgroup, less what other passes hold) is not run: it is split, and a
+  request that does not fit alone gets RESOURCE (it did not run; worth retrying later).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from ..contract.dtypes import DTYPES
+from ..transport.segment import available_memory
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+# When the factor cannot be measured (no warm-up, no /proc/self/clear_refs, a model whose
+# inputs have no fixed row form): a guess on the safe side for small networks; a config's
+# `memory_factor` replaces it.
+FALLBACK_FACTOR = 16.0
+# The calibration batch's input bytes: large enough that the pass's buffers are fresh
+# mappings (so the peak RSS sees them), small enough to cost well under a second.
+CALIBRATION_BYTES = 4 * MiB
+# Passes estimated below this run without reading the memory the daemon has: the read
+# costs ~50 µs, and the margin below covers them.
+CHECK_FROM = 4 * MiB
+# Kept free beyond a pass's estimate: the daemon's own growth meanwhile (sessions' copies,
+# other threads' small allocations).
+MARGIN = 64 * MiB
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {key}")
+
+
+def calibration_inputs(model) -> list[torch.Tensor] | None:
+    """Zero inputs of about CALIBRATION_BYTES for a model whose every input has a row
+    dimension and a fixed row form; None when it has not."""
+    row_bytes = 0
+    for s in model.signature.inputs:
+        if s.shape is None or not s.shape or s.shape[0] != -1 or any(d < 0 for d in s.shape[1:]) \
+                or s.dtype in ("any", "bytes"):
+            return None
+        n = DTYPES[s.dtype].itemsize
+        for d in s.shape[1:]:
+            n *= d
+        row_bytes += n
+    if row_bytes == 0:
+        return None
+    rows = max(1, CALIBRATION_BYTES // row_bytes)
+    if model.signature.max_batch:
+        rows = min(rows, model.signature.max_batch)
+    return [torch.zeros((rows, *s.shape[1:]), dtype=DTYPES[s.dtype].torch_dtype)
+            for s in model.signature.inputs]
+
+
+def measure_factor(model) -> float | None:
+    """The model's memory factor from one calibration pass (the smaller of two, so that
+    another thread's allocation in one of them does not count), or None when it cannot be
+    measured here."""
+    inputs = calibration_inputs(model)
+    if inputs is None:
+        return None
+    nbytes = sum(t.numel() * t.element_size() for t in inputs)
+    best = None
+    try:
+        with torch.inference_mode():
+            for _ in range(2):
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # the peak RSS starts again from the current RSS
+                before = _status("VmRSS:")
+                outputs = model.forward(inputs)
+                grew = _status("VmHWM:") - before
+                del outputs
+                best = grew if best is None else min(best, grew)
+    except OSError as e:
+        log.info("model %s: cannot measure its memory per input byte (%s)", model.name, e)
+        return None
+    # + 1: the batch's gathered inputs (the arena), which exist before the pass
+    return 1.0 + max(0, best or 0) / nbytes
+
+
+class ComputeBudget:
+    """The memory forward passes may take, all models together: `limit` (max_compute_memory)
+    bounds any one request at intake; `reserve` checks each large pass against what the daemon
+    has now."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._held = 0  # estimates of the passes running now (their memory may not exist yet)
+        self._lock = threading.Lock()
+
+    def bound(self, factor: float) -> int:
+        """The most input bytes one request (or batch) of a model with this factor may have."""
+        return max(1, int(self.limit / factor)) if self.limit and factor else 0
+
+    def reserve(self, need: int) -> str | None:
+        """Hold `need` bytes for a pass (release them with `release`), or say why it does
+        not fit now."""
+        if need < CHECK_FROM:
+            return None
+        with self._lock:
+            free, why = available_memory()
+            free -= self._held
+            if need + MARGIN > free:
+                return (f"it needs about {need // MiB} MiB of daemon memory to run and "
+                        f"{max(0, free) // MiB} MiB are free now ({why}): retry later, or send "
+                        "fewer rows per request")
+            self._held += need
+        return None
+
+    def release(self, need: int) -> None:
+        if need >= CHECK_FROM:
+            with self._lock:
+                self._held -= need
+
+
+def default_limit() -> int:
+    """max_compute_memory when the config leaves it 0: half the memory the daemon has at
+    start (the host's available memory, or its cgroup's headroom when that is less)."""
+    return available_memory()[0] // 2

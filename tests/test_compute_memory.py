@@ -1,0 +1,154 @@
+"""Compute memory (issue 19.1): no single request can get the daemon OOM-killed. A request
+whose forward pass would need more memory than max_compute_memory allows is TOO_LARGE at
+intake; one that needs more than the daemon has at the time (host or cgroup) is not run and
+gets RESOURCE; batches are never joined past the bound."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from cgroups import SKIP_REASON, memory_cgroup, own_memcg
+from conftest import start_daemon
+from pipelining import publish, responses
+
+from tensord.client import Client
+from tensord.config import ConfigError, load_config
+from tensord.contract.errors import ResourceError, TooLargeError, retryable, safe_to_retry
+from tensord.models.builtin import build_mlp
+
+MiB = 1 << 20
+ROW = 16 * 4  # mlp: one row of x is 16 f32
+
+
+def _rows(n: int, seed: int) -> np.ndarray:
+    """n distinct rows (each request's own numbers, so answers cannot be confused)."""
+    return np.random.default_rng(seed).standard_normal((n, 16), dtype=np.float32)
+
+
+def _check_mlp(x: np.ndarray, y: np.ndarray, sample: int = 4096) -> None:
+    """y is mlp(x), on a sample of rows spread over the whole batch (first and last too)."""
+    mlp = build_mlp()
+    idx = np.unique(np.concatenate([np.arange(min(sample, len(x))),
+                                    np.linspace(0, len(x) - 1, sample).astype(int)]))
+    with torch.no_grad():  # not inference mode: other tests run the shared TorchScript with grad
+        want = mlp(torch.from_numpy(x[idx])).numpy()
+    assert y.shape == (len(x), 4)
+    np.testing.assert_allclose(y[idx], want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_memory_factor_is_measured_at_warm_up_and_configurable(tmp_path):
+    # In a process of its own: TorchScript's executor is shared by every instance of the
+    # built-in mlp, and other tests run it with autograd on, which inference mode then trips on.
+    out = subprocess.run([sys.executable, "-c", """
+from tensord.models.builtin import builtin_models
+from tensord.models.loader import warm_up
+from tensord.models.memory import measure_factor
+mlp, identity = (next(m for m in builtin_models() if m.name == n) for n in ("mlp", "identity"))
+warm_up(mlp)
+print(mlp.memory_factor, measure_factor(identity))
+"""], capture_output=True, text=True, check=True).stdout.split()
+    # 16 -> 64 -> 4: the hidden layer and its relu take 4 + 4 bytes per input byte, plus the
+    # gathered input itself and the output (1/4)
+    assert 8 <= float(out[0]) <= 12, out
+    assert out[1] == "None"  # identity: no fixed row form, nothing to measure
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[models]]\nname = "m"\nsource = "builtin"\nmemory_factor = 3\n')
+    assert load_config(str(cfg)).models[0].memory_factor == 3.0
+    cfg.write_text('[[models]]\nname = "m"\nsource = "builtin"\nmemory_factor = 0.5\n')
+    with pytest.raises(ConfigError, match="memory_factor must be 0"):
+        load_config(str(cfg))
+    cfg.write_text("[daemon]\nmax_compute_memory = -1\n")
+    with pytest.raises(ConfigError, match="max_compute_memory"):
+        load_config(str(cfg))
+
+
+def test_a_request_past_max_compute_memory_is_too_large_and_batches_stay_under_it(tmp_path):
+    # mlp takes ~9 bytes per input byte: 64 MiB admits requests up to ~7 MiB of input
+    d = start_daemon(tmp_path, config=f"[daemon]\nmax_compute_memory = {64 * MiB}\n")
+    try:
+        with Client(d.path, request_ring=32 * MiB, response_ring=8 * MiB) as c:
+            x = _rows(8 * MiB // ROW, 1)
+            with pytest.raises(TooLargeError) as e:
+                c.infer("mlp", {"x": x})
+            msg = e.value.message
+            assert "max_compute_memory" in msg and "send fewer rows" in msg, msg
+            assert e.value.limit is not None and 6 * MiB < e.value.limit < 8 * MiB, e.value.limit
+            assert not retryable(e.value)
+
+            # 4 MiB requests fit alone, and they are never joined with each other (8 MiB)
+            xs = {rid: _rows(4 * MiB // ROW, 100 + rid) for rid in range(1, 5)}
+            for rid, xi in xs.items():
+                publish(c, "mlp", rid, torch.from_numpy(xi), "f32")
+            got = responses(c, set(xs))
+            for rid, xi in xs.items():
+                out = got[rid]
+                assert isinstance(out, dict), out
+                _check_mlp(xi, np.asarray(out["y"]))
+            (stat,) = [s for s in c.stats() if s.name == "mlp"]
+            assert stat.served == 4 and all(size == 1 for size, _ in stat.batch_sizes), stat
+            assert "Traceback" not in d.logs(), d.logs()
+    finally:
+        assert d.stop() == 0, d.logs()
+
+
+def test_no_single_request_gets_the_daemon_oom_killed_in_a_memory_cgroup(tmp_path):
+    """The hostile run's case: sessions fill most of a memory cgroup, then ONE mlp request of
+    786,432 rows (48 MiB of input; ~450 MiB to run) arrives. Before compute admission the
+    kernel killed the daemon; now the request gets RESOURCE (it did not run), everyone else
+    is still served, and once memory is free again the same request runs."""
+    parent = own_memcg()
+    if parent is None:
+        pytest.skip(SKIP_REASON)
+    d = None
+    rc = 0
+    with memory_cgroup(parent) as cg:
+        try:
+            procs = cg / "cgroup.procs"
+            d = start_daemon(tmp_path, preexec_fn=lambda: procs.write_text(str(os.getpid())))
+            with Client(d.path) as probe:  # warm: the first session's costs are paid
+                probe.ping()
+            usage = int((cg / "memory.usage_in_bytes").read_text())
+            (cg / "memory.limit_in_bytes").write_text(str(usage + 1024 * MiB))
+            x = _rows(786_432, 7)
+            with Client(d.path, request_ring=64 * MiB, response_ring=16 * MiB) as big, \
+                    Client(d.path, request_ring=65536, response_ring=65536) as small:
+                fillers = [Client(d.path, request_ring=256 * MiB, response_ring=256 * MiB),
+                           Client(d.path, request_ring=128 * MiB, response_ring=128 * MiB)]
+                try:
+                    with pytest.raises(ResourceError) as e:
+                        big.infer("mlp", {"x": x}, timeout=60)
+                    msg = e.value.message
+                    assert "did not run" in msg and "MiB are free now" in msg, msg
+                    assert "cgroup" in msg, msg
+                    assert safe_to_retry(e.value) and retryable(e.value)
+                    # everyone else is still served, the big client too
+                    xs = _rows(8, 8)
+                    _check_mlp(xs, np.asarray(small.infer("mlp", {"x": xs})["y"]))
+                    _check_mlp(xs, np.asarray(big.infer("mlp", {"x": xs})["y"]))
+                finally:
+                    for f in fillers:
+                        f.close()
+                # the fillers' memory goes back (the core frees their segments) ...
+                deadline = time.monotonic() + 10
+                while int((cg / "memory.usage_in_bytes").read_text()) > usage + 400 * MiB:
+                    assert time.monotonic() < deadline, "the fillers' memory was not freed"
+                    time.sleep(0.05)
+                # ... and the same request runs, with its own numbers
+                _check_mlp(x, np.asarray(big.infer("mlp", {"x": x}, timeout=60)["y"]))
+                xs = _rows(8, 9)
+                _check_mlp(xs, np.asarray(small.infer("mlp", {"x": xs})["y"]))
+            assert d.proc.poll() is None, "the daemon died:\n" + d.logs()
+            oom = dict(line.split() for line in (cg / "memory.oom_control").read_text()
+                       .splitlines())
+            assert oom.get("oom_kill", "0") == "0", oom
+        finally:
+            if d is not None:
+                rc = d.stop()
+    assert rc == 0, d.logs() if d else ""
