@@ -162,6 +162,9 @@ class Engine:
     def sessions(self) -> int: ...
     def parked(self, uid: int) -> tuple[int, int]:
         """(parked response bytes of uid, in all)."""
+    def longest_pass(self) -> float:
+        """Seconds: the longest the dispatcher spent on one session's records in one pass
+        since start (every other session's intake waited that long)."""
     def set_model(self, name: str, version: int,
                   inputs: list[tuple[str, str, list[int] | None]], max_batch: int,
                   max_input_bytes: int, max_batch_size: int, max_queue_delay_us: int,

@@ -119,6 +119,9 @@ PENDING = Gauge("tensord_pending_connections", "Connections that have not comple
                 registry=REGISTRY)
 REJECTED = Counter("tensord_rejected_clients_total", "Connections refused or ended before their "
                    "session started, by reason", ["reason"], registry=REGISTRY)
+DISPATCH_PASS = Gauge("tensord_dispatch_longest_pass_seconds", "The longest the dispatcher spent "
+                      "on one session's records in one pass, since start: every other "
+                      "session's intake waited that long", registry=REGISTRY)
 INFO = Gauge("tensord_build_info", "The daemon's version", ["version"], registry=REGISTRY)
 
 _on = False

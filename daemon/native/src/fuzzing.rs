@@ -72,8 +72,9 @@ fn intake_record(region: &Region, rec: &RecordInfo, sig: &Signature) {
         let at = rec.offset + t.offset;
         match t.dtype {
             crate::dtype::DType::Bytes => {
-                let got = signature::byte_strings_in(region, at, t.nbytes, t.shape.numel(), t.name)
-                    .expect("inside the record");
+                let got =
+                    signature::byte_strings_in(region, at, t.nbytes, t.shape.numel(), t.name, true)
+                        .expect("inside the record");
                 if let Ok(s) = got {
                     assert_eq!(s.offsets.len() as u64, s.count + 1);
                     assert!(s.offsets.windows(2).all(|w| w[0] <= w[1]));

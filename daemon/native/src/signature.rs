@@ -248,11 +248,13 @@ const TABLE_CHUNK: usize = 1024;
 /// Checks a `bytes` tensor's length table against its `nbytes` (as `decode_byte_strings`
 /// does) and returns where each string is, reading the table once, so the offsets stay valid
 /// whatever the client writes afterwards. `read(first, buf)` fills `buf` with table bytes
-/// starting at table byte `first`. `name` is the input's name for messages.
+/// starting at table byte `first`. `name` is the input's name for messages. `keep` false:
+/// only checks (no offsets kept: 8 bytes per string that a check does not need).
 fn byte_strings_with(
     count: u64,
     nbytes: u64,
     name: &str,
+    keep: bool,
     mut read: impl FnMut(u64, &mut [u8]),
 ) -> Result<ByteStrings, RequestError> {
     let table = 4u128 * count as u128;
@@ -263,10 +265,12 @@ fn byte_strings_with(
             pyrepr::str(name)
         )));
     }
-    let mut offsets = Vec::with_capacity(count as usize + 1);
+    let mut offsets = Vec::with_capacity(if keep { count as usize + 1 } else { 0 });
     let mut pos = table as u64; // <= nbytes
     let mut total: u128 = table;
-    offsets.push(pos);
+    if keep {
+        offsets.push(pos);
+    }
     let mut chunk = [0u8; 4 * TABLE_CHUNK];
     let mut done = 0u64;
     while done < count {
@@ -277,7 +281,9 @@ fn byte_strings_with(
             total += len as u128;
             // Past nbytes the sum can only grow: stop here, the error below reports it.
             pos = pos.saturating_add(len);
-            offsets.push(pos.min(nbytes));
+            if keep {
+                offsets.push(pos.min(nbytes));
+            }
         }
         done += k as u64;
     }
@@ -293,23 +299,33 @@ fn byte_strings_with(
 /// [`ByteStrings`] of a `bytes` tensor held in `data` (its `nbytes` bytes) with `count` =
 /// product of its shape.
 pub fn byte_strings(data: &[u8], count: u64, name: &str) -> Result<ByteStrings, RequestError> {
-    byte_strings_with(count, data.len() as u64, name, |first, buf| {
+    byte_strings_with(count, data.len() as u64, name, true, |first, buf| {
         let f = first as usize;
         buf.copy_from_slice(&data[f..f + buf.len()]);
     })
 }
 
+/// Checks a `bytes` tensor held in `data` as [`byte_strings`] does, keeping nothing.
+pub fn check_byte_strings(data: &[u8], count: u64, name: &str) -> Result<(), RequestError> {
+    byte_strings_with(count, data.len() as u64, name, false, |first, buf| {
+        let f = first as usize;
+        buf.copy_from_slice(&data[f..f + buf.len()]);
+    })
+    .map(|_| ())
+}
+
 /// [`byte_strings`] for a tensor at `off` in shared memory, read through the region's checked
-/// copies.
+/// copies; `keep` false: only checked (the offsets are left empty).
 pub fn byte_strings_in(
     region: &Region,
     off: u64,
     nbytes: u64,
     count: u64,
     name: &str,
+    keep: bool,
 ) -> Result<Result<ByteStrings, RequestError>, RegionError> {
     region.check(off, nbytes)?;
-    Ok(byte_strings_with(count, nbytes, name, |first, buf| {
+    Ok(byte_strings_with(count, nbytes, name, keep, |first, buf| {
         region.copy_out(off + first, buf).expect("inside the checked tensor");
     }))
 }

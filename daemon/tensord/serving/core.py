@@ -91,6 +91,7 @@ class Serving:
         self.compute = compute or ComputeBudget(0)
         self.engine = _core.Engine(spin_us, max_memory, max_memory_per_uid)
         metrics.use_core(self.engine.metrics)
+        metrics.DISPATCH_PASS.set_function(self.engine.longest_pass)
         self._lock = threading.Lock()
         self._served: dict[str, _Served] = {}
         self._sessions: dict[int, SessionHandle] = {}

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::identity;
 use super::queue::{Input, Job, Queue, Refused};
 use super::session::{Response, Session};
 use super::{Event, Shared};
@@ -146,6 +147,7 @@ fn serve(sh: &Shared, s: &Arc<Session>, recs: &mut Vec<RecordInfo>, sc: &mut Scr
     if woke {
         s.wake_client();
     }
+    sh.longest_pass_ns.fetch_max(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     s.pending()
 }
 
@@ -284,13 +286,19 @@ fn intake(
     };
     let fail = |e: RequestError| (Some(q.clone()), e, read_at);
     q.sig.order(&refs, &mut sc.order).map_err(fail)?;
+    // A large identity request is copied (and its values checked) by the identity worker
+    // (identity.rs), not here: one client's 64 MiB must not hold up every other session's
+    // intake (issue 19.2).
+    let aside = q.identity && refs.iter().map(|r| r.nbytes).sum::<u64>() >= identity::INLINE_MAX;
     let mut inputs = Vec::with_capacity(sc.order.len());
     for &i in &sc.order {
         let r = &refs[i];
         let off = rec.offset + r.offset;
         match r.dtype {
+            _ if aside => {}
             DType::Bytes => {
-                signature::byte_strings_in(s.region(), off, r.nbytes, r.shape.numel(), r.name)
+                let n = r.shape.numel();
+                signature::byte_strings_in(s.region(), off, r.nbytes, n, r.name, false)
                     .expect("inside the validated record")
                     .map_err(fail)?;
             }
@@ -308,7 +316,7 @@ fn intake(
             dims: r.shape.dims().to_vec(),
         });
     }
-    if q.identity {
+    if q.identity && !aside {
         let ok = identity(s, rec, &inputs[0], &mut sc.payload);
         sh.meters.request(
             &q.name,

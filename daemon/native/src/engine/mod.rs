@@ -2,7 +2,8 @@
 //! GIL. Python is entered once per batch.
 //!
 //! ```text
-//!  clients' rings ──▶ dispatch (one thread: epoll, intake, identity, errors)
+//!  clients' rings ──▶ dispatch (one thread: epoll, intake, identity, errors;
+//!                        │       identity from 1 MiB goes to its own worker: identity.rs)
 //!                        │ jobs
 //!                        ▼
 //!                     queue (per model: priorities, round robin, OVERLOADED)
@@ -21,13 +22,14 @@
 pub mod batch;
 pub mod dispatch;
 pub mod events;
+pub mod identity;
 pub mod meter;
 pub mod queue;
 pub mod session;
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -50,6 +52,9 @@ pub struct Shared {
     pub meters: Arc<Meters>,
     spin: Duration,
     stopping: AtomicBool,
+    /// The longest the dispatcher spent on one session's records in one pass (ns), since
+    /// start: every other session's intake waited that long (a metric).
+    pub longest_pass_ns: AtomicU64,
 }
 
 impl Shared {
@@ -128,6 +133,7 @@ impl Engine {
             meters: Arc::new(Meters::default()),
             spin,
             stopping: AtomicBool::new(false),
+            longest_pass_ns: AtomicU64::new(0),
         });
         Ok(Engine { shared, thread: Mutex::new(None) })
     }

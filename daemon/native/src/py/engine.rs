@@ -163,6 +163,12 @@ impl PyEngine {
         self.inner.sessions()
     }
 
+    /// Seconds: the longest the dispatcher spent on one session's records in one pass since
+    /// start (every other session's intake waited that long).
+    fn longest_pass(&self) -> f64 {
+        self.inner.shared.longest_pass_ns.load(Ordering::Relaxed) as f64 / 1e9
+    }
+
     /// (parked response bytes of `uid`, in all).
     fn parked(&self, uid: u32) -> (u64, u64) {
         self.inner.shared.ledger.parked(uid)
@@ -207,6 +213,11 @@ impl PyEngine {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let meters = self.inner.shared.meters.clone();
         let q = Arc::new(Queue::new(id, name, version, sig, policy, batching, identity, meters));
+        if identity {
+            crate::engine::identity::spawn(q.clone()).map_err(|e| {
+                PyOSError::new_err(format!("cannot start the identity worker thread: {e}"))
+            })?;
+        }
         self.inner.set_model(q.clone());
         Ok(PyQueue { q })
     }
