@@ -6,6 +6,7 @@ gets RESOURCE; batches are never joined past the bound."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,6 +25,20 @@ from tensord.models.builtin import build_mlp
 
 MiB = 1 << 20
 ROW = 16 * 4  # mlp: one row of x is 16 f32
+# The built-in mlp again, from the config: the daemon measures a second copy after the first
+# (a measurement that glibc's reuse of freed memory made read low: 2 instead of 9), and it
+# would join requests into one batch whenever it could.
+MLP = """
+[[models]]
+name = "mlp"
+source = "builtin"
+max_batch_size = 64
+max_queue_delay_us = 200000
+"""
+
+
+def _factors(log: str) -> list[float]:
+    return [float(m) for m in re.findall(r"model mlp: a forward pass takes ([0-9.]+) bytes", log)]
 
 
 def _rows(n: int, seed: int) -> np.ndarray:
@@ -71,7 +86,7 @@ print(mlp.memory_factor, measure_factor(identity))
 
 def test_a_request_past_max_compute_memory_is_too_large_and_batches_stay_under_it(tmp_path):
     # mlp takes ~9 bytes per input byte: 64 MiB admits requests up to ~7 MiB of input
-    d = start_daemon(tmp_path, config=f"[daemon]\nmax_compute_memory = {64 * MiB}\n")
+    d = start_daemon(tmp_path, config=f"[daemon]\nmax_compute_memory = {64 * MiB}\n{MLP}")
     try:
         with Client(d.path, request_ring=32 * MiB, response_ring=8 * MiB) as c:
             x = _rows(8 * MiB // ROW, 1)
@@ -94,6 +109,8 @@ def test_a_request_past_max_compute_memory_is_too_large_and_batches_stay_under_i
             (stat,) = [s for s in c.stats() if s.name == "mlp"]
             assert stat.served == 4 and all(size == 1 for size, _ in stat.batch_sizes), stat
             assert "Traceback" not in d.logs(), d.logs()
+            factors = _factors(d.logs())
+            assert len(factors) == 2 and all(8 <= f <= 12 for f in factors), factors
     finally:
         assert d.stop() == 0, d.logs()
 
@@ -111,7 +128,8 @@ def test_no_single_request_gets_the_daemon_oom_killed_in_a_memory_cgroup(tmp_pat
     with memory_cgroup(parent) as cg:
         try:
             procs = cg / "cgroup.procs"
-            d = start_daemon(tmp_path, preexec_fn=lambda: procs.write_text(str(os.getpid())))
+            d = start_daemon(tmp_path, config=MLP,
+                             preexec_fn=lambda: procs.write_text(str(os.getpid())))
             with Client(d.path) as probe:  # warm: the first session's costs are paid
                 probe.ping()
             usage = int((cg / "memory.usage_in_bytes").read_text())

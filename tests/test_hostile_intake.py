@@ -13,7 +13,7 @@ from conftest import start_daemon
 from test_metrics import scrape_unix, value
 
 from tensord.client import ByteStrings, Client
-from tensord.contract.errors import BadInputError
+from tensord.contract.errors import BadInputError, TooLargeError
 
 MiB = 1 << 20
 
@@ -51,6 +51,12 @@ def test_a_huge_identity_request_does_not_hold_up_the_dispatcher(tmp_path):
                 big.infer("identity", {"x": flags.view(np.bool_)})
             ok = (np.arange(4 * MiB) % 2).astype(np.bool_)
             np.testing.assert_array_equal(big.infer("identity", {"x": ok})["y"], ok)
+        # A response that cannot fit the client's ring is refused before anything is copied.
+        with Client(d.path, request_ring=8 * MiB, response_ring=65536) as narrow:
+            with pytest.raises(TooLargeError, match="response ring of at least 4194304"):
+                narrow.infer("identity", {"x": np.ones(2 * MiB, dtype=np.uint8)})
+            v = np.arange(1000, dtype=np.int64)
+            np.testing.assert_array_equal(narrow.infer("identity", {"x": v})["y"], v)
         longest = value(scrape_unix(str(msock)), "tensord_dispatch_longest_pass_seconds")
         # Before: 0.1-0.3 s per huge request. Now intake reads a descriptor per record.
         assert 0 < longest < 0.05, longest

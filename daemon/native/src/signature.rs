@@ -167,7 +167,7 @@ impl Signature {
                     Code::TooLarge,
                     format!(
                         "the request's inputs are {total} bytes; model {} takes at most {bound} \
-                         per request ({why}): send fewer rows per request",
+                         bytes per request ({why}): send fewer rows per request",
                         model(),
                     ),
                 )
@@ -415,8 +415,8 @@ mod tests {
         assert_eq!((e.code, e.limit), (Code::TooLarge, Some(63)));
         assert_eq!(
             e.message,
-            "the request's inputs are 64 bytes; model 'm' takes at most 63 per request (the \
-             reason): send fewer rows per request"
+            "the request's inputs are 64 bytes; model 'm' takes at most 63 bytes per request \
+             (the reason): send fewer rows per request"
         );
         assert!(Spec::parse("x", "f31", None).is_err());
         assert!(Spec::parse("x", "f32", Some(&[-2])).is_err());

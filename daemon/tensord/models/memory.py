@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import torch
 
@@ -37,12 +38,21 @@ FALLBACK_FACTOR = 16.0
 # The calibration batch's input bytes: large enough that the pass's buffers are fresh
 # mappings (so the peak RSS sees them), small enough to cost well under a second.
 CALIBRATION_BYTES = 4 * MiB
+CALIBRATION_SECONDS = 2.0
 # Passes estimated below this run without reading the memory the daemon has: the read
 # costs ~50 µs, and the margin below covers them.
 CHECK_FROM = 4 * MiB
 # Kept free beyond a pass's estimate: the daemon's own growth meanwhile (sessions' copies,
 # other threads' small allocations).
 MARGIN = 64 * MiB
+
+
+def _trim() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _status(key: str) -> int:
@@ -53,51 +63,73 @@ def _status(key: str) -> int:
     raise OSError(f"/proc/self/status has no {key}")
 
 
-def calibration_inputs(model) -> list[torch.Tensor] | None:
-    """Zero inputs of about CALIBRATION_BYTES for a model whose every input has a row
-    dimension and a fixed row form; None when it has not."""
-    row_bytes = 0
+def _row_bytes(model) -> int:
+    """Input bytes of one row for a model whose every input has a row dimension and a fixed
+    row form; 0 when it has not."""
+    total = 0
     for s in model.signature.inputs:
         if s.shape is None or not s.shape or s.shape[0] != -1 or any(d < 0 for d in s.shape[1:]) \
                 or s.dtype in ("any", "bytes"):
-            return None
+            return 0
         n = DTYPES[s.dtype].itemsize
         for d in s.shape[1:]:
             n *= d
-        row_bytes += n
-    if row_bytes == 0:
-        return None
-    rows = max(1, CALIBRATION_BYTES // row_bytes)
-    if model.signature.max_batch:
-        rows = min(rows, model.signature.max_batch)
+        total += n
+    return total
+
+
+def _inputs(model, rows: int) -> list[torch.Tensor]:
     return [torch.zeros((rows, *s.shape[1:]), dtype=DTYPES[s.dtype].torch_dtype)
             for s in model.signature.inputs]
 
 
+def _growth(model, inputs: list[torch.Tensor]) -> int:
+    """Bytes the process's peak RSS grew by during one forward pass over `inputs`."""
+    # Freed heap memory goes back to the kernel first: a pass that reused it would not raise
+    # the peak (glibc keeps what earlier passes freed), and the factor would come out low.
+    _trim()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak RSS starts again from the current RSS
+    before = _status("VmRSS:")
+    outputs = model.forward(inputs)
+    grew = _status("VmHWM:") - before
+    del outputs
+    return max(0, grew)
+
+
 def measure_factor(model) -> float | None:
-    """The model's memory factor from one calibration pass (the smaller of two, so that
-    another thread's allocation in one of them does not count), or None when it cannot be
-    measured here."""
-    inputs = calibration_inputs(model)
-    if inputs is None:
+    """The model's memory factor from calibration passes, or None when it cannot be measured
+    here. A small pass first (about CALIBRATION_BYTES / 16 of input), then one of about
+    CALIBRATION_BYTES when the small one says it fits in the memory the daemon has now and
+    took under CALIBRATION_SECONDS (its factor then: fixed costs weigh less in it)."""
+    row = _row_bytes(model)
+    if row == 0:
         return None
-    nbytes = sum(t.numel() * t.element_size() for t in inputs)
-    best = None
+    factor = 0.0
     try:
         with torch.inference_mode():
-            for _ in range(2):
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # the peak RSS starts again from the current RSS
-                before = _status("VmRSS:")
-                outputs = model.forward(inputs)
-                grew = _status("VmHWM:") - before
-                del outputs
-                best = grew if best is None else min(best, grew)
+            for target in (CALIBRATION_BYTES // 16, CALIBRATION_BYTES):
+                rows = max(1, target // row)
+                if model.signature.max_batch:
+                    rows = min(rows, model.signature.max_batch)
+                nbytes = rows * row
+                if factor and factor * nbytes + MARGIN > available_memory()[0]:
+                    break
+                inputs = _inputs(model, rows)
+                started = time.monotonic()
+                # + 1: the batch's gathered inputs (the arena), which exist before the pass
+                factor = 1.0 + _growth(model, inputs) / nbytes
+                if time.monotonic() - started > CALIBRATION_SECONDS / 16:
+                    break
     except OSError as e:
         log.info("model %s: cannot measure its memory per input byte (%s)", model.name, e)
         return None
-    # + 1: the batch's gathered inputs (the arena), which exist before the pass
-    return 1.0 + max(0, best or 0) / nbytes
+    except Exception as e:  # the model's own code: it ran one row at warm-up, not these
+        log.warning("model %s: its calibration pass failed (%s: %s); assuming %.0f bytes of "
+                    "daemon memory per input byte (set memory_factor in its config)",
+                    model.name, type(e).__name__, e, FALLBACK_FACTOR)
+        return None
+    return factor
 
 
 class ComputeBudget:
@@ -123,9 +155,9 @@ class ComputeBudget:
             free, why = available_memory()
             free -= self._held
             if need + MARGIN > free:
-                return (f"it needs about {need // MiB} MiB of daemon memory to run and "
-                        f"{max(0, free) // MiB} MiB are free now ({why}): retry later, or send "
-                        "fewer rows per request")
+                return (f"it needs about {need // MiB} MiB of daemon memory to run (and "
+                        f"{MARGIN // MiB} MiB to spare), and {max(0, free) // MiB} MiB are free "
+                        f"now ({why}): retry later, or send fewer rows per request")
             self._held += need
         return None
 

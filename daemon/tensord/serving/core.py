@@ -124,9 +124,10 @@ class Serving:
             p = model.batching
             factor = self._factor(model)
             bound = self.compute.bound(factor)
+            how = "" if model.memory_factor else " (assumed: it could not be measured)"
             why = (f"running it takes about {factor:.1f} bytes of daemon memory per input "
-                   f"byte, and the daemon lets one forward pass take "
-                   f"{self.compute.limit >> 20} MiB (max_compute_memory)")
+                   f"byte{how}, and one forward pass may take {self.compute.limit >> 20} MiB "
+                   "(max_compute_memory)")
             q = self.engine.set_model(
                 model.name, model.version,
                 [(s.name, s.dtype, None if s.shape is None else list(s.shape))

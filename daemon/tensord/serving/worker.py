@@ -120,9 +120,12 @@ def _tensors(batch: Any, model: Model, executor: Executor, stream: Any,
              budget: ComputeBudget | None = None, factor: float = 0.0) -> None:
     rows = batch.rows
     starts = np.concatenate(([0], np.cumsum(rows))).tolist()
-    row_bytes = 0
+    sizes = [0] * len(rows)  # each request's input bytes
     whole = []
     for arena, dtype, spans in batch.inputs():
+        if budget is not None:
+            for k, (_, n, _) in enumerate(spans):
+                sizes[k] += n
         if len(spans) == 1:
             o, n, shape = spans[0]
             whole.append(_view(arena, dtype, o, n, shape))
@@ -130,8 +133,7 @@ def _tensors(batch: Any, model: Model, executor: Executor, stream: Any,
             total = sum(n for _, n, _ in spans)
             shape = [int(starts[-1]), *spans[0][2][1:]]
             whole.append(_view(arena, dtype, 0, total, shape))
-    if budget is not None and starts[-1]:
-        row_bytes = sum(t.numel() * t.element_size() for t in whole) / starts[-1]
+    upto = np.concatenate(([0], np.cumsum(sizes))).tolist() if budget is not None else []
     if model.device.startswith("cuda"):
         whole = [_pinned(i, t) for i, t in enumerate(whole)]
     names = [s.name for s in model.signature.outputs]
@@ -139,7 +141,7 @@ def _tensors(batch: Any, model: Model, executor: Executor, stream: Any,
 
     def run(lo: int, hi: int) -> None:
         """One pass over requests [lo, hi), with its memory held until they are answered."""
-        need = int(row_bytes * (starts[hi] - starts[lo]) * factor)
+        need = int((upto[hi] - upto[lo]) * factor)
         if budget is not None and (why := budget.reserve(need)) is not None:
             # Never run: halves are tried, and a request that does not fit alone gets this.
             raise ResourceError(f"model {model.name!r} did not run the request: {why}")

@@ -316,6 +316,14 @@ fn intake(
             dims: r.shape.dims().to_vec(),
         });
     }
+    if aside {
+        // Refused before the worker copies anything: its response would not fit the ring.
+        let x = &inputs[0];
+        let need = plan_outputs(&[("y", x.dtype.name(), &x.dims, x.nbytes)]).record_len;
+        if need > s.response_capacity() {
+            return Err(fail(RequestError::new(Code::TooLarge, too_large(need, s))));
+        }
+    }
     if q.identity && !aside {
         let ok = identity(s, rec, &inputs[0], &mut sc.payload);
         sh.meters.request(
@@ -351,14 +359,8 @@ fn intake(
 /// the response. False: refused (its response cannot fit the response ring).
 fn identity(s: &Arc<Session>, rec: &RecordInfo, x: &Input, buf: &mut Vec<u8>) -> bool {
     let plan = plan_outputs(&[("y", x.dtype.name(), &x.dims, x.nbytes)]);
-    let cap = s.response_capacity();
-    if plan.record_len > cap {
-        let msg = format!(
-            "the outputs need a {}-byte response record but this session's response ring holds \
-             {cap} bytes: connect with a response ring of at least {} bytes (Go: WithRingSize)",
-            plan.record_len,
-            plan.record_len.max(65536).next_power_of_two()
-        );
+    if plan.record_len > s.response_capacity() {
+        let msg = too_large(plan.record_len, s);
         s.respond_error(rec.request_id, Code::TooLarge, &msg, Some(rec.position));
         return false;
     }
@@ -376,4 +378,14 @@ fn identity(s: &Arc<Session>, rec: &RecordInfo, x: &Input, buf: &mut Vec<u8>) ->
         true,
     );
     true
+}
+
+/// TOO_LARGE's message for outputs that need a `need`-byte response record.
+fn too_large(need: u64, s: &Session) -> String {
+    format!(
+        "the outputs need a {need}-byte response record but this session's response ring holds \
+         {} bytes: connect with a response ring of at least {} bytes (Go: WithRingSize)",
+        s.response_capacity(),
+        need.max(65536).next_power_of_two()
+    )
 }

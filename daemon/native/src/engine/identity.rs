@@ -4,6 +4,7 @@
 //! the copy. From INLINE_MAX up the copy (and a `bytes` tensor's length table: 11 M strings
 //! in 64 MiB) would hold up every other session's intake for tens of milliseconds.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use super::batch::{Batch, Output};
@@ -21,24 +22,34 @@ pub fn spawn(q: Arc<Queue>) -> std::io::Result<()> {
 }
 
 fn serve(q: Arc<Queue>) {
-    while let Some((id, jobs)) = q.take() {
-        let mut b = Batch::gather(q.clone(), id, jobs);
-        for k in 0..b.len() {
-            answer(&mut b, k);
-        }
-        b.close();
+    // A panic (an allocation that failed) costs its batch, which answers INTERNAL as it is
+    // dropped, never the thread: every later large identity request would wait in vain.
+    while let Ok(true) = std::panic::catch_unwind(AssertUnwindSafe(|| one(&q))) {}
+}
+
+/// Takes and answers one batch; false once the queue is retired and drained.
+fn one(q: &Arc<Queue>) -> bool {
+    let Some((id, jobs)) = q.take() else {
+        return false;
+    };
+    let mut b = Batch::gather(q.clone(), id, jobs);
+    let name = q.sig.inputs().first().map_or("x", |s| s.name.as_str());
+    for k in 0..b.len() {
+        answer(&mut b, k, name);
     }
+    b.close();
+    true
 }
 
 /// Request `k` answered with its input, once its values are checked as intake would have.
-fn answer(b: &mut Batch, k: usize) {
+fn answer(b: &mut Batch, k: usize, name: &str) {
     let a = &b.arenas[0];
     let buf = a.buf.clone();
     let (dtype, (off, n), shape) = (a.dtype, a.spans[k], a.shapes[k].clone());
     let data = &buf.as_slice()[off as usize..(off + n) as usize];
     let checked = match dtype {
-        DType::Bytes => signature::check_byte_strings(data, shape.iter().product(), "x"),
-        DType::Bool => signature::check_bools(data, "x"),
+        DType::Bytes => signature::check_byte_strings(data, shape.iter().product(), name),
+        DType::Bool => signature::check_bools(data, name),
         _ => Ok(()),
     };
     let done = match checked {
