@@ -170,3 +170,25 @@ def test_no_single_request_gets_the_daemon_oom_killed_in_a_memory_cgroup(tmp_pat
             if d is not None:
                 rc = d.stop()
     assert rc == 0, d.logs() if d else ""
+
+
+def test_pass_reservations_and_admitted_sessions_see_each_other(monkeypatch):
+    """Memory promised but not yet allocated counts on both sides: a forward pass's
+    reservation against a session's handshake (connection.py adds `held` to what the
+    segment check subtracts), and sessions admitted but not allocated against a pass.
+    The memory the daemon has is a fake here (fixed at 1000 MiB)."""
+    import tensord.models.memory as mem
+
+    monkeypatch.setattr(mem, "available_memory", lambda: (1000 * MiB, "the host's memory"))
+    admitted = [0]
+    b = mem.ComputeBudget(4096 * MiB, lambda: admitted[0])
+    assert b.reserve(600 * MiB) is None and b.held == 600 * MiB
+    why = b.reserve(400 * MiB)  # 1000 - 600 held < 400 + the 64 MiB margin
+    assert why is not None and "400 MiB" in why and "400 MiB are free now" in why, why
+    b.release(600 * MiB)
+    assert b.held == 0
+    admitted[0] = 500 * MiB
+    assert b.reserve(500 * MiB) is not None
+    assert b.reserve(400 * MiB) is None
+    b.release(400 * MiB)
+    assert b.reserve(1 * MiB) is None and b.held == 0  # small passes reserve nothing

@@ -274,7 +274,8 @@ class Connection:
         self.state = ATTACH
 
     def _create_segment(self, session_id: str, req: int, resp: int) -> Segment:
-        reserved = self.s.admission.uncharged - self._grant.size  # others', not yet allocated
+        # Others' memory not yet allocated: sessions admitted, forward passes that reserved theirs
+        reserved = self.s.admission.uncharged - self._grant.size + self.s.serving.compute.held
         try:
             return Segment.create(session_id, req, resp, reserved)
         except OSError as e:

@@ -59,7 +59,8 @@ class Server:
         self.executor = executor
         self.path = config.socket_path()
         admission = Admission.from_config(config)  # the per-uid defaults resolved
-        compute = ComputeBudget(config.max_compute_memory or default_limit())
+        compute = ComputeBudget(config.max_compute_memory or default_limit(),
+                                lambda: admission.uncharged)
         log.info("forward passes may take %d MiB of memory (max_compute_memory%s)",
                  compute.limit >> 20, "" if config.max_compute_memory else
                  ": half of what the daemon has at start")

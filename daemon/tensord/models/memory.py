@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -137,10 +138,18 @@ class ComputeBudget:
     bounds any one request at intake; `reserve` checks each large pass against what the daemon
     has now."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, unallocated: Callable[[], int] = lambda: 0):
         self.limit = limit
         self._held = 0  # estimates of the passes running now (their memory may not exist yet)
         self._lock = threading.Lock()
+        # Memory promised elsewhere whose pages do not exist yet (sessions admitted, segments
+        # not allocated): the kernel does not count it, so reserve() must not hand it out.
+        self.unallocated = unallocated
+
+    @property
+    def held(self) -> int:
+        """Bytes reserved by the passes running now (session admission leaves them alone)."""
+        return self._held
 
     def bound(self, factor: float) -> int:
         """The most input bytes one request (or batch) of a model with this factor may have."""
@@ -153,7 +162,7 @@ class ComputeBudget:
             return None
         with self._lock:
             free, why = available_memory()
-            free -= self._held
+            free -= self._held + self.unallocated()
             if need + MARGIN > free:
                 return (f"it needs about {need // MiB} MiB of daemon memory to run (and "
                         f"{MARGIN // MiB} MiB to spare), and {max(0, free) // MiB} MiB are free "
