@@ -427,47 +427,69 @@ def test_graceful_shutdown_finishes_requests_in_flight(gateway_exe, tmp_path):
 
 
 def test_proto_field_numbers_are_tritons():
-    """Every message and field of the gateway's grpc_predict_v2.proto exists in Triton's
-    grpc_service.proto (as tritonclient ships it) with the same number and type, and the
-    service's methods are Triton's: what lets tritonclient.grpc talk to the gateway."""
+    """Every message, field and enum value of the gateway's grpc_predict_v2.proto and
+    model_config.proto exists in Triton's grpc_service.proto and model_config.proto (as
+    tritonclient ships them) with the same number and type, and the service's methods are
+    Triton's: what lets tritonclient.grpc talk to the gateway."""
     from google.protobuf.descriptor import FieldDescriptor
-    from tritonclient.grpc import service_pb2
+    from tritonclient.grpc import model_config_pb2, service_pb2
 
-    text = (ROOT / "go/cmd/tensord-gateway/proto/grpc_predict_v2.proto").read_text()
-    text = re.sub(r"//[^\n]*", "", text)
     scalar = {"bool": FieldDescriptor.TYPE_BOOL, "string": FieldDescriptor.TYPE_STRING,
               "bytes": FieldDescriptor.TYPE_BYTES, "int32": FieldDescriptor.TYPE_INT32,
               "int64": FieldDescriptor.TYPE_INT64, "uint32": FieldDescriptor.TYPE_UINT32,
               "uint64": FieldDescriptor.TYPE_UINT64, "float": FieldDescriptor.TYPE_FLOAT,
               "double": FieldDescriptor.TYPE_DOUBLE}
-    stack: list[str] = []
     checked = 0
-    for tok in re.finditer(r"(message|service|oneof)\s+(\w+)\s*\{|\}|"
-                           r"(repeated\s+)?(map<[^>]+>|[\w.]+)\s+(\w+)\s*=\s*(\d+)\s*;|"
-                           r"rpc\s+(\w+)\s*\((\w+)\)\s*returns\s*\((\w+)\)\s*(?:\{\s*\}|;)", text):
-        if tok.group(1):
-            stack.append(tok.group(1) + " " + tok.group(2))
-        elif tok.group(0) == "}":
-            stack.pop()
-        elif tok.group(7):
-            method = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"] \
-                .methods_by_name[tok.group(7)]
-            assert (method.input_type.name, method.output_type.name) == \
-                (tok.group(8), tok.group(9))
-            checked += 1
-        elif tok.group(6) and stack and not stack[-1].startswith("service"):
-            names = [s.split()[1] for s in stack if s.startswith("message")]
-            desc = service_pb2.DESCRIPTOR.message_types_by_name[names[0]]
-            for n in names[1:]:
-                desc = desc.nested_types_by_name[n]
-            field = desc.fields_by_name[tok.group(5)]
-            assert field.number == int(tok.group(6)), (names, tok.group(5))
-            assert field.is_repeated == bool(tok.group(3) or tok.group(4).startswith("map<")), \
-                (names, tok.group(5))
-            if tok.group(4) in scalar:
-                assert field.type == scalar[tok.group(4)], (names, tok.group(5))
-            checked += 1
-    assert checked > 60
+    for proto, tritons in (("grpc_predict_v2.proto", service_pb2.DESCRIPTOR),
+                           ("model_config.proto", model_config_pb2.DESCRIPTOR)):
+        text = (ROOT / "go/cmd/tensord-gateway/proto" / proto).read_text()
+        text = re.sub(r"//[^\n]*", "", text)
+        stack: list[str] = []
+        for tok in re.finditer(r"(message|service|oneof|enum)\s+(\w+)\s*\{|\}|"
+                               r"(repeated\s+)?(map<[^>]+>|[\w.]+)\s+(\w+)\s*=\s*(\d+)\s*;|"
+                               r"rpc\s+(\w+)\s*\((\w+)\)\s*returns\s*\((\w+)\)\s*(?:\{\s*\}|;)|"
+                               r"(\w+)\s*=\s*(\d+)\s*;", text):
+            if tok.group(1):
+                stack.append(tok.group(1) + " " + tok.group(2))
+            elif tok.group(0) == "}":
+                stack.pop()
+            elif tok.group(7):
+                method = tritons.services_by_name["GRPCInferenceService"] \
+                    .methods_by_name[tok.group(7)]
+                assert (method.input_type.name, method.output_type.name) == \
+                    (tok.group(8), tok.group(9))
+                checked += 1
+            elif tok.group(10):  # an enum value
+                kind, name = stack[-1].split()
+                assert kind == "enum", tok.group(0)
+                enum = tritons.enum_types_by_name[name] if len(stack) == 1 else \
+                    _message(tritons, stack[:-1]).enum_types_by_name[name]
+                assert enum.values_by_name[tok.group(10)].number == int(tok.group(11)), \
+                    (name, tok.group(10))
+                checked += 1
+            elif tok.group(6) and stack and not stack[-1].startswith("service"):
+                desc = _message(tritons, stack)
+                field = desc.fields_by_name[tok.group(5)]
+                where = (desc.name, tok.group(5))
+                assert field.number == int(tok.group(6)), where
+                assert field.is_repeated == bool(tok.group(3) or tok.group(4).startswith("map<")), \
+                    where
+                if tok.group(4) in scalar:
+                    assert field.type == scalar[tok.group(4)], where
+                elif not tok.group(4).startswith("map<"):
+                    named = field.message_type or field.enum_type
+                    assert named is not None and named.name == tok.group(4), where
+                checked += 1
+    assert checked >= 120
+
+
+def _message(file, stack: list[str]):
+    """The descriptor of the message nested as the stack of open blocks says."""
+    names = [s.split()[1] for s in stack if s.startswith("message")]
+    desc = file.message_types_by_name[names[0]]
+    for n in names[1:]:
+        desc = desc.nested_types_by_name[n]
+    return desc
 
 
 # ---- what a Triton user and an operator need (issue 17 items 11-13, issue 19 item 4) --------
@@ -497,6 +519,78 @@ def test_model_config_and_statistics_through_tritonclient(served):
     assert "nope" in e.value.message()
     status, headers, body = gw.request("GET", "/v2/no/such/route")
     assert status == 404 and "error" in json.loads(body)
+
+
+def test_model_config_and_statistics_through_tritonclient_grpc(served):
+    """gRPC ModelConfig and ModelStatistics, as tritonclient.grpc asks for them: the daemon's
+    signature as Triton's config, and its counters, which move by exactly the requests made."""
+    from tritonclient.grpc import model_config_pb2
+
+    d, gw, _ = served
+    c = tritongrpc.InferenceServerClient(gw.grpc)
+
+    def tensors(ts):
+        return [(t.name, model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in ts]
+
+    cfg = c.get_model_config("mlp").config
+    assert (cfg.name, cfg.platform, cfg.backend, cfg.max_batch_size) == \
+        ("mlp", "tensord/torchscript", "tensord", 0)
+    assert tensors(cfg.input) == [("x", "TYPE_FP32", [-1, 16])]
+    assert tensors(cfg.output) == [("y", "TYPE_FP32", [-1, 4])]
+    assert cfg.parameters["device"].string_value == "cpu"
+    cfg = c.get_model_config("sentiment", "1").config  # BYTES is Triton's TYPE_STRING
+    assert tensors(cfg.input) == [("text", "TYPE_STRING", [-1])]
+    assert tensors(cfg.output) == [("labels", "TYPE_STRING", [-1, 3]),
+                                   ("scores", "TYPE_FP32", [-1, 3]),
+                                   ("classes", "TYPE_INT64", [-1, 3])]
+    assert cfg.platform == "tensord/text.classify"
+    assert c.get_model_config("mlp", as_json=True)["config"]["input"][0]["data_type"] == \
+        "TYPE_FP32"
+
+    def stat(model="mlp"):
+        (s,) = c.get_inference_statistics(model).model_stats
+        return s
+
+    before = stat()
+    x = tritongrpc.InferInput("x", [2, 16], "FP32")
+    x.set_data_from_numpy(np.ones((2, 16), dtype=np.float32))
+    for _ in range(5):  # one after the other: each is a forward pass of its own
+        c.infer("mlp", [x])
+    after = stat()
+    assert (after.name, after.version) == ("mlp", "1")
+    assert after.inference_count - before.inference_count == 5
+    assert after.execution_count - before.execution_count == 5
+    s0, s1 = before.inference_stats, after.inference_stats
+    assert s1.success.count - s0.success.count == 5 and s1.fail.count == s0.fail.count
+    assert s1.queue.count - s0.queue.count == 5
+    assert s1.compute_infer.count - s0.compute_infer.count == 5
+    assert s1.compute_infer.ns > s0.compute_infer.ns and s1.queue.ns >= s0.queue.ns
+    assert s1.success.ns == s1.queue.ns + s1.compute_infer.ns
+    ones = {b.batch_size: b.compute_infer.count for b in after.batch_stats}[1] - \
+        {b.batch_size: b.compute_infer.count for b in before.batch_stats}.get(1, 0)
+    assert ones == 5
+
+    # Every model's counters are the daemon's own (read first: nothing runs in between).
+    with Client(d.path) as direct:
+        want = {m.name: m for m in direct.stats()}
+    got = {s.name: s for s in c.get_inference_statistics().model_stats}
+    assert set(got) == set(want) >= {"mlp", "identity", "resnet18", "sentiment", "gate"}
+    for name, w in want.items():
+        g = got[name]
+        assert (g.version, g.inference_count, g.execution_count) == \
+            (str(w.version), w.served, w.batches), name
+        assert g.inference_stats.fail.count == w.failed + w.rejected + w.expired, name
+        assert g.inference_stats.queue.ns == w.queue_us * 1000, name
+        assert g.inference_stats.compute_infer.ns == w.compute_us * 1000, name
+        assert {b.batch_size: b.compute_infer.count for b in g.batch_stats} == \
+            dict(map(tuple, w.batch_sizes)), name
+
+    for call, says in ((lambda: c.get_model_config("nope"), 'no model named "nope"'),
+                       (lambda: c.get_inference_statistics("nope"), 'no model named "nope"'),
+                       (lambda: c.get_model_config("mlp", "7"), "version 7 is not served")):
+        with pytest.raises(InferenceServerException) as e:
+            call()
+        assert e.value.status() == "StatusCode.NOT_FOUND" and says in e.value.message(), e.value
 
 
 def test_gateway_listens_on_loopback_by_default(gateway_exe, tmp_path):

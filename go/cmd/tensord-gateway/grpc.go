@@ -59,6 +59,28 @@ func (s *grpcService) ModelMetadata(ctx context.Context, r *pb.ModelMetadataRequ
 		Platform: platform(m), Inputs: grpcTensorsMetadata(m.Inputs), Outputs: grpcTensorsMetadata(m.Outputs)}, nil
 }
 
+// ModelConfig is Triton's model configuration extension: what GET .../config answers.
+func (s *grpcService) ModelConfig(ctx context.Context, r *pb.ModelConfigRequest) (*pb.ModelConfigResponse, error) {
+	m, err := s.g.model(ctx, r.GetName(), r.GetVersion())
+	if err != nil {
+		return nil, grpcError(err)
+	}
+	return &pb.ModelConfigResponse{Config: configProto(configOf(m))}, nil
+}
+
+// ModelStatistics is Triton's statistics extension: what GET .../stats answers.
+func (s *grpcService) ModelStatistics(ctx context.Context, r *pb.ModelStatisticsRequest) (*pb.ModelStatisticsResponse, error) {
+	st, err := s.g.statistics(ctx, r.GetName(), r.GetVersion())
+	if err != nil {
+		return nil, grpcError(err)
+	}
+	out := &pb.ModelStatisticsResponse{ModelStats: make([]*pb.ModelStatistics, len(st))}
+	for i, m := range st {
+		out.ModelStats[i] = statProto(m)
+	}
+	return out, nil
+}
+
 func (s *grpcService) ModelInfer(ctx context.Context, r *pb.ModelInferRequest) (*pb.ModelInferResponse, error) {
 	req, err := grpcRequest(r)
 	if err != nil {

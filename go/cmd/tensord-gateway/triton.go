@@ -1,16 +1,20 @@
 package main
 
 import (
+	"context"
 	"net/http"
 	"sort"
 	"strconv"
 
+	"github.com/tensord/tensord/go/cmd/tensord-gateway/pb"
 	"github.com/tensord/tensord/go/shmclient"
 )
 
-// Triton's model configuration and statistics extensions over HTTP (what tritonclient's
+// Triton's model configuration and statistics extensions (what tritonclient's
 // get_model_config and get_inference_statistics ask for), built from the daemon's model
-// metadata and scheduling counters (SPEC §2.4 model info, model_stats).
+// metadata and scheduling counters (SPEC §2.4 model info, model_stats). configOf and
+// statistics build both; HTTP writes what they build as JSON, gRPC copies it into Triton's
+// messages (configProto, statProto), so the two front ends cannot say different things.
 
 type configTensorJSON struct {
 	Name     string  `json:"name"`
@@ -19,13 +23,17 @@ type configTensorJSON struct {
 }
 
 type modelConfigJSON struct {
-	Name         string             `json:"name"`
-	Platform     string             `json:"platform"`
-	Backend      string             `json:"backend"`
-	MaxBatchSize uint64             `json:"max_batch_size"`
-	Input        []configTensorJSON `json:"input"`
-	Output       []configTensorJSON `json:"output"`
-	Parameters   map[string]any     `json:"parameters"`
+	Name         string               `json:"name"`
+	Platform     string               `json:"platform"`
+	Backend      string               `json:"backend"`
+	MaxBatchSize int32                `json:"max_batch_size"`
+	Input        []configTensorJSON   `json:"input"`
+	Output       []configTensorJSON   `json:"output"`
+	Parameters   map[string]paramJSON `json:"parameters"`
+}
+
+type paramJSON struct {
+	StringValue string `json:"string_value"`
 }
 
 func configTensors(specs []shmclient.TensorSpec) []configTensorJSON {
@@ -53,23 +61,29 @@ func tritonTypeName(d shmclient.DType) string {
 	}
 }
 
-// modelConfig answers GET /v2/models/{name}[/versions/{v}]/config. Dims are given in full,
-// the batch dimension included, with max_batch_size 0 (Triton's way of saying so).
+// modelConfig answers GET /v2/models/{name}[/versions/{v}]/config.
 func (g *gateway) modelConfig(w http.ResponseWriter, r *http.Request) {
 	m, err := g.model(r.Context(), r.PathValue("name"), r.PathValue("version"))
 	if err != nil {
 		writeError(w, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, modelConfigJSON{
+	writeJSON(w, http.StatusOK, configOf(m))
+}
+
+// configOf is a model's configuration as Triton describes one. Dims are given in full, the
+// batch dimension included, with max_batch_size 0 (Triton's way of saying so); what Triton
+// has no field for (the device, idempotence, the limits) is in parameters.
+func configOf(m *shmclient.ModelInfo) modelConfigJSON {
+	return modelConfigJSON{
 		Name: m.Name, Platform: platform(m), Backend: "tensord", MaxBatchSize: 0,
 		Input: configTensors(m.Inputs), Output: configTensors(m.Outputs),
-		Parameters: map[string]any{"device": map[string]string{"string_value": m.Device},
-			"idempotent":        map[string]string{"string_value": strconv.FormatBool(m.Idempotent)},
-			"limits.max_batch":  map[string]string{"string_value": strconv.FormatUint(m.Limits.MaxBatch, 10)},
-			"limits.max_bytes":  map[string]string{"string_value": strconv.FormatUint(m.Limits.MaxBytes, 10)},
-			"limits.max_pixels": map[string]string{"string_value": strconv.FormatUint(m.Limits.MaxPixels, 10)}},
-	})
+		Parameters: map[string]paramJSON{"device": {m.Device},
+			"idempotent":        {strconv.FormatBool(m.Idempotent)},
+			"limits.max_batch":  {strconv.FormatUint(m.Limits.MaxBatch, 10)},
+			"limits.max_bytes":  {strconv.FormatUint(m.Limits.MaxBytes, 10)},
+			"limits.max_pixels": {strconv.FormatUint(m.Limits.MaxPixels, 10)}},
+	}
 }
 
 type durationStatJSON struct {
@@ -109,37 +123,45 @@ type statsJSON struct {
 	ModelStats []modelStatJSON `json:"model_stats"`
 }
 
-// modelStats answers GET /v2/models[/{name}[/versions/{v}]]/stats. tensord counts per
-// request and per forward pass, not per stage: compute_infer holds the forward passes' time
-// (spread over the passes of each batch size in proportion to the requests they joined),
-// queue the time requests waited, fail the requests answered with an error (the model's,
-// a full queue, an expired deadline), with no time.
+// modelStats answers GET /v2/models[/{name}[/versions/{v}]]/stats.
 func (g *gateway) modelStats(w http.ResponseWriter, r *http.Request) {
-	name := r.PathValue("name")
-	if name != "" {
-		if _, err := g.model(r.Context(), name, r.PathValue("version")); err != nil {
-			writeError(w, err)
-			return
-		}
-	} else if !g.ready() {
-		writeError(w, errNotReady)
-		return
-	}
-	all, err := g.b.Stats(r.Context())
+	st, err := g.statistics(r.Context(), r.PathValue("name"), r.PathValue("version"))
 	if err != nil {
 		writeError(w, err)
 		return
 	}
-	out := statsJSON{ModelStats: []modelStatJSON{}}
+	writeJSON(w, http.StatusOK, statsJSON{ModelStats: st})
+}
+
+// statistics are one model's counters (name and version as the request gives them: an
+// unknown one is not found), or every model's when name is "".
+func (g *gateway) statistics(ctx context.Context, name, version string) ([]modelStatJSON, error) {
+	if name != "" {
+		if _, err := g.model(ctx, name, version); err != nil {
+			return nil, err
+		}
+	} else if !g.ready() {
+		return nil, errNotReady
+	}
+	all, err := g.b.Stats(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := []modelStatJSON{}
 	for _, s := range all {
 		if name != "" && s.Name != name {
 			continue
 		}
-		out.ModelStats = append(out.ModelStats, statJSON(s))
+		out = append(out, statJSON(s))
 	}
-	writeJSON(w, http.StatusOK, out)
+	return out, nil
 }
 
+// statJSON is a model's counters as Triton's statistics. tensord counts per request and per
+// forward pass, not per stage: compute_infer holds the forward passes' time (spread over the
+// passes of each batch size in proportion to the requests they joined), queue the time
+// requests waited, fail the requests answered with an error (the model's, a full queue, an
+// expired deadline), with no time.
 func statJSON(s shmclient.ModelStats) modelStatJSON {
 	queueNS := uint64(s.QueueTime.Nanoseconds())
 	computeNS := uint64(s.ComputeTime.Nanoseconds())
@@ -168,4 +190,47 @@ func statJSON(s shmclient.ModelStats) modelStatJSON {
 			ComputeInfer: durationStatJSON{Count: n, NS: ns}})
 	}
 	return st
+}
+
+// ---- the same as Triton's gRPC messages ---------------------------------------------------
+
+func configProto(c modelConfigJSON) *pb.ModelConfig {
+	out := &pb.ModelConfig{Name: c.Name, Platform: c.Platform, Backend: c.Backend,
+		MaxBatchSize: c.MaxBatchSize, Parameters: make(map[string]*pb.ModelParameter, len(c.Parameters))}
+	for _, t := range c.Input {
+		out.Input = append(out.Input, &pb.ModelInput{Name: t.Name, DataType: dataTypeProto(t.DataType), Dims: t.Dims})
+	}
+	for _, t := range c.Output {
+		out.Output = append(out.Output, &pb.ModelOutput{Name: t.Name, DataType: dataTypeProto(t.DataType), Dims: t.Dims})
+	}
+	for k, v := range c.Parameters {
+		out.Parameters[k] = &pb.ModelParameter{StringValue: v.StringValue}
+	}
+	return out
+}
+
+// dataTypeProto is the enum value of a config datatype (TYPE_FP32, ...); configTensors
+// only writes names the enum has.
+func dataTypeProto(name string) pb.DataType {
+	return pb.DataType(pb.DataType_value[name])
+}
+
+func durationProto(d durationStatJSON) *pb.StatisticDuration {
+	return &pb.StatisticDuration{Count: d.Count, Ns: d.NS}
+}
+
+func statProto(s modelStatJSON) *pb.ModelStatistics {
+	i := s.InferenceStats
+	out := &pb.ModelStatistics{Name: s.Name, Version: s.Version, LastInference: s.LastInference,
+		InferenceCount: s.InferenceCount, ExecutionCount: s.ExecutionCount,
+		InferenceStats: &pb.InferStatistics{Success: durationProto(i.Success), Fail: durationProto(i.Fail),
+			Queue: durationProto(i.Queue), ComputeInput: durationProto(i.ComputeInput),
+			ComputeInfer: durationProto(i.ComputeInfer), ComputeOutput: durationProto(i.ComputeOut),
+			CacheHit: durationProto(i.CacheHit), CacheMiss: durationProto(i.CacheMiss)}}
+	for _, b := range s.BatchStats {
+		out.BatchStats = append(out.BatchStats, &pb.InferBatchStatistics{BatchSize: b.BatchSize,
+			ComputeInput: durationProto(b.ComputeInput), ComputeInfer: durationProto(b.ComputeInfer),
+			ComputeOutput: durationProto(b.ComputeOut)})
+	}
+	return out
 }
