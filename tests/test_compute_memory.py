@@ -192,3 +192,15 @@ def test_pass_reservations_and_admitted_sessions_see_each_other(monkeypatch):
     assert b.reserve(400 * MiB) is None
     b.release(400 * MiB)
     assert b.reserve(1 * MiB) is None and b.held == 0  # small passes reserve nothing
+
+
+def test_a_model_no_request_of_which_fits_is_named_in_the_log(tmp_path):
+    # one mlp row is 64 bytes of input, times ~9 to run: 256 bytes leave no room for one row
+    d = start_daemon(tmp_path, config="[daemon]\nmax_compute_memory = 256\n")
+    try:
+        with Client(d.path) as c:
+            with pytest.raises(TooLargeError, match="max_compute_memory"):
+                c.infer("mlp", {"x": _rows(1, 3)})
+        assert "model mlp: its smallest request (64 bytes of input) is past" in d.logs()
+    finally:
+        assert d.stop() == 0, d.logs()

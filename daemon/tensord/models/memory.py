@@ -79,6 +79,20 @@ def _row_bytes(model) -> int:
     return total
 
 
+def smallest_request(model) -> int:
+    """Input bytes of the smallest request the model takes (one row where it has rows); 0
+    when its inputs have no fixed form."""
+    total = 0
+    for s in model.signature.inputs:
+        if s.shape is None or s.dtype in ("any", "bytes"):
+            return 0
+        n = DTYPES[s.dtype].itemsize
+        for d in s.shape:
+            n *= max(d, 1)
+        total += n
+    return total
+
+
 def _inputs(model, rows: int) -> list[torch.Tensor]:
     return [torch.zeros((rows, *s.shape[1:]), dtype=DTYPES[s.dtype].torch_dtype)
             for s in model.signature.inputs]

@@ -27,7 +27,7 @@ from .. import _core, metrics
 from ..contract.errors import ErrorCode, ProtocolError, ResourceError, TensordError
 from ..contract.messages import ModelHealth, ModelStat
 from ..models.base import Model
-from ..models.memory import FALLBACK_FACTOR, ComputeBudget
+from ..models.memory import FALLBACK_FACTOR, ComputeBudget, smallest_request
 from ..models.registry import Registry
 from ..transport.segment import Segment
 from . import cuda
@@ -124,6 +124,12 @@ class Serving:
             p = model.batching
             factor = self._factor(model)
             bound = self.compute.bound(factor)
+            least = smallest_request(model)
+            if bound and least > bound:
+                log.warning("model %s: its smallest request (%d bytes of input) is past what one "
+                            "forward pass may take (%d bytes: max_compute_memory / its "
+                            "memory_factor %.1f), so every request will be refused TOO_LARGE: "
+                            "raise max_compute_memory", name, least, bound, factor)
             how = "" if model.memory_factor else " (assumed: it could not be measured)"
             why = (f"running it takes about {factor:.1f} bytes of daemon memory per input "
                    f"byte{how}, and one forward pass may take {self.compute.limit >> 20} MiB "
