@@ -179,3 +179,20 @@ class Overlap(Doubler):
         with self.lock:
             self.now -= 1
         return super().forward(batch)
+
+
+class Lengths(Handler):
+    """Each byte string's length: a model with a `bytes` input (the per-request path) that
+    declares no per-item limits."""
+
+    inputs = (Spec("x", "bytes", (-1,)),)
+    outputs = (Spec("n", "i64", (-1,)),)
+
+    def load(self, ctx):
+        pass
+
+    def forward(self, batch):
+        import torch
+
+        (x,) = batch
+        return [torch.tensor([len(s) for s in x.items], dtype=torch.int64)]

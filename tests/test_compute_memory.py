@@ -18,7 +18,7 @@ from cgroups import SKIP_REASON, memory_cgroup, own_memcg
 from conftest import start_daemon
 from pipelining import publish, responses
 
-from tensord.client import Client
+from tensord.client import ByteStrings, Client
 from tensord.config import ConfigError, load_config
 from tensord.contract.errors import ResourceError, TooLargeError, retryable, safe_to_retry
 from tensord.models.builtin import build_mlp
@@ -202,5 +202,31 @@ def test_a_model_no_request_of_which_fits_is_named_in_the_log(tmp_path):
             with pytest.raises(TooLargeError, match="max_compute_memory"):
                 c.infer("mlp", {"x": _rows(1, 3)})
         assert "model mlp: its smallest request (64 bytes of input) is past" in d.logs()
+    finally:
+        assert d.stop() == 0, d.logs()
+
+
+def test_a_bytes_model_without_item_limits_is_bounded_too(tmp_path):
+    """The per-request path (bytes inputs) of a handler that declares no per-item limits gets
+    the assumed factor (16): with 16 MiB to compute in, a request takes at most 1 MiB."""
+    d = start_daemon(tmp_path, config=f"""
+[daemon]
+max_compute_memory = {16 * MiB}
+[[models]]
+name = "lengths"
+source = "handler"
+handler = "handlers_for_tests:Lengths"
+warmup = false
+""")
+    try:
+        with Client(d.path, request_ring=8 * MiB) as c:
+            texts = [bytes([65 + i % 26]) * (i % 50) for i in range(1000)]
+            got = c.infer("lengths", {"x": ByteStrings(texts, (len(texts),))})["n"]
+            np.testing.assert_array_equal(got, [len(t) for t in texts])
+            big = [b"z" * 1000] * 2000  # 2 MB
+            with pytest.raises(TooLargeError) as e:
+                c.infer("lengths", {"x": ByteStrings(big, (len(big),))})
+            assert "assumed: it could not be measured" in e.value.message, e.value.message
+            assert e.value.limit == MiB, e.value.limit
     finally:
         assert d.stop() == 0, d.logs()

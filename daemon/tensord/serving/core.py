@@ -25,7 +25,7 @@ import torch
 
 from .. import _core, metrics
 from ..contract.errors import ErrorCode, ProtocolError, ResourceError, TensordError
-from ..contract.messages import ModelHealth, ModelStat
+from ..contract.messages import ModelHealth, ModelLimits, ModelStat
 from ..models.base import Model
 from ..models.memory import FALLBACK_FACTOR, ComputeBudget, smallest_request
 from ..models.registry import Registry
@@ -160,8 +160,9 @@ class Serving:
     @staticmethod
     def _factor(model: Model) -> float:
         """The model's memory per input byte for compute admission; 0: none (the built-in
-        identity, and the per-request path, whose handlers bound each item themselves)."""
-        if model.inline or per_request(model):
+        identity, and models whose limits bound each item: the built-in vision and text
+        handlers, whose cost follows pixels and tokens, not input bytes)."""
+        if model.inline or (per_request(model) and model.limits != ModelLimits()):
             return 0.0
         return model.memory_factor or FALLBACK_FACTOR
 

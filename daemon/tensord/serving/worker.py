@@ -58,7 +58,7 @@ def work(queue: Any, model: Model, executor: Executor, stream: Any = None,
         while (batch := queue.next_batch()) is not None:
             try:
                 if split_here:
-                    _requests(batch, model, executor, stream)
+                    _requests(batch, model, executor, stream, budget, factor)
                 else:
                     _tensors(batch, model, executor, stream, budget, factor)
             except _Unwritable:
@@ -143,9 +143,7 @@ def _tensors(batch: Any, model: Model, executor: Executor, stream: Any,
     def run(lo: int, hi: int) -> None:
         """One pass over requests [lo, hi), with its memory held until they are answered."""
         need = int((upto[hi] - upto[lo]) * factor)
-        if budget is not None and (why := budget.reserve(need)) is not None:
-            # Never run: halves are tried, and a request that does not fit alone gets this.
-            raise ResourceError(f"model {model.name!r} did not run the request: {why}")
+        _reserve(budget, need, model)
         try:
             answer(lo, hi)
         finally:
@@ -198,12 +196,22 @@ def _pinned(i: int, t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _requests(batch: Any, model: Model, executor: Executor, stream: Any) -> None:
+def _reserve(budget: ComputeBudget | None, need: int, model: Model) -> None:
+    """Hold `need` bytes of compute memory for a pass, or raise RESOURCE: never run, so
+    halves are tried, and a request that does not fit alone gets it."""
+    if budget is not None and (why := budget.reserve(need)) is not None:
+        raise ResourceError(f"model {model.name!r} did not run the request: {why}")
+
+
+def _requests(batch: Any, model: Model, executor: Executor, stream: Any,
+              budget: ComputeBudget | None = None, factor: float = 0.0) -> None:
     rows = batch.rows
     per: list[list[Value]] = [[] for _ in rows]
+    sizes = [0] * len(rows)  # each request's input bytes
     for arena, dtype, spans in batch.inputs():
         mv = memoryview(arena)
         for k, (o, n, shape) in enumerate(spans):
+            sizes[k] += n
             if dtype == "bytes":
                 per[k].append(ByteStrings.from_encoded(bytes(mv[o:o + n]), tuple(shape)))
             else:
@@ -211,11 +219,17 @@ def _requests(batch: Any, model: Model, executor: Executor, stream: Any) -> None
     names = [s.name for s in model.signature.outputs]
 
     def run(lo: int, hi: int) -> None:
-        group = per[lo:hi]
-        inputs = group[0] if len(group) == 1 else gather(model, group)
-        outputs, dtypes = executor.run(model, inputs, stream)
-        parts = [outputs] if len(group) == 1 else _split(model, outputs, rows[lo:hi])
-        _answer_each(batch, lo, parts, names, dtypes)
+        need = int(sum(sizes[lo:hi]) * factor)
+        _reserve(budget, need, model)
+        try:
+            group = per[lo:hi]
+            inputs = group[0] if len(group) == 1 else gather(model, group)
+            outputs, dtypes = executor.run(model, inputs, stream)
+            parts = [outputs] if len(group) == 1 else _split(model, outputs, rows[lo:hi])
+            _answer_each(batch, lo, parts, names, dtypes)
+        finally:
+            if budget is not None:
+                budget.release(need)
 
     _attempt(batch, 0, len(rows), run)
 
