@@ -378,10 +378,10 @@ def test_systemctl_reload_under_a_real_systemd(tmp_path):
     props = ["Type=notify", "NotifyAccess=all", "WatchdogSec=3s", "TimeoutStartSec=300",
              "ExecReload=" + " ".join(reload),  # $MAINPID is systemd's to expand
              "Environment=PYTHONPATH=" + daemon_env()["PYTHONPATH"]]
-    subprocess.run(["systemd-run", "--user", f"--unit={unit}",
-                    *[a for p in props for a in ("-p", p)], "--", *start],
-                   check=True, capture_output=True, timeout=300)
     try:
+        subprocess.run(["systemd-run", "--user", f"--unit={unit}",
+                        *[a for p in props for a in ("-p", p)], "--", *start],
+                       check=True, capture_output=True, timeout=300)
         old = int(systemctl("show", "-p", "MainPID", "--value", unit))
         systemctl("reload", unit)
         new = int(systemctl("show", "-p", "MainPID", "--value", unit))
