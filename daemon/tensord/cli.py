@@ -129,9 +129,9 @@ def _serve(args) -> int:
         logging.getLogger("tensord").error("%s", e)
         return 1
     if predecessor is not None:
-        import os
-
-        notify(f"MAINPID={os.getpid()}")  # systemd follows the new daemon (NotifyAccess=all)
+        # MAINPID=: systemd follows the new daemon (NotifyAccess=all), whose watchdog this is
+        # now; then the old one drains.
+        predecessor.serving()
     notify("READY=1")
     server.serve_forever()  # tells the manager STOPPING=1 as it starts to shut down
     return 0

@@ -29,12 +29,25 @@ def notify(state: str) -> bool:
 
 def watchdog_interval() -> float | None:
     """Seconds between WATCHDOG=1 notifications the manager wants (half its WatchdogSec=, as
-    sd_watchdog_enabled(3) advises), or None when it wants none."""
+    sd_watchdog_enabled(3) advises), or None when it wants none, or none from this process
+    (WATCHDOG_PID names another: the manager watches its main process)."""
     usec = os.environ.get("WATCHDOG_USEC", "")
     pid = os.environ.get("WATCHDOG_PID", "")
     if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
         return None
     return int(usec) / 2e6
+
+
+def become_main(predecessor: int) -> None:
+    """Tell the manager that this process is the service's main process from now on, in place
+    of `predecessor`, which started it (a zero-downtime upgrade, control/takeover.py): MAINPID=,
+    which the manager takes from a process other than the main one under NotifyAccess=all.
+    The watchdog then watches this process, so WATCHDOG_PID, inherited from the predecessor
+    and naming it, is made to name this one: watchdog_interval() answers for this process
+    from here on, and the next successor inherits the right pid."""
+    notify(f"MAINPID={os.getpid()}")
+    if os.environ.get("WATCHDOG_PID") == str(predecessor):
+        os.environ["WATCHDOG_PID"] = str(os.getpid())
 
 
 def listen_fds() -> list[socket.socket]:

@@ -109,7 +109,7 @@ class Server:
         self._pending: dict[Connection, None] = {}
         self._dirty = True  # gauges and STATUS= need refreshing
         self._status = ""
-        self._watchdog = sdnotify.watchdog_interval()
+        self._watchdog: float | None = None  # set as serving starts (serve_forever)
         self._watchdog_next = 0.0
         self._metrics: metrics.Listener | None = None
         self._successor = Successor(self.call_soon)
@@ -330,6 +330,9 @@ class Server:
 
     def serve_forever(self) -> None:
         assert self._listener is not None, "call listen() first"
+        # Asked now, not at construction: a successor (control/takeover.py) takes the
+        # watchdog over from the daemon it replaces only once it serves.
+        self._watchdog = sdnotify.watchdog_interval()
         while not self._stopping:
             try:
                 events = self._ep.poll(self._timeout())

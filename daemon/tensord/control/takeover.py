@@ -8,16 +8,26 @@ start changes nothing: the old daemon logs why and keeps serving.
     tensord upgrade [--socket PATH] [--pid PID]  # waits for the outcome; exits 1 on failure
     kill -USR2 <daemon pid>                      # the same, without waiting
 
-Under systemd: ExecReload=tensord upgrade --pid $MAINPID, with NotifyAccess=all so that the
-new daemon's MAINPID= is accepted.
+Under systemd (systemd/tensord.service): ExecReload=tensord upgrade --pid $MAINPID, with
+NotifyAccess=all so that the manager takes the new daemon's MAINPID= and, from then on, its
+WATCHDOG=1 pings. The new daemon inherits WATCHDOG_PID naming the old one; it pings once it
+has said MAINPID= (sdnotify.become_main). The old daemon says nothing to the manager once it
+has handed over: its STOPPING=1 would be taken for the service's and stop the new daemon too.
 
 Old daemon (SIGUSR2, `Successor`)               new daemon (`tensord serve`, `Predecessor`)
   pipes ready and go; spawn `tensord serve`  ->   TENSORD_TAKEOVER: listener, ready, go fds
   serving                                         load and warm models
   <- "ready" ------------------------------------
-  stop accepting, close metrics listener
-  "go" ------------------------------------------> accept on the inherited listener
-  drain (SIGTERM's path), exit                     MAINPID= and READY=1 to systemd
+  stop accepting, close metrics listener,
+  stop notifying the manager
+  "go" ------------------------------------------> accept on the inherited listener,
+                                                   MAINPID= to systemd (+ the watchdog)
+  <- "main" -------------------------------------
+  drain (SIGTERM's path), exit                     READY=1, serve
+
+The old daemon drains only after "main": clients (`tensord upgrade`, hence systemd's reload)
+see `draining` only once the manager has been told who the main process is, so systemd never
+sees the reload end or the old main process exit before it knows of the new one.
 
 The successor is the same command line (`sys.argv`) run by the same interpreter, so new code
 installed in the environment is what it runs. Both processes share the listening socket; the
@@ -39,10 +49,15 @@ import threading
 import time
 from collections.abc import Callable
 
+from .. import sdnotify
+
 log = logging.getLogger(__name__)
 
 ENV = "TENSORD_TAKEOVER"  # "listener,ready,go,owns_path" descriptor numbers, for the successor
 GO_TIMEOUT = 30.0  # how long a ready successor waits for the old daemon's go
+# How long the old daemon waits after go for the successor's "main" (it only has to listen
+# and send one datagram); past it, it drains anyway.
+MAIN_TIMEOUT = 5.0
 
 
 class Successor:
@@ -93,9 +108,9 @@ class Successor:
 
     def _wait_ready(self, proc: subprocess.Popen, ready_r: int, go_w: int,
                     handover: Callable[[Callable[[], None]], None]) -> None:
-        with os.fdopen(ready_r, "rb") as r:
-            said = r.readline()
+        said = _read_line(ready_r, None)
         if said != b"ready\n":
+            os.close(ready_r)
             os.close(go_w)
             status = proc.wait()
             log.error("upgrade: the new daemon (pid %d) exited with status %s before it was "
@@ -103,16 +118,26 @@ class Successor:
             return
 
         def go() -> None:
+            """On the control loop, which has stopped accepting: hand over, and return once
+            the successor has told the manager it is the main process (the caller drains
+            then). The loop waits for that: a few milliseconds, MAIN_TIMEOUT at most."""
             with self._lock:
                 self._handed_over = True
+            # The successor is the service from here on: whatever this daemon would still
+            # tell the manager (draining, STOPPING=1, watchdog pings) is not the service's.
+            os.environ.pop("NOTIFY_SOCKET", None)
             with contextlib.suppress(OSError):
                 os.write(go_w, b"go\n")
             os.close(go_w)
+            said = _read_line(ready_r, MAIN_TIMEOUT)  # b"": it exited, or predates "main"
+            os.close(ready_r)
+            if said is None:
+                log.warning("upgrade: the new daemon (pid %d) did not say it serves within "
+                            "%g s; draining anyway", proc.pid, MAIN_TIMEOUT)
             log.info("upgrade: the new daemon (pid %d) serves the socket now; draining",
                      proc.pid)
 
         self._call_soon(lambda: handover(go))
-
 
     def abandon(self) -> None:
         """This daemon stops before its successor took over (a SIGTERM during an upgrade):
@@ -133,9 +158,11 @@ class Predecessor:
     """The successor's side: the listening socket it inherits, and the handshake with the
     daemon it replaces."""
 
-    def __init__(self, listener: socket.socket, ready_w: int, go_r: int, owns_path: bool):
+    def __init__(self, listener: socket.socket, ready_w: int, go_r: int, owns_path: bool,
+                 pid: int):
         self.listener = listener
         self.owns_path = owns_path
+        self.pid = pid  # the daemon this one replaces: it started this one
         self._ready_w, self._go_r = ready_w, go_r
 
     @classmethod
@@ -147,14 +174,13 @@ class Predecessor:
         lfd, ready_w, go_r, owns = (int(x) for x in spec.split(","))
         for fd in (lfd, ready_w, go_r):
             os.set_inheritable(fd, False)
-        return cls(socket.socket(fileno=lfd), ready_w, go_r, owns == 1)
+        return cls(socket.socket(fileno=lfd), ready_w, go_r, owns == 1, os.getppid())
 
     def take_over(self) -> None:
         """Tell the old daemon this one is ready (models loaded and warm), then wait for it to
         stop accepting. An old daemon that died meanwhile closes its end: go on alone."""
         with contextlib.suppress(OSError):
             os.write(self._ready_w, b"ready\n")
-        os.close(self._ready_w)
         end = time.monotonic() + GO_TIMEOUT
         while (left := end - time.monotonic()) > 0:
             r, _, _ = select.select([self._go_r], [], [], left)
@@ -165,11 +191,39 @@ class Predecessor:
                         "anyway", GO_TIMEOUT)
         os.close(self._go_r)
 
+    def serving(self) -> None:
+        """This daemon accepts on the socket now: tell the manager it is the main process (and
+        ping its watchdog from now on), then tell the old daemon, which drains once it knows.
+        (An old daemon from before "main" has closed its end: nothing to tell.)"""
+        sdnotify.become_main(self.pid)
+        with contextlib.suppress(OSError):
+            os.write(self._ready_w, b"main\n")
+        os.close(self._ready_w)
+
     def failed(self) -> None:
         """This process will not serve (its models did not load): the old one keeps going."""
         for fd in (self._ready_w, self._go_r):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _read_line(fd: int, timeout: float | None) -> bytes | None:
+    """One line from a pipe, b"" at its end, None when `timeout` seconds passed first."""
+    line = b""
+    end = None if timeout is None else time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        if end is not None:
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+        try:
+            b = os.read(fd, 1)
+        except OSError:
+            return b""
+        if not b:
+            return line
+        line += b
+    return line
 
 
 # -- `tensord upgrade` ------------------------------------------------------------------------
