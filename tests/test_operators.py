@@ -239,15 +239,19 @@ def test_the_unit_allows_every_option_its_sample_config_shows(tmp_path):
         assert all(p.startswith(runtime) for p in writes), (writes, runtime)
         assert stop_s >= cfg.drain_grace_s + STOP_MARGIN_S
     assert metrics_seen == {"unix", "tcp"}
-    # systemctl reload: SIGHUP to the daemon (until the zero-downtime restart command lands)
-    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    # systemctl reload: the zero-downtime upgrade of the daemon ExecStart= runs, on its socket
+    reload = unit["ExecReload"][-1].split()
+    assert reload[0] == start[0] and reload[1] == "upgrade"
+    assert reload[reload.index("--socket") + 1] == sock
+    assert reload[reload.index("--pid") + 1] == "$MAINPID"
 
 
 @pytest.mark.parametrize("metrics", ["tcp", "unix"])
 def test_the_daemon_starts_and_reloads_with_the_sample_config(tmp_path, metrics):
     """The sample config with its metrics line switched on, paths moved into the test's
-    directory (and port 0), started; `systemctl reload`'s command (ExecReload) run as the
-    unit writes it; the daemon reloads and serves on."""
+    directory (and port 0), started; SIGHUP (`systemctl kill --signal=HUP`) reloads it in
+    place; `systemctl reload`'s command (ExecReload=, the zero-downtime upgrade) run as the
+    unit writes it: a new daemon, with the same config and its metrics listener, serves on."""
     text = (SYSTEMD / "tensord.toml").read_text()
     msock = tmp_path / "metrics.sock"
     text = text.replace('# metrics = "127.0.0.1:9464"', 'metrics = "127.0.0.1:0"' if
@@ -256,19 +260,34 @@ def test_the_daemon_starts_and_reloads_with_the_sample_config(tmp_path, metrics)
                         f'model_dirs = ["{tmp_path}"]')
     text = text.replace("admin_uids = [0]", f"admin_uids = [{os.getuid()}]")
     d = start_daemon(tmp_path, config=text)
+    new = 0
     try:
         where = "metrics on http://127.0.0.1:" if metrics == "tcp" else f"metrics on unix:{msock}"
         assert where in d.logs()
-        reload = unit_directives(SYSTEMD / "tensord.service")["ExecReload"][-1]
-        subprocess.run(reload.replace("$MAINPID", str(d.pid)), shell=True, check=True)
+        os.kill(d.pid, signal.SIGHUP)
         end = time.monotonic() + 60
         while "SIGHUP: reloaded" not in d.logs():
             assert time.monotonic() < end, d.logs()
             time.sleep(0.05)
+        reload = unit_directives(SYSTEMD / "tensord.service")["ExecReload"][-1]
+        reload = reload.replace("/opt/tensord/bin/tensord",
+                                str(Path(sys.executable).with_name("tensord")))
+        reload = reload.replace("/run/tensord/tensord.sock", d.path)
+        r = subprocess.run(reload.replace("$MAINPID", str(d.pid)).split(), capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr + d.logs()
+        new = int(re.search(r"new daemon \(pid (\d+)\)", r.stdout).group(1))
+        assert d.proc.wait(timeout=60) == 0, d.logs()
+        assert d.logs().count(where) == 2, d.logs()  # the new daemon's metrics listener
         with ControlClient(d.path) as c:
             assert c.health().ready
     finally:
-        assert d.stop() == 0, d.logs()
+        d.stop()
+        if new:
+            os.kill(new, signal.SIGTERM)
+            end = time.monotonic() + 30
+            while os.path.exists(f"/proc/{new}") and time.monotonic() < end:
+                time.sleep(0.05)
 
 
 # -- the three views agree (issue 17.9) ----------------------------------------------------------
