@@ -16,6 +16,13 @@ from tensord.client import ByteStrings, Client
 from tensord.contract.errors import BadInputError, TooLargeError
 
 MiB = 1 << 20
+LENGTHS = """
+[[models]]
+name = "lengths"
+source = "handler"
+handler = "handlers_for_tests:Lengths"
+warmup = false
+"""
 
 
 def _strings(n: int, seed: int) -> ByteStrings:
@@ -26,7 +33,7 @@ def _strings(n: int, seed: int) -> ByteStrings:
 
 def test_a_huge_identity_request_does_not_hold_up_the_dispatcher(tmp_path):
     msock = tmp_path / "metrics.sock"
-    d = start_daemon(tmp_path, config=f'[daemon]\nmetrics = "unix:{msock}"\n')
+    d = start_daemon(tmp_path, config=f'[daemon]\nmetrics = "unix:{msock}"\n' + LENGTHS)
     try:
         with Client(d.path, request_ring=128 * MiB, response_ring=128 * MiB) as big, \
                 Client(d.path) as small:
@@ -51,6 +58,18 @@ def test_a_huge_identity_request_does_not_hold_up_the_dispatcher(tmp_path):
                 big.infer("identity", {"x": flags.view(np.bool_)})
             ok = (np.arange(4 * MiB) % 2).astype(np.bool_)
             np.testing.assert_array_equal(big.infer("identity", {"x": ok})["y"], ok)
+            # A model's large bytes input is checked by its worker as it gathers it: good
+            # strings reach the model, a table that lies is refused naming the input.
+            texts = _strings(300_000, 5)
+            got = big.infer("lengths", {"x": texts}, timeout=60)["n"]
+            np.testing.assert_array_equal(got, np.full(300_000, 2))
+            n = 11_200_000
+            table = np.full(n, 2, "<u4")
+            table[n // 2] = 1 << 20
+            lies = ByteStrings.from_encoded(table.tobytes() + b"\1" * (2 * n), (n,))
+            with pytest.raises(BadInputError, match="lengths add up to") as e:
+                big.infer("lengths", {"x": lies}, timeout=60)
+            assert e.value.input == "x"
         # A response that cannot fit the client's ring is refused before anything is copied.
         with Client(d.path, request_ring=8 * MiB, response_ring=65536) as narrow:
             with pytest.raises(TooLargeError, match="response ring of at least 4194304"):

@@ -330,6 +330,39 @@ pub fn byte_strings_in(
     }))
 }
 
+/// The values checks of SPEC §5 for a tensor at `off` in shared memory: a `bytes` tensor's
+/// length table, a `bool` tensor's bytes; other dtypes have none. Reads in chunks, keeping
+/// nothing. The error names the input (protocol 5's `input` field).
+pub fn check_values_in(
+    region: &Region,
+    off: u64,
+    dtype: DType,
+    nbytes: u64,
+    count: u64,
+    name: &str,
+) -> Result<Result<(), RequestError>, RegionError> {
+    match dtype {
+        DType::Bytes => Ok(byte_strings_in(region, off, nbytes, count, name, false)?
+            .map(|_| ())
+            .map_err(|e| e.about(name))),
+        DType::Bool => {
+            region.check(off, nbytes)?;
+            let mut chunk = [0u8; 16 * 1024];
+            let mut done = 0u64;
+            while done < nbytes {
+                let k = ((nbytes - done) as usize).min(chunk.len());
+                region.copy_out(off + done, &mut chunk[..k]).expect("inside the checked tensor");
+                if let Err(e) = check_bools(&chunk[..k], name) {
+                    return Ok(Err(e.about(name)));
+                }
+                done += k as u64;
+            }
+            Ok(Ok(()))
+        }
+        _ => Ok(Ok(())),
+    }
+}
+
 /// BAD_INPUT when a `bool` tensor holds a byte other than 0 and 1.
 pub fn check_bools(data: &[u8], name: &str) -> Result<(), RequestError> {
     if data.iter().any(|&b| b > 1) {

@@ -17,8 +17,9 @@ use super::queue::{Job, Queue};
 use super::session::{Response, Session};
 use crate::desc::{plan_outputs, ErrorFields};
 use crate::dtype::DType;
-use crate::error::Code;
+use crate::error::{Code, RequestError};
 use crate::pyrepr;
+use crate::signature;
 
 /// A 64-byte aligned, zero-initialised byte buffer.
 pub struct Aligned {
@@ -104,6 +105,17 @@ fn ring_for(n: u64) -> u64 {
     n.max(65536).next_power_of_two()
 }
 
+/// The first failed values check of a job's inputs that intake left to the worker.
+fn unchecked_values(job: &Job) -> Option<RequestError> {
+    job.inputs.iter().find_map(|i| {
+        let name = i.unchecked.as_deref()?;
+        let count = i.dims.iter().product();
+        signature::check_values_in(job.session.region(), i.offset, i.dtype, i.nbytes, count, name)
+            .expect("checked at intake")
+            .err()
+    })
+}
+
 impl Batch {
     /// Gathers the jobs a worker took: stopped sessions' jobs are dropped, expired ones
     /// answered DEADLINE (never computed); the rest are copied into arenas and their records
@@ -138,6 +150,24 @@ impl Batch {
                         job.request_id,
                         Code::Deadline,
                         &msg,
+                        Some(job.position),
+                    );
+                    job.session.wake_client();
+                } else if let Some(e) = unchecked_values(&job) {
+                    // Checked here, off the dispatcher (a large bytes or bool tensor).
+                    st.bad_input += 1;
+                    queue.meters.request(
+                        &queue.name,
+                        e.code.name(),
+                        Some(job.read_at.elapsed()),
+                        Some(waited),
+                    );
+                    let f = ErrorFields { input: e.input.as_deref(), item: None, limit: e.limit };
+                    job.session.respond_error_fields(
+                        job.request_id,
+                        e.code,
+                        &e.message,
+                        &f,
                         Some(job.position),
                     );
                     job.session.wake_client();

@@ -286,34 +286,28 @@ fn intake(
     };
     let fail = |e: RequestError| (Some(q.clone()), e, read_at);
     q.sig.order(&refs, &mut sc.order).map_err(fail)?;
-    // A large identity request is copied (and its values checked) by the identity worker
-    // (identity.rs), not here: one client's 64 MiB must not hold up every other session's
-    // intake (issue 19.2).
+    // A large identity request is copied by the identity worker (identity.rs), not here, and
+    // a large tensor's values (a bytes length table of 11 M strings, bools) are checked by
+    // whichever worker gathers it (batch.rs): one client's 64 MiB must not hold up every
+    // other session's intake (issue 19.2).
     let aside = q.identity && refs.iter().map(|r| r.nbytes).sum::<u64>() >= identity::INLINE_MAX;
     let mut inputs = Vec::with_capacity(sc.order.len());
     for &i in &sc.order {
         let r = &refs[i];
         let off = rec.offset + r.offset;
-        match r.dtype {
-            _ if aside => {}
-            DType::Bytes => {
-                let n = r.shape.numel();
-                signature::byte_strings_in(s.region(), off, r.nbytes, n, r.name, false)
-                    .expect("inside the validated record")
-                    .map_err(fail)?;
-            }
-            DType::Bool if r.nbytes > 0 => {
-                let mut bytes = vec![0u8; r.nbytes as usize];
-                s.region().copy_out(off, &mut bytes).expect("inside the validated record");
-                signature::check_bools(&bytes, r.name).map_err(fail)?;
-            }
-            _ => {}
+        let checks = matches!(r.dtype, DType::Bytes | DType::Bool);
+        let later = checks && (aside || r.nbytes >= identity::INLINE_MAX);
+        if checks && !later {
+            signature::check_values_in(s.region(), off, r.dtype, r.nbytes, r.shape.numel(), r.name)
+                .expect("inside the validated record")
+                .map_err(fail)?;
         }
         inputs.push(Input {
             offset: off,
             nbytes: r.nbytes,
             dtype: r.dtype,
             dims: r.shape.dims().to_vec(),
+            unchecked: later.then(|| r.name.to_string()),
         });
     }
     if aside {

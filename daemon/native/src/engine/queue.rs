@@ -38,6 +38,9 @@ pub struct Input {
     pub nbytes: u64,
     pub dtype: DType,
     pub dims: Vec<u64>,
+    /// Its name, when its values still need SPEC §5's checks (a large bytes or bool tensor:
+    /// the worker that gathers it checks them, not the dispatcher).
+    pub unchecked: Option<String>,
 }
 
 /// A request taken from a ring, checked, waiting for its model.
@@ -407,8 +410,13 @@ mod tests {
     }
 
     fn job(s: &Arc<Session>, rid: u64, priority: u8, width: u64) -> Job {
-        let inputs =
-            vec![Input { offset: 0, nbytes: 4 * width, dtype: DType::F32, dims: vec![1, width] }];
+        let inputs = vec![Input {
+            offset: 0,
+            nbytes: 4 * width,
+            dtype: DType::F32,
+            dims: vec![1, width],
+            unchecked: None,
+        }];
         let now = Instant::now();
         Job {
             session: s.clone(),
