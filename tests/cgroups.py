@@ -38,3 +38,28 @@ def memory_cgroup(parent: Path) -> Iterator[Path]:
             with contextlib.suppress(OSError):  # it may have exited meanwhile
                 (parent / "cgroup.procs").write_text(pid)
         cg.rmdir()
+
+
+@contextlib.contextmanager
+def daemon_in_memory_cgroup(tmp_path: Path, config: str | None = None) -> Iterator[tuple]:
+    """A daemon started inside a fresh child memory cgroup (no limit yet: the test sets one
+    from the usage it sees), stopped afterwards and checked to exit 0; skips where there is
+    no writable memory controller."""
+    import pytest
+    from conftest import start_daemon
+
+    parent = own_memcg()
+    if parent is None:
+        pytest.skip(SKIP_REASON)
+    d = None
+    rc = 0
+    with memory_cgroup(parent) as cg:
+        procs = cg / "cgroup.procs"
+        try:
+            d = start_daemon(tmp_path, config=config,
+                             preexec_fn=lambda: procs.write_text(str(os.getpid())))
+            yield d, cg
+        finally:
+            if d is not None:
+                rc = d.stop()
+    assert rc == 0, d.logs() if d else ""

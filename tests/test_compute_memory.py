@@ -5,7 +5,6 @@ gets RESOURCE; batches are never joined past the bound."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from cgroups import SKIP_REASON, memory_cgroup, own_memcg
+from cgroups import daemon_in_memory_cgroup
 from conftest import start_daemon
 from pipelining import publish, responses
 
@@ -120,56 +119,43 @@ def test_no_single_request_gets_the_daemon_oom_killed_in_a_memory_cgroup(tmp_pat
     786,432 rows (48 MiB of input; ~450 MiB to run) arrives. Before compute admission the
     kernel killed the daemon; now the request gets RESOURCE (it did not run), everyone else
     is still served, and once memory is free again the same request runs."""
-    parent = own_memcg()
-    if parent is None:
-        pytest.skip(SKIP_REASON)
-    d = None
-    rc = 0
-    with memory_cgroup(parent) as cg:
-        try:
-            procs = cg / "cgroup.procs"
-            d = start_daemon(tmp_path, config=MLP,
-                             preexec_fn=lambda: procs.write_text(str(os.getpid())))
-            with Client(d.path) as probe:  # warm: the first session's costs are paid
-                probe.ping()
-            usage = int((cg / "memory.usage_in_bytes").read_text())
-            (cg / "memory.limit_in_bytes").write_text(str(usage + 1024 * MiB))
-            x = _rows(786_432, 7)
-            with Client(d.path, request_ring=64 * MiB, response_ring=16 * MiB) as big, \
-                    Client(d.path, request_ring=65536, response_ring=65536) as small:
-                fillers = [Client(d.path, request_ring=256 * MiB, response_ring=256 * MiB),
-                           Client(d.path, request_ring=128 * MiB, response_ring=128 * MiB)]
-                try:
-                    with pytest.raises(ResourceError) as e:
-                        big.infer("mlp", {"x": x}, timeout=60)
-                    msg = e.value.message
-                    assert "did not run" in msg and "MiB are free now" in msg, msg
-                    assert "cgroup" in msg, msg
-                    assert safe_to_retry(e.value) and retryable(e.value)
-                    # everyone else is still served, the big client too
-                    xs = _rows(8, 8)
-                    _check_mlp(xs, np.asarray(small.infer("mlp", {"x": xs})["y"]))
-                    _check_mlp(xs, np.asarray(big.infer("mlp", {"x": xs})["y"]))
-                finally:
-                    for f in fillers:
-                        f.close()
-                # the fillers' memory goes back (the core frees their segments) ...
-                deadline = time.monotonic() + 10
-                while int((cg / "memory.usage_in_bytes").read_text()) > usage + 400 * MiB:
-                    assert time.monotonic() < deadline, "the fillers' memory was not freed"
-                    time.sleep(0.05)
-                # ... and the same request runs, with its own numbers
-                _check_mlp(x, np.asarray(big.infer("mlp", {"x": x}, timeout=60)["y"]))
-                xs = _rows(8, 9)
+    with daemon_in_memory_cgroup(tmp_path, MLP) as (d, cg):
+        with Client(d.path) as probe:  # warm: the first session's costs are paid
+            probe.ping()
+        usage = int((cg / "memory.usage_in_bytes").read_text())
+        (cg / "memory.limit_in_bytes").write_text(str(usage + 1024 * MiB))
+        x = _rows(786_432, 7)
+        with Client(d.path, request_ring=64 * MiB, response_ring=16 * MiB) as big, \
+                Client(d.path, request_ring=65536, response_ring=65536) as small:
+            fillers = [Client(d.path, request_ring=256 * MiB, response_ring=256 * MiB),
+                       Client(d.path, request_ring=128 * MiB, response_ring=128 * MiB)]
+            try:
+                with pytest.raises(ResourceError) as e:
+                    big.infer("mlp", {"x": x}, timeout=60)
+                msg = e.value.message
+                assert "did not run" in msg and "MiB are free now" in msg, msg
+                assert "cgroup" in msg, msg
+                assert safe_to_retry(e.value) and retryable(e.value)
+                # everyone else is still served, the big client too
+                xs = _rows(8, 8)
                 _check_mlp(xs, np.asarray(small.infer("mlp", {"x": xs})["y"]))
-            assert d.proc.poll() is None, "the daemon died:\n" + d.logs()
-            oom = dict(line.split() for line in (cg / "memory.oom_control").read_text()
-                       .splitlines())
-            assert oom.get("oom_kill", "0") == "0", oom
-        finally:
-            if d is not None:
-                rc = d.stop()
-    assert rc == 0, d.logs() if d else ""
+                _check_mlp(xs, np.asarray(big.infer("mlp", {"x": xs})["y"]))
+            finally:
+                for f in fillers:
+                    f.close()
+            # the fillers' memory goes back (the core frees their segments) ...
+            deadline = time.monotonic() + 10
+            while int((cg / "memory.usage_in_bytes").read_text()) > usage + 400 * MiB:
+                assert time.monotonic() < deadline, "the fillers' memory was not freed"
+                time.sleep(0.05)
+            # ... and the same request runs, with its own numbers
+            _check_mlp(x, np.asarray(big.infer("mlp", {"x": x}, timeout=60)["y"]))
+            xs = _rows(8, 9)
+            _check_mlp(xs, np.asarray(small.infer("mlp", {"x": xs})["y"]))
+        assert d.proc.poll() is None, "the daemon died:\n" + d.logs()
+        oom = dict(line.split() for line in (cg / "memory.oom_control").read_text()
+                   .splitlines())
+        assert oom.get("oom_kill", "0") == "0", oom
 
 
 def test_pass_reservations_and_admitted_sessions_see_each_other(monkeypatch):

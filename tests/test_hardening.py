@@ -22,7 +22,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from cgroups import SKIP_REASON, memory_cgroup, own_memcg
+from cgroups import daemon_in_memory_cgroup
 from conftest import start_daemon
 from users import (
     OUTSIDER,
@@ -631,29 +631,17 @@ def test_available_memory_reads_cgroup_v1_and_v2_limits(tmp_path):
 
 
 def test_a_cgroup_v1_memory_limit_refuses_the_session_that_does_not_fit(tmp_path):
-    parent = own_memcg()
-    if parent is None:
-        pytest.skip(SKIP_REASON)
-    d = None
-    rc = 0
-    with memory_cgroup(parent) as cg:
-        try:
-            procs = cg / "cgroup.procs"
-            d = start_daemon(tmp_path, preexec_fn=lambda: procs.write_text(str(os.getpid())))
-            big = 64 << 20
-            usage = int((cg / "memory.usage_in_bytes").read_text())
-            (cg / "memory.limit_in_bytes").write_text(str(usage + 3 * big))
-            with Client(d.path, request_ring=big // 2, response_ring=big // 2) as c:
-                c.ping()
-                s, msg, fds = hello(d.path, 2 * big)
-                assert isinstance(msg, Error) and msg.name == "RESOURCE", msg
-                assert "cgroup" in msg.message and "MiB" in msg.message, msg.message
-                s.close()
-                c.ping()
-        finally:
-            if d is not None:
-                rc = d.stop()
-    assert rc == 0, d.logs() if d else ""
+    with daemon_in_memory_cgroup(tmp_path) as (d, cg):
+        big = 64 << 20
+        usage = int((cg / "memory.usage_in_bytes").read_text())
+        (cg / "memory.limit_in_bytes").write_text(str(usage + 3 * big))
+        with Client(d.path, request_ring=big // 2, response_ring=big // 2) as c:
+            c.ping()
+            s, msg, fds = hello(d.path, 2 * big)
+            assert isinstance(msg, Error) and msg.name == "RESOURCE", msg
+            assert "cgroup" in msg.message and "MiB" in msg.message, msg.message
+            s.close()
+            c.ping()
 
 
 def _allocated(fd: int) -> int:

@@ -27,6 +27,7 @@ from users import CAP_CHOWN, has_capability
 
 from tensord.client import Client
 from tensord.config import load_config
+from tensord.control.takeover import children
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "systemd"
@@ -344,15 +345,6 @@ def test_reload_hands_the_service_and_its_watchdog_to_the_new_daemon(tmp_path, m
                 os.kill(pid, signal.SIGTERM)
     m.wait_for(lambda _: "STOPPING=1" in m.from_(new), "STOPPING=1 from the new daemon")
     m.close()
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(x) for x in f.read().split()]
-    return out
 
 
 def test_systemctl_reload_under_a_real_systemd(tmp_path):

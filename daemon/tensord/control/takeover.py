@@ -266,7 +266,7 @@ def run(args) -> int:
                 new = f" (pid {child})" if child else ""
                 print(f"tensord upgrade: the new daemon{new} serves {path}; pid {pid} drains")
                 return 0
-            kids = _children(pid)
+            kids = children(pid)
             if child is None and kids:
                 child = kids[0]
             elif child is not None and child not in kids:
@@ -328,7 +328,7 @@ def _not_a_daemon(pid: int) -> str | None:
     return None
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     """Child processes of pid (/proc/PID/task/*/children)."""
     out: list[int] = []
     with contextlib.suppress(OSError):
