@@ -36,12 +36,14 @@ class ModuleModel(Model):
 
     def forward(self, inputs: Sequence[Value]) -> Sequence[Value]:
         xs = []
+        on_cpu = self.torch_device.type == "cpu"
         for spec, x in zip(self.signature.inputs, inputs):
             if isinstance(x, ByteStrings):
                 raise BadInputError(f"model {self.name!r} ({self.kind}) takes no bytes tensors; "
                                     f"input {spec.name!r} is one")
-            # From page-locked shared memory this is an async copy on the session's stream.
-            x = x.to(self.torch_device, non_blocking=True)
+            if not on_cpu:
+                # From page-locked memory this is an async copy on the worker's stream.
+                x = x.to(self.torch_device, non_blocking=True)
             if x.is_floating_point() and x.dtype != self.precision:
                 x = x.to(self.precision)
             xs.append(x)

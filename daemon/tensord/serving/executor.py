@@ -107,7 +107,10 @@ class Executor:
                                 f"{model.name!r} could run (other work was queued ahead of "
                                 "it); give it a longer deadline")
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-        with torch.inference_mode(), ctx:
+        # workers run in inference mode already: entering it again costs, per batch
+        mode = contextlib.nullcontext() if torch.is_inference_mode_enabled() else \
+            torch.inference_mode()
+        with mode, ctx:
             try:
                 outputs = model.forward(inputs)
             except TensordError:
