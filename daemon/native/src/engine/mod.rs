@@ -50,7 +50,7 @@ pub struct Shared {
     pub events: Arc<Events>,
     pub ledger: Arc<Ledger>,
     pub meters: Arc<Meters>,
-    pub spin: Duration,
+    spin: Duration,
     stopping: AtomicBool,
     /// The longest the dispatcher spent on one session's records in one pass (ns), since
     /// start: every other session's intake waited that long (a metric).

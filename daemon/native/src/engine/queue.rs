@@ -184,10 +184,6 @@ pub struct Queue {
     pub stats: Mutex<Stats>,
     pub meters: Arc<Meters>,
     next_batch: AtomicU64,
-    /// Jobs ever put: a worker spinning for work watches it without taking the lock.
-    puts: AtomicU64,
-    /// How long a worker whose queue is empty spins before it sleeps (the daemon's spin_us).
-    spin: Duration,
 }
 
 /// Why put() refused a job: the queue is full (OVERLOADED) or the model is gone.
@@ -236,18 +232,7 @@ impl Queue {
             stats: Mutex::new(Stats::default()),
             meters,
             next_batch: AtomicU64::new(1),
-            puts: AtomicU64::new(0),
-            spin: Duration::ZERO,
         }
-    }
-
-    /// The same queue, whose workers spin up to `spin` for work before they sleep: a worker
-    /// woken from sleep runs its next forward pass several times slower (mlp, 8 rows: 10 µs
-    /// hot, 48 µs after 1 ms asleep, 134 µs after 5 ms on this 2-vCPU machine), so a
-    /// daemon that spins for latency (spin_us) spins here too.
-    pub fn spinning(mut self, spin: Duration) -> Queue {
-        self.spin = spin;
-        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -301,7 +286,6 @@ impl Queue {
         s.lanes[p].push(job);
         s.length += 1;
         drop(s);
-        self.puts.fetch_add(1, Ordering::Release);
         self.cv.notify_one();
         Ok(evicted)
     }
@@ -335,15 +319,6 @@ impl Queue {
     /// them DEADLINE).
     pub fn take(&self) -> Option<(u64, Vec<Job>)> {
         let mut s = self.lock();
-        if s.length == 0 && !s.retired && !self.spin.is_zero() {
-            let seen = self.puts.load(Ordering::Acquire);
-            drop(s);
-            let end = Instant::now() + self.spin;
-            while self.puts.load(Ordering::Acquire) == seen && Instant::now() < end {
-                std::hint::spin_loop();
-            }
-            s = self.lock();
-        }
         while s.length == 0 {
             if s.retired {
                 return None;
@@ -490,38 +465,6 @@ mod tests {
         }
         let order: Vec<u64> = (0..8).map(|_| q.take().unwrap().1[0].request_id).collect();
         assert_eq!(order, [100, 101, 102, 200, 103, 104, 105, 201]);
-    }
-
-    #[test]
-    fn a_spinning_worker_takes_work_put_while_it_spins_and_sleeps_after() {
-        let _fds = crate::engine::tests::FDS.lock().unwrap_or_else(|e| e.into_inner());
-        let e = Engine::new(Duration::ZERO, 0, 0).unwrap();
-        let a = Arc::new(session(&e, 1));
-        let q = Arc::new(queue(1, 100).spinning(Duration::from_millis(200)));
-        // put while the worker spins: taken without the condvar
-        let put = {
-            let (q, a) = (q.clone(), a.clone());
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(20));
-                q.put(job(&a, 7, 0, 4)).unwrap();
-            })
-        };
-        let t = Instant::now();
-        assert_eq!(ids(&q.take().unwrap().1), [7]);
-        assert!(t.elapsed() < Duration::from_millis(200), "{:?}", t.elapsed());
-        put.join().unwrap();
-        // put after the spin ran out: the sleeping worker is woken as before
-        let put = {
-            let (q, a) = (q.clone(), a.clone());
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(300));
-                q.put(job(&a, 8, 0, 4)).unwrap();
-            })
-        };
-        assert_eq!(ids(&q.take().unwrap().1), [8]);
-        put.join().unwrap();
-        q.retire();
-        assert!(q.take().is_none());
     }
 
     #[test]

@@ -212,10 +212,7 @@ impl PyEngine {
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let meters = self.inner.shared.meters.clone();
-        let q = Queue::new(id, name, version, sig, policy, batching, identity, meters);
-        // The identity worker copies bytes: nothing there gets slower for having slept.
-        let spin = if identity { Duration::ZERO } else { self.inner.shared.spin };
-        let q = Arc::new(q.spinning(spin));
+        let q = Arc::new(Queue::new(id, name, version, sig, policy, batching, identity, meters));
         if identity {
             crate::engine::identity::spawn(q.clone()).map_err(|e| {
                 PyOSError::new_err(format!("cannot start the identity worker thread: {e}"))
