@@ -295,10 +295,15 @@ def measure(server: Server, workdir: Path, pts: list[dict], results: list, error
 Label = tuple[str, str, str, int, int | None]  # label, transport, addr, spin µs, max payload
 
 
+# Every bench client runs as this one uid: the per-uid shares (a quarter of max_sessions and
+# of the memory, issue 19.7) would refuse the idle phase's 200 sessions.
+ONE_UID = "max_sessions_per_uid = 0\nmax_memory_per_uid = 0\n"
+
+
 def tensord_server(workdir: Path, tag: str, spin_us: int) -> Server:
     sock = str(workdir / f"tensord-{tag}.sock")
     cfg = workdir / f"tensord-{tag}.toml"
-    cfg.write_text(f"[daemon]\nspin_us = {spin_us}\nmax_sessions = 256\n")
+    cfg.write_text(f"[daemon]\nspin_us = {spin_us}\nmax_sessions = 256\n{ONE_UID}")
     return Server(f"tensord-{tag}", [str(PY), "-m", "tensord", "serve", "--socket", sock,
                                      "--config", str(cfg), "--log-level", "WARNING"],
                   unix_ready(sock), addr=sock)
@@ -435,7 +440,7 @@ def batching_server(workdir: Path, variant: str, with_effnet: bool, threads: int
     batched = variant == "batched"
     sock = str(workdir / f"tensord-{variant}.sock")
     cfg = workdir / f"tensord-{variant}.toml"
-    text = (f"[daemon]\nspin_us = 0\nmax_sessions = 256\nbuiltin_models = true\n"
+    text = (f"[daemon]\nspin_us = 0\nmax_sessions = 256\n{ONE_UID}builtin_models = true\n"
             f"priority_uids = [{os.getuid()}]\n"
             f"threads = {threads}\n\n")
     text += model_toml({"name": "mlp", "source": "builtin",
@@ -674,8 +679,8 @@ def run_idle(prof: Profile, srv: Server, workdir: Path, errors: list) -> dict | 
         for n in per:
             clients.append(subprocess.Popen(
                 [str(LOADGEN), "sessions", "--addr", srv.addr, "--n", str(n)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                start_new_session=True))
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, start_new_session=True))
         for c in clients:
             line = c.stdout.readline().strip()
             if not line.startswith("connected"):
