@@ -203,6 +203,11 @@ def test_the_client_and_operator_commands_run_without_torch(wheel, tmp_path):
                        cwd=tmp_path, env=_clean_env(), timeout=120)
     assert r.returncode == 1 and "pip install 'tensord[serve]'" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([str(tmp_path / "venv" / "bin" / "tensord"), "export", "m:f", "-o",
+                        str(tmp_path / "m.pt")], capture_output=True, text=True, cwd=tmp_path,
+                       env=_clean_env(), timeout=120)
+    assert r.returncode == 1 and "`tensord export` needs torch" in r.stderr, r.stderr
+    assert "pip install 'tensord[serve]'" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_numpy_in_numpy_out_torch_in_torch_out(daemon):

@@ -29,7 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     # (probes) start in milliseconds.
     export = None
     if next((a for a in argv if not a.startswith("-")), None) == "export":
-        from . import export
+        try:
+            from . import export
+        except ImportError as e:  # a client-only install (no `serve` extra)
+            if e.name != "torch":
+                raise
+            print("tensord: `tensord export` needs torch, which is not installed here: "
+                  "pip install 'tensord[serve]'", file=sys.stderr)
+            return 1
         export.add_parser(sub)
     else:
         sub.add_parser("export", help=EXPORT_HELP)
