@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import start_daemon
+from conftest import start_daemon, wait_until
 from test_metrics import scrape_unix, value
 
 from tensord.client import ByteStrings, Client
@@ -70,6 +70,11 @@ def test_a_huge_identity_request_does_not_hold_up_the_dispatcher(tmp_path):
             with pytest.raises(BadInputError, match="lengths add up to") as e:
                 big.infer("lengths", {"x": lies}, timeout=60)
             assert e.value.input == "x"
+            # ... and logged like the dispatcher's refusals (the log, stats and metrics agree)
+            wait_until(lambda: "answered BAD_INPUT: input 'x': bytes tensor lengths add up "
+                               "to" in d.logs(), "the refusal in the log")
+            (stat,) = [s for s in big.stats() if s.name == "lengths"]
+            assert stat.bad_input == 1 and stat.served == 1, stat
         # A response that cannot fit the client's ring is refused before anything is copied.
         with Client(d.path, request_ring=8 * MiB, response_ring=65536) as narrow:
             with pytest.raises(TooLargeError, match="response ring of at least 4194304"):

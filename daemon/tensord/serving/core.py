@@ -164,7 +164,10 @@ class Serving:
         handlers, whose cost follows pixels and tokens, not input bytes)."""
         if model.inline or (per_request(model) and model.limits != ModelLimits()):
             return 0.0
-        return model.memory_factor or FALLBACK_FACTOR
+        factor = model.memory_factor or FALLBACK_FACTOR
+        if model.device.startswith("cuda"):
+            factor += 1  # the page-locked staging copy (the measured factor is host memory)
+        return factor
 
     def _work(self, q, model: Model) -> None:
         stream = None

@@ -137,14 +137,12 @@ def _tensors(batch: Any, model: Model, executor: Executor, stream: Any,
             whole.append(_view(arena, dtype, 0, total, shape))
     upto = [0, *accumulate(sizes)] if budget is not None else []
     cuda = model.device.startswith("cuda")
-    if cuda:
-        factor += 1  # the page-locked staging copy (the measured factor is host memory only)
     names = [s.name for s in model.signature.outputs]
     single = len(rows) == 1
 
     def run(lo: int, hi: int) -> None:
         """One pass over requests [lo, hi), with its memory held until they are answered."""
-        need = int((upto[hi] - upto[lo]) * factor)
+        need = int((upto[hi] - upto[lo]) * factor) if budget is not None else 0
         _reserve(budget, need, model)
         try:
             answer(lo, hi)

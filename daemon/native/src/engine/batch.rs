@@ -123,9 +123,20 @@ impl Batch {
     pub fn gather(queue: Arc<Queue>, id: u64, jobs: Vec<Job>) -> Batch {
         let now = Instant::now();
         let mut live: Vec<Job> = Vec::with_capacity(jobs.len());
+        // Values intake left to this worker (a large bytes or bool tensor) are checked before
+        // the stats lock is taken: the dispatcher takes it too, and a 64 MiB table takes
+        // milliseconds to read.
+        let jobs: Vec<(Job, Option<RequestError>)> = jobs
+            .into_iter()
+            .map(|j| {
+                let runs = !j.session.is_stopped() && j.deadline.is_none_or(|d| now <= d);
+                let bad = if runs { unchecked_values(&j) } else { None };
+                (j, bad)
+            })
+            .collect();
         {
             let mut st = queue.stats();
-            for job in jobs {
+            for (job, bad) in jobs {
                 let waited = now.saturating_duration_since(job.queued_at);
                 let us = waited.as_micros() as u64;
                 st.queue_us += us;
@@ -153,9 +164,11 @@ impl Batch {
                         Some(job.position),
                     );
                     job.session.wake_client();
-                } else if let Some(e) = unchecked_values(&job) {
-                    // Checked here, off the dispatcher (a large bytes or bool tensor).
+                } else if let Some(e) = bad {
                     st.bad_input += 1;
+                    if let Some(events) = &queue.events {
+                        events.refused(job.session.id, e.code, &e.message);
+                    }
                     queue.meters.request(
                         &queue.name,
                         e.code.name(),

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::events::Events;
 use super::meter::Meters;
 use super::session::Session;
 use crate::dtype::DType;
@@ -184,6 +185,9 @@ pub struct Queue {
     pub stats: Mutex<Stats>,
     pub meters: Arc<Meters>,
     next_batch: AtomicU64,
+    /// Where requests refused by a worker (values it checked) are logged, as the
+    /// dispatcher logs its refusals.
+    pub events: Option<Arc<Events>>,
 }
 
 /// Why put() refused a job: the queue is full (OVERLOADED) or the model is gone.
@@ -232,7 +236,14 @@ impl Queue {
             stats: Mutex::new(Stats::default()),
             meters,
             next_batch: AtomicU64::new(1),
+            events: None,
         }
+    }
+
+    /// The same queue, logging its workers' refusals through `events`.
+    pub fn with_events(mut self, events: Arc<Events>) -> Queue {
+        self.events = Some(events);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -212,7 +212,8 @@ impl PyEngine {
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let meters = self.inner.shared.meters.clone();
-        let q = Arc::new(Queue::new(id, name, version, sig, policy, batching, identity, meters));
+        let q = Queue::new(id, name, version, sig, policy, batching, identity, meters);
+        let q = Arc::new(q.with_events(self.inner.shared.events.clone()));
         if identity {
             crate::engine::identity::spawn(q.clone()).map_err(|e| {
                 PyOSError::new_err(format!("cannot start the identity worker thread: {e}"))
