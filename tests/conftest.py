@@ -53,6 +53,14 @@ def stop_process(proc: subprocess.Popen, sig: int, timeout: float) -> int:
     return proc.returncode
 
 
+def wait_until(cond, what: str, timeout: float = 60.0) -> None:
+    """Wait for observable state; the timeout only keeps a broken daemon from hanging CI."""
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.01)
+
+
 def shm_entries(pid: int | None = None) -> list[str]:
     """Anything in /dev/shm named like tensord's; protocol 3 creates nothing there at all."""
     return [e for e in os.listdir("/dev/shm") if "tensord" in e]

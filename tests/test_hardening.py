@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from cgroups import daemon_in_memory_cgroup
-from conftest import start_daemon
+from conftest import start_daemon, wait_until
 from users import (
     OUTSIDER,
     as_user,
@@ -134,14 +134,6 @@ def context_switches(pid: int) -> int:
                 if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
                     total += int(line.split()[1])
     return total
-
-
-def wait_until(cond, what: str, timeout: float = 60.0) -> None:
-    """Wait for observable state; the timeout only keeps a broken daemon from hanging CI."""
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 _said: dict[socket.socket, Error | None] = {}

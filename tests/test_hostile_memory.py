@@ -11,10 +11,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import start_daemon
+from conftest import start_daemon, wait_until
 
 from tensord.client import Client
 from tensord.contract.errors import ResourceError
@@ -78,13 +77,6 @@ def allocated(pid: int, fd: int) -> int:
 def shmem_rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("RssShmem:"))
-
-
-def wait_until(cond, what: str, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def start_hostile(tmp_path, d) -> tuple[subprocess.Popen, int]:

@@ -23,7 +23,7 @@ import time
 
 import pytest
 import torch
-from conftest import start_daemon
+from conftest import start_daemon, wait_until
 
 from tensord.client import Client
 from tensord.contract.codec import packb
@@ -72,13 +72,6 @@ def other_thread(pid: int) -> int:
             found.append((cpu, tid))
     assert found, "the daemon has no thread besides the main one that takes SIGTERM"
     return max(found)[1]
-
-
-def wait_until(cond, what: str, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_sigterm_taken_by_another_thread_drains_and_exits(tmp_path):

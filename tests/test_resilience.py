@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import start_daemon
+from conftest import start_daemon, wait_until
 from handlers_for_tests import gate_calls, wait_for
 
 from tensord.client import Client, ReconnectingClient
@@ -33,13 +33,6 @@ def gate_daemon(tmp_path, grace: float = 30):
     d = start_daemon(tmp_path, config=GATE.format(grace=grace, dir=tmp_path))
     d.gate = tmp_path
     return d
-
-
-def wait_until(cond, what: str, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_sigterm_finishes_queued_and_running_requests_within_the_grace(tmp_path):

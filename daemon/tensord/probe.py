@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 
 from .config import default_socket_path
 from .contract.errors import (
     ConnectionClosedError,
-    PermissionDeniedError,
     ProtocolError,
     error_from_code,
 )
@@ -47,6 +45,7 @@ from .contract.messages import (
     Stats,
     Welcome,
 )
+from .unixsock import connect_daemon
 
 MIN_RING = 65536  # SPEC §3.2: what an older daemon makes when it ignores control_only
 
@@ -57,24 +56,7 @@ class ControlClient:
     def __init__(self, path: str | None = None, *, name: str = "tensord-control",
                  timeout: float = 10.0):
         self.path = path or default_socket_path()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(self.path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            self.sock.close()
-            raise ConnectionClosedError(
-                f"no tensord daemon at {self.path} ({e.strerror}): start it with "
-                "`tensord serve`, or point TENSORD_SOCKET (or --socket) at its socket") from None
-        except PermissionError:
-            self.sock.close()
-            raise PermissionDeniedError(
-                f"not allowed to connect to {self.path}: add this user to the socket's group "
-                "(the systemd unit uses `tensord`), or run as the daemon's user") from None
-        except TimeoutError:
-            self.sock.close()
-            raise ConnectionClosedError(f"the daemon at {self.path} did not accept the "
-                                        f"connection within {timeout:g} s") from None
+        self.sock = connect_daemon(self.path, timeout, "TENSORD_SOCKET (or --socket)")
         self._ids = itertools.count(1)
         self.session = False  # an older daemon made a session anyway
         try:

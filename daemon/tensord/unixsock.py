@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import time
 
 
 class AddressInUse(RuntimeError):
@@ -45,3 +46,37 @@ def claim(path: str, option: str = "--socket") -> None:
         probe.close()
     raise AddressInUse(f"something is listening on {path} already (another daemon?); stop it "
                        f"or change {option}")
+
+
+def connect_daemon(path: str, timeout: float, where: str = "TENSORD_SOCKET") -> socket.socket:
+    """A stream socket connected to the daemon at `path` (clients and operator commands), or
+    an error in the caller's terms. A full listen backlog (EAGAIN: a burst of connections the
+    daemon has not accepted yet) is waited out within `timeout`, as a blocking connect would."""
+    from .contract.errors import ConnectionClosedError, PermissionDeniedError
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    end = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                sock.connect(path)
+                return sock
+            except BlockingIOError:
+                if time.monotonic() >= end:
+                    raise TimeoutError from None
+                time.sleep(0.005)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        sock.close()
+        raise ConnectionClosedError(
+            f"no tensord daemon at {path} ({e.strerror}): start it with `tensord serve`, or "
+            f"point {where} at its socket") from None
+    except PermissionError:
+        sock.close()
+        raise PermissionDeniedError(
+            f"not allowed to connect to {path}: add this user to the socket's group (the "
+            "systemd unit uses `tensord`), or run as the daemon's user") from None
+    except TimeoutError:
+        sock.close()
+        raise ConnectionClosedError(f"the daemon at {path} did not accept the connection "
+                                    f"within {timeout:g} s") from None

@@ -45,7 +45,6 @@ from ..contract.errors import (
     BadRequestError,
     ConnectionClosedError,
     DeadlineError,
-    PermissionDeniedError,
     ProtocolError,
     ShuttingDownError,
     TooLargeError,
@@ -86,6 +85,7 @@ from ..transport.segment import (
     Segment,
 )
 from ..transport.waiting import Notifier, Waiter
+from ..unixsock import connect_daemon
 
 if TYPE_CHECKING:
     import torch
@@ -98,20 +98,7 @@ class Client:
                  spin: float = 0.0, name: str = "tensord-python", timeout: float = 10.0,
                  max_version: int = PROTOCOL_VERSION):
         self.path = path or default_socket_path()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(self.path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            self.sock.close()
-            raise ConnectionClosedError(
-                f"no tensord daemon at {self.path} ({e.strerror}): start it with "
-                "`tensord serve`, or point TENSORD_SOCKET at its socket") from None
-        except PermissionError:
-            self.sock.close()
-            raise PermissionDeniedError(
-                f"not allowed to connect to {self.path}: add this user to the socket's group "
-                "(the systemd unit uses `tensord`), or run as the daemon's user") from None
+        self.sock = connect_daemon(self.path, timeout)
         self.draining = False
         try:
             # Protocol 4 daemons are spoken to as well; they send no error fields and no
