@@ -207,3 +207,43 @@ def test_sighup_converges_on_the_config_file_and_never_kills(tmp_path):
         assert "Traceback" not in d.logs()
     finally:
         assert d.stop() == 0, d.logs()
+
+
+def test_a_client_waits_out_a_full_listen_backlog(tmp_path):
+    """A burst of connections the daemon has not accepted yet fills its listen backlog; a
+    client connecting then waits (within its timeout) instead of failing with EAGAIN, as
+    the hardening test's 200 silent connections once made it do under load."""
+    import socket
+    import threading
+
+    from tensord.contract.errors import ConnectionClosedError
+    from tensord.unixsock import connect_daemon
+
+    path = str(tmp_path / "s.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(0)
+    queued = []
+    try:
+        while True:  # fill the backlog: a non-blocking connect then says EAGAIN
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.setblocking(False)
+            try:
+                c.connect(path)
+            except BlockingIOError:
+                c.close()
+                break
+            queued.append(c)
+        with pytest.raises(ConnectionClosedError, match="did not accept the connection"):
+            connect_daemon(path, 0.2)
+        accepted = []
+        t = threading.Timer(0.1, lambda: accepted.extend(srv.accept() for _ in queued))
+        t.start()
+        connect_daemon(path, 10).close()  # room once the daemon accepts
+        t.join()
+        for s, _ in accepted:
+            s.close()
+    finally:
+        for c in queued:
+            c.close()
+        srv.close()
