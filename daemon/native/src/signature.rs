@@ -144,35 +144,30 @@ impl Signature {
     ) -> Result<(), RequestError> {
         order.clear();
         let model = || pyrepr::str(&self.model);
-        if self.max_input_bytes != 0 {
-            let total: u128 = refs.iter().map(|r| r.nbytes as u128).sum();
-            if total > self.max_input_bytes as u128 {
-                return Err(RequestError::new(
-                    Code::TooLarge,
-                    format!(
-                        "the request's inputs are {total} bytes; model {} takes at most {} \
-                         (max_input_bytes in its config): send smaller requests",
-                        model(),
-                        self.max_input_bytes
-                    ),
-                )
-                .past(self.max_input_bytes));
-            }
-        }
         let (bound, why) = &self.compute;
-        if *bound != 0 {
-            let total: u128 = refs.iter().map(|r| r.nbytes as u128).sum();
-            if total > *bound as u128 {
-                return Err(RequestError::new(
-                    Code::TooLarge,
-                    format!(
-                        "the request's inputs are {total} bytes; model {} takes at most {bound} \
-                         bytes per request ({why}): send fewer rows per request",
-                        model(),
-                    ),
-                )
-                .past(*bound));
-            }
+        let total: u128 = refs.iter().map(|r| r.nbytes as u128).sum();
+        if self.max_input_bytes != 0 && total > self.max_input_bytes as u128 {
+            return Err(RequestError::new(
+                Code::TooLarge,
+                format!(
+                    "the request's inputs are {total} bytes; model {} takes at most {} \
+                     (max_input_bytes in its config): send smaller requests",
+                    model(),
+                    self.max_input_bytes
+                ),
+            )
+            .past(self.max_input_bytes));
+        }
+        if *bound != 0 && total > *bound as u128 {
+            return Err(RequestError::new(
+                Code::TooLarge,
+                format!(
+                    "the request's inputs are {total} bytes; model {} takes at most {bound} \
+                     bytes per request ({why}): send fewer rows per request",
+                    model(),
+                ),
+            )
+            .past(*bound));
         }
         for (i, r) in refs.iter().enumerate() {
             if refs[..i].iter().any(|q| q.name == r.name) {
@@ -303,15 +298,6 @@ pub fn byte_strings(data: &[u8], count: u64, name: &str) -> Result<ByteStrings, 
         let f = first as usize;
         buf.copy_from_slice(&data[f..f + buf.len()]);
     })
-}
-
-/// Checks a `bytes` tensor held in `data` as [`byte_strings`] does, keeping nothing.
-pub fn check_byte_strings(data: &[u8], count: u64, name: &str) -> Result<(), RequestError> {
-    byte_strings_with(count, data.len() as u64, name, false, |first, buf| {
-        let f = first as usize;
-        buf.copy_from_slice(&data[f..f + buf.len()]);
-    })
-    .map(|_| ())
 }
 
 /// [`byte_strings`] for a tensor at `off` in shared memory, read through the region's checked

@@ -37,8 +37,8 @@ class Model(ABC):
     # SPEC §2.4 `idempotent`: running a request twice has the effect of running it once. Off
     # unless the model says so (built-ins) or its config does (`idempotent = true`).
     idempotent: bool = False
-    # Bytes of daemon memory per input byte while it runs (models/memory.py); 0: not known
-    # (the per-request path, whose handlers bound each item themselves).
+    # Bytes of daemon memory per input byte while it runs (models/memory.py); 0: not measured
+    # (serving assumes memory.FALLBACK_FACTOR, or none for handlers with per-item limits).
     memory_factor: float = 0.0
 
     @abstractmethod

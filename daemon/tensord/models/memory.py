@@ -6,8 +6,9 @@ while it runs: its gathered copy (the batch arena), the activations, and the out
 core has copied them out. It is the config's `memory_factor`, or measured at warm-up: one
 forward pass over a calibration batch, with the process's peak RSS reset before it (Linux
 /proc/self/clear_refs), so the growth of the peak is what the pass allocated. Cost grows
-with rows, so the factor holds for any batch size on the tensor path; models on the
-per-request path (bytes inputs: images, texts) have their own per-item limits instead.
+with rows, so the factor holds for any batch size. Models whose inputs have no fixed row
+form assume FALLBACK_FACTOR, except the built-in image and text handlers, which bound each
+item instead (pixels, tokens; serving/core.py).
 
 Two checks follow from it:
 - at intake (the native core): a request whose inputs times the factor exceed
@@ -67,16 +68,10 @@ def _status(key: str) -> int:
 def _row_bytes(model) -> int:
     """Input bytes of one row for a model whose every input has a row dimension and a fixed
     row form; 0 when it has not."""
-    total = 0
-    for s in model.signature.inputs:
-        if s.shape is None or not s.shape or s.shape[0] != -1 or any(d < 0 for d in s.shape[1:]) \
-                or s.dtype in ("any", "bytes"):
-            return 0
-        n = DTYPES[s.dtype].itemsize
-        for d in s.shape[1:]:
-            n *= d
-        total += n
-    return total
+    if not all(s.shape and s.shape[0] == -1 and min(s.shape[1:], default=0) >= 0
+               for s in model.signature.inputs):
+        return 0
+    return smallest_request(model)
 
 
 def smallest_request(model) -> int:
@@ -88,7 +83,7 @@ def smallest_request(model) -> int:
             return 0
         n = DTYPES[s.dtype].itemsize
         for d in s.shape:
-            n *= max(d, 1)
+            n *= 1 if d < 0 else d  # any size: one
         total += n
     return total
 

@@ -135,20 +135,9 @@ def _tensors(batch: Any, model: Model, executor: Executor, stream: Any,
             total = sum(n for _, n, _ in spans)
             shape = [starts[-1], *spans[0][2][1:]]
             whole.append(_view(arena, dtype, 0, total, shape))
-    upto = [0, *accumulate(sizes)] if budget is not None else []
     cuda = model.device.startswith("cuda")
     names = [s.name for s in model.signature.outputs]
     single = len(rows) == 1
-
-    def run(lo: int, hi: int) -> None:
-        """One pass over requests [lo, hi), with its memory held until they are answered."""
-        need = int((upto[hi] - upto[lo]) * factor) if budget is not None else 0
-        _reserve(budget, need, model)
-        try:
-            answer(lo, hi)
-        finally:
-            if budget is not None:
-                budget.release(need)
 
     def answer(lo: int, hi: int) -> None:
         inputs = whole if single or (lo, hi) == (0, len(rows)) else \
@@ -168,7 +157,7 @@ def _tensors(batch: Any, model: Model, executor: Executor, stream: Any,
         except ValueError as e:  # the outputs do not have the requests' rows
             raise ModelFailedError(str(e)) from None
 
-    _attempt(batch, 0, len(rows), run)
+    _attempt(batch, 0, len(rows), _held(budget, factor, sizes, model, answer))
 
 
 _staging = threading.local()
@@ -196,11 +185,25 @@ def _pinned(i: int, t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _reserve(budget: ComputeBudget | None, need: int, model: Model) -> None:
-    """Hold `need` bytes of compute memory for a pass, or raise RESOURCE: never run, so
-    halves are tried, and a request that does not fit alone gets it."""
-    if budget is not None and (why := budget.reserve(need)) is not None:
-        raise ResourceError(f"model {model.name!r} did not run the request: {why}")
+def _held(budget: ComputeBudget | None, factor: float, sizes: list[int], model: Model,
+          answer: Callable[[int, int], None]) -> Callable[[int, int], None]:
+    """answer(lo, hi) (one pass over requests [lo, hi)), with the pass's compute memory
+    (their input bytes `sizes` times `factor`) held until they are answered. When the daemon
+    lacks it the pass does not run: RESOURCE, so halves are tried, and a request that does
+    not fit alone gets it."""
+    if budget is None:
+        return answer
+
+    def run(lo: int, hi: int) -> None:
+        need = int(sum(sizes[lo:hi]) * factor)
+        if (why := budget.reserve(need)) is not None:
+            raise ResourceError(f"model {model.name!r} did not run the request: {why}")
+        try:
+            answer(lo, hi)
+        finally:
+            budget.release(need)
+
+    return run
 
 
 def _requests(batch: Any, model: Model, executor: Executor, stream: Any,
@@ -218,20 +221,14 @@ def _requests(batch: Any, model: Model, executor: Executor, stream: Any,
                 per[k].append(_view(arena, dtype, o, n, shape))
     names = [s.name for s in model.signature.outputs]
 
-    def run(lo: int, hi: int) -> None:
-        need = int(sum(sizes[lo:hi]) * factor)
-        _reserve(budget, need, model)
-        try:
-            group = per[lo:hi]
-            inputs = group[0] if len(group) == 1 else gather(model, group)
-            outputs, dtypes = executor.run(model, inputs, stream)
-            parts = [outputs] if len(group) == 1 else _split(model, outputs, rows[lo:hi])
-            _answer_each(batch, lo, parts, names, dtypes)
-        finally:
-            if budget is not None:
-                budget.release(need)
+    def answer(lo: int, hi: int) -> None:
+        group = per[lo:hi]
+        inputs = group[0] if len(group) == 1 else gather(model, group)
+        outputs, dtypes = executor.run(model, inputs, stream)
+        parts = [outputs] if len(group) == 1 else _split(model, outputs, rows[lo:hi])
+        _answer_each(batch, lo, parts, names, dtypes)
 
-    _attempt(batch, 0, len(rows), run)
+    _attempt(batch, 0, len(rows), _held(budget, factor, sizes, model, answer))
 
 
 def _answer_each(batch: Any, lo: int, parts: list[list[Value]], names: list[str],
