@@ -167,18 +167,20 @@ def deployment_users() -> dict[str, pwd.struct_passwd]:
     return users
 
 
-def _closed_ancestors() -> list[tuple[Path, str]]:
-    """(directory others cannot enter, its child on the way) for each path a Python process
-    of another user needs: the interpreter's prefix, the venv and the repository."""
+def _closed_ancestors() -> dict[Path, list[str]]:
+    """Directories others cannot enter, each with its children on the way to a path a Python
+    process of another user needs: the interpreter's prefix, the venv, and the repository's
+    daemon/ (the editable install's source) and tests/ (the tests' handlers). The repository
+    itself may be closed (a clone in a `mktemp -d` directory, mode 0700)."""
     needed = {Path(os.path.realpath(sys.executable)), Path(sys.base_prefix).resolve(),
-              Path(sys.prefix).resolve(), ROOT}
-    out: list[tuple[Path, str]] = []
+              Path(sys.prefix).resolve(), ROOT / "daemon", ROOT / "tests"}
+    out: dict[Path, list[str]] = {}
     for p in needed:
         for parent in [*reversed(p.parents)][1:]:
             if not os.stat(parent).st_mode & 0o001:
                 child = p.relative_to(parent).parts[0]
-                if (parent, child) not in out:
-                    out.append((parent, child))
+                if child not in out.setdefault(parent, []):
+                    out[parent].append(child)
                 break
     return out
 
@@ -194,13 +196,16 @@ def as_user(user: str, argv: list[str], mounts: tuple[str, ...] = ()) -> list[st
         return drop + argv
     need_private_mounts()
     lines = ["set -e", 'stash=$(mktemp -d)']
-    for i, (parent, child) in enumerate(closed):
-        p, c = shlex.quote(str(parent)), shlex.quote(child)
-        if not os.stat(parent / child).st_mode & 0o001:
-            pytest.skip(f"{parent / child} cannot be entered by other users")
+    for i, (parent, children) in enumerate(closed.items()):
+        p = shlex.quote(str(parent))
         lines += [f"mkdir $stash/{i}", f"mount --bind {p} $stash/{i}",
-                  f"mount -t tmpfs -o mode=0755 tmpfs {p}", f"mkdir {p}/{c}",
-                  f"mount --bind $stash/{i}/{c} {p}/{c}", f"umount $stash/{i}"]
+                  f"mount -t tmpfs -o mode=0755 tmpfs {p}"]
+        for child in children:  # every child on one tmpfs: a second would hide the first
+            if not os.stat(parent / child).st_mode & 0o001:
+                pytest.skip(f"{parent / child} cannot be entered by other users")
+            c = shlex.quote(child)
+            lines += [f"mkdir {p}/{c}", f"mount --bind $stash/{i}/{c} {p}/{c}"]
+        lines.append(f"umount $stash/{i}")
     lines += ['rm -r "$stash"', *mounts, 'exec "$@"']
     # unshare's default propagation is private: nothing of this is seen outside
     return ["unshare", "--mount", "sh", "-c", "\n".join(lines), "sh", *drop, *argv]
